@@ -1,0 +1,84 @@
+"""Public entry point and backend dispatch for tri-source attention (DESIGN §3)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from ._validate import validate
+from .reference import reference_attention
+from .torch_backend import torch_attention
+
+
+def _triton_status(device: torch.device | None = None) -> Tuple[bool, str]:
+    """Whether the fused Triton kernel can run here (for tensors on ``device``) and why not."""
+    try:
+        from . import triton_backend
+    except ImportError as exc:  # triton missing or too old
+        return False, f"triton is not importable: {exc}"
+    return triton_backend.status(device)
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """Map each backend name to (usable here, reason). ``auto`` says what it would pick on CUDA."""
+    ok_triton, why_triton = _triton_status()
+    cuda = torch.cuda.is_available()
+    return {
+        "reference": (True, "literal two-softmax formula, float32/float64; always available"),
+        "torch": (True, "routed SDPA in PyTorch; CPU and CUDA, differentiable"),
+        "triton": (ok_triton, why_triton),
+        "auto": (True, "picks 'triton' for CUDA tensors when Triton works, else 'torch'"
+                 + ("" if cuda else " (no CUDA device here: 'torch')")),
+    }
+
+
+def _pick(backend: str, q: torch.Tensor) -> str:
+    if backend != "auto":
+        return backend
+    if q.is_cuda and not q.requires_grad and _triton_status(q.device)[0]:
+        return "triton"
+    return "torch"
+
+
+def tri_source_attention(
+    q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask=None, bg_key_mask=None, *,
+    scale=None, fg_gain=1.0, return_lse=False, backend="auto",
+):
+    """Attention of target queries over a foreground OR a background source, chosen per query.
+
+    For batch ``b``, head ``h``, query ``i``: if ``query_mask[b, i]`` and the foreground key set
+    ``F = {j : fg_key_mask[b, j]}`` is non-empty, the row is ``softmax(fg_gain·scale·q·k_fgᵀ)`` over
+    ``F`` applied to ``v_fg``; otherwise softmax over the usable background keys (all of them when
+    none is usable) applied to ``v_bg``.
+
+    Shapes: ``q`` (B, H, Lq, D); ``k_fg``/``v_fg`` (Bf, H, Lf, D); ``k_bg``/``v_bg`` (Bb, H, Lb, D)
+    with Bf, Bb in {1, B} (size 1 broadcasts without a copy); ``query_mask`` bool (1 or B, Lq); key
+    masks bool (1 or B, L) or None for "all usable". Returns (B, H, Lq, D) in q's dtype, and with
+    ``return_lse`` also the natural-log sum-exp of the chosen row's scaled logits, (B, H, Lq),
+    float32 (float64 for float64 inputs).
+
+    ``backend``: "auto" (Triton for CUDA tensors when it works and no grad is needed, else torch),
+    "triton" (one fused launch; CUDA, or CPU under ``TRITON_INTERPRET=1``), "torch" (routed SDPA,
+    differentiable), "reference" (two dense attentions and a stitch; slow, obviously right).
+    Bad arguments raise ``TypeError``/``ValueError`` naming the argument before any work.
+    """
+    problem = validate(q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
+                       scale, fg_gain, backend)
+    chosen = _pick(backend, q)
+    args = (problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask)
+    if chosen == "reference":
+        return reference_attention(*args, return_lse=return_lse)
+    if chosen == "torch":
+        return torch_attention(*args, return_lse=return_lse)
+    ok, why = _triton_status(q.device)
+    if not ok:
+        raise RuntimeError(f"backend='triton' is not usable here: {why}")
+    from .triton_backend import triton_attention
+
+    return triton_attention(*args, return_lse=return_lse)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

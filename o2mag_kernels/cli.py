@@ -1,0 +1,107 @@
+"""``o2mag-kernels``: quick health report of the op on this machine, and the ahead-of-time GPU check.
+
+``o2mag-kernels check``      parity of every usable backend against the float64 reference, and a
+                             short timing against one plain SDPA call, on this machine.
+``o2mag-kernels aot-check``  compile every Triton variant for sm_80/sm_90 without a GPU and report
+                             registers, shared memory and spills (non-zero exit on failure/spill).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _case(B, H, L, D, density, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q = rnd(B, H, L, D)
+    k_fg, v_fg, k_bg, v_bg = (rnd(1, H, L, D) for _ in range(4))
+    qm = (torch.rand(B, L, generator=g) < density).to(device)
+    fm = (torch.rand(1, L, generator=g) < density).to(device)
+    return q, k_fg, v_fg, k_bg, v_bg, qm, fm, ~qm
+
+
+def _median_time(fn, repeats):
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def check(args) -> int:
+    from . import available_backends, tri_source_attention
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"o2mag-kernels check on {device} (torch {torch.__version__})")
+    status = available_backends()
+    for name, (ok, why) in status.items():
+        print(f"  {name:9s} {'yes' if ok else 'no ':3s}  {why}")
+    usable = [b for b in ("torch", "triton") if status[b][0]]
+    if device.type == "cpu" and "triton" in usable:
+        from .api import interpreter_enabled
+
+        if not interpreter_enabled():
+            usable.remove("triton")
+    failures = 0
+    print("\nparity vs float64 reference (B=2, H=2, L=77, D=40, 30% masks, fg_gain=1.4):")
+    case64 = _case(2, 2, 77, 40, 0.3, torch.float64, device)
+    ref = tri_source_attention(*case64, fg_gain=1.4, backend="reference")
+    for backend in usable:
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            if dtype == torch.float16 and device.type == "cpu" and backend == "triton":
+                tol = 2e-2
+            args_lp = [t.to(dtype) if t.is_floating_point() else t for t in case64]
+            out = tri_source_attention(*args_lp, fg_gain=1.4, backend=backend)
+            err = (out.double() - ref).abs().max().item()
+            ok = err <= tol and torch.isfinite(out).all().item()
+            failures += not ok
+            print(f"  {backend:7s} {str(dtype):14s} max|err| = {err:.2e}  {'ok' if ok else 'FAIL'}")
+
+    L = args.length
+    print(f"\ntiming (B=1, H=8, L={L}, D=40, float32, 5% masks; median of {args.repeats}):")
+    case = _case(1, 8, L, 40, 0.05, torch.float32, device)
+    q, _, _, k_bg, v_bg = case[:5]
+    sdpa = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_bg, v_bg),
+                        args.repeats)
+    print(f"  {'plain SDPA':22s} {sdpa * 1e3:9.2f} ms   1.00x")
+    rows = [("reference", "reference")] + [(b, b) for b in usable if not (b == "triton" and device.type == "cpu")]
+    for label, backend in rows:
+        t = _median_time(lambda: tri_source_attention(*case, backend=backend), args.repeats)
+        print(f"  {label:22s} {t * 1e3:9.2f} ms   {t / sdpa:.2f}x of SDPA")
+    print("\nall parity checks passed" if not failures else f"\n{failures} parity check(s) FAILED")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="o2mag-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="parity and speed report of the op on this machine")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--length", type=int, default=1024, help="tokens for the timing (default 1024)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    p.set_defaults(func=check)
+    p = sub.add_parser("aot-check", help="compile Triton kernels for sm_80/sm_90 without a GPU")
+    p.add_argument("--arch", nargs="+", type=int, default=[80, 90], help="SM versions (default 80 90)")
+    p.add_argument("--quick", action="store_true", help="only one config per head dim")
+    p.set_defaults(func=lambda a: __import__("o2mag_kernels.aot", fromlist=["run"]).run(a))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Efficient pure-PyTorch tri-source attention (CPU and CUDA, differentiable).
+
+Each query needs ONE source, so instead of two dense attentions and a stitch we route: gather the
+queries that take the foreground and those that take the background, gather only the usable keys of
+each source, run one ``scaled_dot_product_attention`` per (batch group, source), and scatter the rows
+back. Work is Σ_i |keys(i)| instead of 2·Lq·L, and no Lq×L score matrix is materialised (SDPA's
+fused kernels stream over keys).
+
+Batches are processed together when every mask is shared by the whole batch (the common
+"one reference, one normal image, many targets with the same mask" case is then a single call
+per source); otherwise one group per target batch row, which the grafting layer keeps small.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import Problem, effective_key_masks
+
+# Elements of one float32 score chunk on the LSE path (about 64 MiB).
+_LSE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _gather(x: torch.Tensor, idx, dim: int = 2):
+    """``x.index_select(dim, idx)`` that skips the copy when ``idx`` selects everything in order."""
+    return x if idx is None else x.index_select(dim, idx)
+
+
+def _attend(q, k, v, scale: float, want_lse: bool):
+    """softmax(scale·q·kᵀ)·v over all keys given; returns (out, lse or None)."""
+    if not want_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    # SDPA does not expose the log-sum-exp publicly, so this path streams over query chunks with
+    # fp32 (or fp64) accumulation and never holds more than one chunk of scores.
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, Lq, D = q.shape
+    L = k.shape[2]
+    rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, B * H * L))
+    kt = k.to(acc).transpose(-1, -2)
+    va = v.to(acc)
+    outs, lses = [], []
+    for start in range(0, Lq, rows):
+        s = torch.matmul(q[:, :, start:start + rows].to(acc), kt) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]), va).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _indices(mask_row: torch.Tensor):
+    """Positions of True entries, or None when all are True (so callers can skip a gather)."""
+    if bool(mask_row.all()):
+        return None
+    return mask_row.nonzero().squeeze(1)
+
+
+def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem, want_lse):
+    """Attention for a group of batch rows that share one query routing and one pair of key sets."""
+    B, H, Lq, D = q.shape
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_fg = int(use_fg_row.sum())
+    parts = []  # (query indices or None, out, lse)
+    if n_fg > 0:
+        qi = _indices(use_fg_row)
+        kf = _indices(fg_row)
+        o, l = _attend(_gather(q, qi), _gather(k_fg, kf), _gather(v_fg, kf),
+                       problem.scale * problem.fg_gain, want_lse)
+        parts.append((qi, o, l))
+    if n_fg < Lq:
+        qi = _indices(~use_fg_row)
+        kb = _indices(bg_row)
+        o, l = _attend(_gather(q, qi), _gather(k_bg, kb), _gather(v_bg, kb), problem.scale, want_lse)
+        parts.append((qi, o, l))
+    if len(parts) == 1 and parts[0][0] is None:
+        _, out, lse = parts[0]
+    else:
+        out = q.new_zeros(B, H, Lq, D)
+        lse = q.new_zeros(B, H, Lq, dtype=out_dtype) if want_lse else None
+        for qi, o, l in parts:
+            out = out.index_copy(2, qi, o)
+            if want_lse:
+                lse = lse.index_copy(2, qi, l)
+    return out, (lse.to(out_dtype) if want_lse else None)
+
+
+def torch_attention(
+    problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
+    *, return_lse: bool = False,
+):
+    B, Lq = problem.B, problem.Lq
+    if Lq == 0:
+        out = q.new_empty(q.shape)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
+    fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)
+    use_fg = query_mask.expand(B, Lq) & fg_any[:, None]
+
+    shared = all(m is None or m.shape[0] == 1 for m in (query_mask, fg_key_mask, bg_key_mask))
+    if shared or B == 1:
+        # One routing for the whole batch: size-1 sources broadcast through expand (a view).
+        out, lse = _route_group(
+            q, k_fg.expand(B, -1, -1, -1), v_fg.expand(B, -1, -1, -1),
+            k_bg.expand(B, -1, -1, -1), v_bg.expand(B, -1, -1, -1),
+            use_fg[0], fg_mask[0], bg_mask[0], problem, return_lse)
+    else:
+        outs, lses = [], []
+        for b in range(B):
+            bf = b if problem.Bf == B else 0
+            bb = b if problem.Bb == B else 0
+            o, l = _route_group(
+                q[b:b + 1], k_fg[bf:bf + 1], v_fg[bf:bf + 1], k_bg[bb:bb + 1], v_bg[bb:bb + 1],
+                use_fg[b], fg_mask[b], bg_mask[b], problem, return_lse)
+            outs.append(o)
+            lses.append(l)
+        out = torch.cat(outs, dim=0)
+        lse = torch.cat(lses, dim=0) if return_lse else None
+    return (out, lse) if return_lse else out
