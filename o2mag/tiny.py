@@ -1,0 +1,143 @@
+"""Tiny, seeded, randomly initialised Stable-Diffusion-shaped components for tests and demos.
+
+No weights can be downloaded on the development machines, so everything in this project is tested
+on these models. They keep SD v1.5's *structure* where it matters to the method -- in particular
+the UNet has SD's 16 transformer blocks in the same execution order (down 0-5, mid 6, up 7-15), so
+layer indices in :class:`o2mag.GraftConfig` mean the same thing on the tiny and the real model --
+while being small enough to build in milliseconds and to run on a CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+import torch
+
+TINY_IMAGE_SIZE = 128
+"""Image side in pixels; the VAE downsamples by 8 like SD, so latents are 16x16 (tokens 256/64/16/4)."""
+
+TINY_LATENT_SIZE = TINY_IMAGE_SIZE // 8
+TINY_TEXT_HIDDEN = 32
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenizer")
+
+# SD v1.5's scheduler config (the values its scheduler_config.json carries).
+SD15_SCHEDULER_CONFIG: Dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def _finish(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no grad; configs build float32 already (casting again only triggers a warning)."""
+    return module.eval().requires_grad_(False)
+
+
+def tiny_unet_config(**overrides: Any) -> Dict[str, Any]:
+    """Config of the tiny UNet: SD v1.5's block layout (16 transformer blocks) at a tiny width.
+
+    ``overrides`` replace entries, e.g. ``block_out_channels=(64, 128, 128, 128),
+    attention_head_dim=(1, 2, 2, 2)`` for an SD 2.x-like variant with head dim 64.
+    """
+    cfg: Dict[str, Any] = dict(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=1,
+        attention_head_dim=2,  # diffusers' name for the number of heads in SD 1.x configs
+        cross_attention_dim=TINY_TEXT_HIDDEN,
+        norm_num_groups=32,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_unet(seed: int = 0, **overrides: Any):
+    """A seeded tiny ``UNet2DConditionModel`` (eval, float32, no grad) with SD v1.5's block layout."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return _finish(UNet2DConditionModel(**tiny_unet_config(**overrides)))
+
+
+def tiny_vae(seed: int = 0):
+    """A seeded tiny ``AutoencoderKL``: 4 blocks, so it downsamples by 8 like SD's VAE."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
+        scaling_factor=0.18215,
+    )
+    return _finish(vae)
+
+
+def tiny_tokenizer():
+    """A ``CLIPTokenizer`` over the shipped tiny byte-level BPE vocabulary (model_max_length 77)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
+
+
+def _tokenizer_ids() -> Dict[str, int]:
+    with open(os.path.join(TOKENIZER_DIR, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    return {"vocab_size": len(vocab), "bos": vocab["<|startoftext|>"], "eos": vocab["<|endoftext|>"]}
+
+
+def tiny_text_encoder(seed: int = 0):
+    """A seeded tiny ``CLIPTextModel`` whose vocabulary matches :func:`tiny_tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ids = _tokenizer_ids()
+    config = CLIPTextConfig(
+        vocab_size=ids["vocab_size"],
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["eos"],
+        projection_dim=TINY_TEXT_HIDDEN,
+    )
+    torch.manual_seed(seed)
+    return _finish(CLIPTextModel(config))
+
+
+def tiny_scheduler():
+    """A ``DDIMScheduler`` with SD v1.5's configuration."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+
+
+def tiny_components(seed: int = 0) -> Dict[str, Any]:
+    """All five components, as ``DiffusionPipeline`` constructors take them."""
+    return dict(
+        unet=tiny_unet(seed),
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        scheduler=tiny_scheduler(),
+    )
