@@ -22,27 +22,51 @@ _LSE_CHUNK_ELEMENTS = 1 << 24
 
 
 def _gather(x: torch.Tensor, idx, dim: int = 2):
-    """``x.index_select(dim, idx)`` that skips the copy when ``idx`` selects everything in order."""
+    """``x.index_select(dim, idx)`` that skips the copy when ``idx`` selects everything in order.
+
+    Sources are gathered before any batch broadcast, so a size-1 source is gathered once, not once
+    per target.
+    """
     return x if idx is None else x.index_select(dim, idx)
 
 
+def _unbroadcast(x: torch.Tensor) -> torch.Tensor:
+    """A source the caller expanded over the batch (stride 0) becomes its size-1 original view."""
+    return x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
+
+
 def _attend(q, k, v, scale: float, want_lse: bool):
-    """softmax(scale·q·kᵀ)·v over all keys given; returns (out, lse or None)."""
+    """softmax(scale·q·kᵀ)·v over all keys given; returns (out, lse or None).
+
+    ``k``/``v`` have q's batch or batch 1 (shared by every row of q); a shared source is never
+    materialised per batch row.
+    """
+    B, H, Lq, D = q.shape
     if not want_lse:
+        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     # SDPA does not expose the log-sum-exp publicly, so this path streams over query chunks with
-    # fp32 (or fp64) accumulation and never holds more than one chunk of scores.
+    # fp32 (or fp64) accumulation and never holds more than one chunk of scores. With a shared
+    # source, q's batch is folded into its rows so matmul never broadcasts (copies) k or v.
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, H, Lq, D = q.shape
+    fold = k.shape[0] == 1 and B > 1
     L = k.shape[2]
     rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, B * H * L))
     kt = k.to(acc).transpose(-1, -2)
     va = v.to(acc)
     outs, lses = [], []
     for start in range(0, Lq, rows):
-        s = torch.matmul(q[:, :, start:start + rows].to(acc), kt) * scale
+        qc = q[:, :, start:start + rows].to(acc)
+        r = qc.shape[2]
+        if fold:
+            qc = qc.transpose(0, 1).reshape(1, H, B * r, D)
+        s = torch.matmul(qc, kt) * scale
         lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.matmul(torch.exp(s - lse[..., None]), va).to(q.dtype))
+        o = torch.matmul(torch.exp(s - lse[..., None]), va)
+        if fold:
+            o = o.reshape(H, B, r, D).transpose(0, 1)
+            lse = lse.reshape(H, B, r).transpose(0, 1)
+        outs.append(o.to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
@@ -97,11 +121,10 @@ def torch_attention(
 
     shared = all(m is None or m.shape[0] == 1 for m in (query_mask, fg_key_mask, bg_key_mask))
     if shared or B == 1:
-        # One routing for the whole batch: size-1 sources broadcast through expand (a view).
+        # One routing for the whole batch: size-1 sources are gathered once, then expanded (a view).
+        k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
         out, lse = _route_group(
-            q, k_fg.expand(B, -1, -1, -1), v_fg.expand(B, -1, -1, -1),
-            k_bg.expand(B, -1, -1, -1), v_bg.expand(B, -1, -1, -1),
-            use_fg[0], fg_mask[0], bg_mask[0], problem, return_lse)
+            q, k_fg, v_fg, k_bg, v_bg, use_fg[0], fg_mask[0], bg_mask[0], problem, return_lse)
     else:
         outs, lses = [], []
         for b in range(B):
