@@ -1,0 +1,82 @@
+"""Timing and memory measurement shared by the benchmark suites.
+
+Times are medians of repeated runs after a warm-up, with CUDA synchronisation on a GPU. Peak memory
+is what the call added on top of what was live before it: ``torch.cuda.max_memory_allocated`` on a
+GPU, the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) on a CPU.
+"""
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device the numbers were taken on (results files are named after it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, *, repeats: int = 5, warmup: int = 1, max_seconds: float = 30.0):
+    """Median wall time of ``fn()``; stops early (at least 3 runs) once ``max_seconds`` is spent."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def _rss_peak_kib():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1])
+    raise OSError("VmHWM not found")
+
+
+def peak_memory_mib(fn, device):
+    """Extra memory one call of ``fn`` needs at its peak (MiB), or None where it can't be read."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets the peak RSS to the current RSS
+        base = _rss_peak_kib()
+        out = fn()
+        del out
+        return (_rss_peak_kib() - base) / 1024
+    except OSError:
+        return None
