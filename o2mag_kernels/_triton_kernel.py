@@ -1,0 +1,256 @@
+"""The fused tri-source attention kernel (Triton), its tile configs and head-dim split.
+
+One launch covers every batch, head and query tile: grid = (cdiv(Lq, BLOCK_M), B·H). The wrapper
+hands over, per target batch, a stable permutation of the queries with the foreground-routed ones
+first (and their count), and the usable keys of each source first (and their counts). A query tile
+reads its rows through that permutation, so a tile lies wholly in the foreground part (runs only the
+foreground key loop), wholly in the background part (only the background loop), or straddles the
+boundary (at most one tile per batch and head: both loops, each row masked to its own source). Keys
+are gathered through the index lists up to the loaded counts, so unusable keys cost nothing.
+
+Online softmax in base 2 with float32 accumulators; ``fg_gain`` is folded into the foreground loop's
+logit scale. Rows of a source they do not use see only ``-inf`` logits in that loop, which leaves
+their running max, sum and accumulator unchanged; that is why one accumulator serves both loops.
+
+Head dims that are not a power of two are split into two power-of-two dot pieces (80 = 64 + 16,
+160 = 128 + 32, 40 = 32 + 16) instead of padding to the next power of two.
+
+This module imports no torch so that ``aot-check`` workers can compile it quickly.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+# Every tile shape the autotuner may pick: (BLOCK_M, BLOCK_N, num_warps, num_stages). ``prune``
+# keeps the ones that fit a head dim and a problem size; ``aot-check`` compiles exactly the union
+# over head-dim buckets of what ``prune`` can return, so what it reports is what can run.
+CONFIGS = (
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 32, 8, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+    (64, 32, 4, 2),
+    (64, 32, 4, 1),
+    (32, 32, 4, 2),   # small layers (64 tokens): more programs, less padding
+    (32, 64, 4, 2),
+    (16, 32, 4, 2),
+)
+
+# Head-dim buckets the product is tuned and AOT-checked for (SD 1.x/2.x use 40, 64, 80, 160).
+HEAD_DIMS = (40, 64, 80, 128, 160, 256)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def split_head_dim(head_dim: int) -> tuple:
+    """(BLOCK_D0, BLOCK_D1): power-of-two dot widths covering ``head_dim`` (BLOCK_D1 = 0: no tail).
+
+    A dot needs a reduction width of at least 16; the tail is used only when it saves work over
+    padding the whole head dim to the next power of two.
+    """
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if head_dim <= 16:
+        return 16, 0
+    lead = 1 << (head_dim.bit_length() - 1)
+    if lead == head_dim:
+        return head_dim, 0
+    tail = max(16, _next_pow2(head_dim - lead))
+    if tail >= lead:
+        return 2 * lead, 0
+    return lead, tail
+
+
+def length_bucket(n: int) -> int:
+    """Autotune key for a length: next power of two, clamped to [16, 16384]."""
+    return min(16384, max(16, _next_pow2(max(1, n))))
+
+
+def config_fits(cfg, head_dim: int, itemsize: int = 2) -> bool:
+    """Static feasibility of a tile for a head dim (registers/shared memory; see aot-check)."""
+    bm, bn, warps, stages = cfg
+    d0, d1 = split_head_dim(head_dim)
+    width = d0 + d1
+    if width > 128:
+        # 160/256: the accumulator alone is BLOCK_M x width fp32 spread over the warps.
+        if bm * width > 64 * 256 and warps < 8:
+            return False
+        if bn > 64 or (bm == 128 and bn > 32) or stages > 2:
+            return False
+    if itemsize == 4 and width > 64 and (bn > 64 or stages > 2):
+        return False
+    if itemsize == 4 and width > 128 and bm > 64:
+        return False
+    return True
+
+
+def prune(head_dim: int, lq: int, lk: int, itemsize: int = 2):
+    """The configs worth timing for one call: fit the head dim, and no tile much larger than needed.
+
+    ``lq``/``lk`` are (bucketed) query and key lengths. Small layers keep small tiles only, large
+    ones drop the smallest tiles (they only add launch overhead and repeated K/V reads).
+    """
+    out = []
+    for cfg in CONFIGS:
+        bm, bn, _, _ = cfg
+        if not config_fits(cfg, head_dim, itemsize):
+            continue
+        if bm > max(32, _next_pow2(lq)) or bn > max(32, _next_pow2(lk)):
+            continue
+        if lq >= 1024 and bm < 64:
+            continue
+        if lq < 1024 and bm == 16 and lq > 64:
+            continue
+        out.append(cfg)
+    if not out:  # always leave something runnable
+        out = [c for c in CONFIGS if config_fits(c, head_dim, itemsize)][-1:]
+    return out
+
+
+def all_variants(head_dims=HEAD_DIMS, itemsize: int = 2):
+    """Every (head_dim, config) pair the autotuner can ever pick."""
+    seen = []
+    for d in head_dims:
+        for cfg in CONFIGS:
+            if config_fits(cfg, d, itemsize):
+                seen.append((d, cfg))
+    return seen
+
+
+@triton.jit
+def _attend_source(
+    acc0, acc1, m_i, l_i, q0, q1,
+    K, V, IDX, n_keys, sk_l, sv_l, row_ok, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Stream one source's usable keys (gathered through IDX) into the running softmax state."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    d0_ok = offs_d0 < HEAD_DIM
+    for start_n in range(0, n_keys, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < n_keys
+        kj = tl.load(IDX + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k0 = tl.load(K + kj[:, None] * sk_l + offs_d0[None, :],
+                     mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+        if DOT_FP32:
+            s = tl.dot(q0.to(tl.float32), tl.trans(k0.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q0, tl.trans(k0), input_precision=INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            d1_ok = offs_d1 < HEAD_DIM
+            k1 = tl.load(K + kj[:, None] * sk_l + offs_d1[None, :],
+                         mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+            if DOT_FP32:
+                s += tl.dot(q1.to(tl.float32), tl.trans(k1.to(tl.float32)), input_precision="ieee")
+            else:
+                s += tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
+        s = tl.where(row_ok[:, None] & n_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0 = tl.load(V + kj[:, None] * sv_l + offs_d0[None, :],
+                     mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc0 = acc0 * alpha[:, None] + tl.dot(p, v0.to(tl.float32), input_precision="ieee")
+        else:
+            acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            d1_ok = offs_d1 < HEAD_DIM
+            v1 = tl.load(V + kj[:, None] * sv_l + offs_d1[None, :],
+                         mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
+            else:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1,
+                                                      input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def tri_source_fwd(
+    Q, KF, VF, KB, VB, O, LSE,
+    QPERM, FIDX, BIDX, COUNTS,
+    sq_b, sq_h, sq_l,
+    skf_b, skf_h, skf_l,
+    svf_b, svf_h, svf_l,
+    skb_b, skb_h, skb_l,
+    svb_b, svb_h, svb_l,
+    so_b, so_h, so_l,
+    sqp_b, sfi_b, sbi_b,
+    H, Lq,
+    qk_scale_fg, qk_scale_bg,
+    LQ_BUCKET, LK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query tile, batch·head) program. COUNTS is int32 (B, 3): [n_fg_queries, n_fg_keys,
+    n_bg_keys]; QPERM/FIDX/BIDX are int32 permutations (batch stride 0 when shared by all)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n_qfg = tl.load(COUNTS + b * 3)
+    n_kf = tl.load(COUNTS + b * 3 + 1)
+    n_kb = tl.load(COUNTS + b * 3 + 2)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Lq
+    qi = tl.load(QPERM + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int64)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    d0_ok = offs_d0 < HEAD_DIM
+    q_rows = Q + b * sq_b + h * sq_h + qi[:, None] * sq_l
+    q0 = tl.load(q_rows + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        d1_ok = offs_d1 < HEAD_DIM
+        q1 = tl.load(q_rows + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:
+        q1 = q0
+        acc1 = acc0
+    # Finite start for the running max: rows that see only -inf logits in a loop stay unchanged.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_fg = offs_m < n_qfg
+
+    if start_m < n_qfg:
+        acc0, acc1, m_i, l_i = _attend_source(
+            acc0, acc1, m_i, l_i, q0, q1,
+            KF + b * skf_b + h * skf_h, VF + b * svf_b + h * svf_h, FIDX + b * sfi_b, n_kf,
+            skf_l, svf_l, row_fg, qk_scale_fg,
+            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
+    if start_m + BLOCK_M > n_qfg:
+        acc0, acc1, m_i, l_i = _attend_source(
+            acc0, acc1, m_i, l_i, q0, q1,
+            KB + b * skb_b + h * skb_h, VB + b * svb_b + h * svb_h, BIDX + b * sbi_b, n_kb,
+            skb_l, svb_l, offs_m >= n_qfg, qk_scale_bg,
+            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o_rows = O + b * so_b + h * so_h + qi[:, None] * so_l
+    tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d0_ok[None, :])
+    if BLOCK_D1 > 0:
+        tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d1_ok[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + (b * H + h) * Lq + qi, lse, mask=m_ok)
