@@ -6,7 +6,7 @@ gave (a path, an image, a mask, settings), not a bug in o2mag.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingInputError", "SettingsConflictError"]
+__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError"]
 
 
 class InputError(ValueError):
@@ -19,3 +19,7 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class SettingsConflictError(InputError):
     """An output folder already holds samples made with other settings (resume refused)."""
+
+
+class SampleExistsError(InputError, FileExistsError):
+    """A complete sample is already on disk and overwriting was not asked for."""

@@ -1,0 +1,364 @@
+"""The MVTec-like output tree and its JSON-lines manifest, written so no sample is silently lost.
+
+Layout, for one category and defect::
+
+    <root>/<category>/<defect>/image/000.png   generated image (RGB)
+    <root>/<category>/<defect>/mask/000.png    its target mask M_T (L mode, 0 / 255)
+    <root>/<category>/<defect>/manifest.jsonl  one JSON object per line
+
+A sample is *complete* when its image, its mask and an ``"ok"`` manifest line are all present.
+Files are written to a temporary file in the same folder and renamed into place (``os.replace``),
+and the manifest line is appended last (flushed and fsynced), so a crash leaves at worst an
+incomplete sample, which counts as missing and is generated again by the next run.
+
+The manifest is append-only: the last line for an index is the one that counts. Replacing a
+complete sample first appends a ``"replacing"`` line, so a crash half-way through a replacement
+cannot leave an old manifest line describing a new image.
+
+One writer per defect folder at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .errors import InputError, SampleExistsError, SettingsConflictError
+from .masks import to_mask
+
+__all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "manifest.jsonl"
+_TMP_PREFIX = ".o2mag-"
+_TMP_SUFFIX = ".tmp"
+_RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that decide what an image looks like (recorded per sample)."""
+    out: dict[str, str | None] = {"o2mag": __version__}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _check_name(kind: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{kind} must be a str, got {type(value).__name__}")
+    if not value or value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+        raise InputError(f"{kind} must be a plain folder name (no '/', '\\', leading/trailing spaces, "
+                         f"'.' or '..'), got {value!r}")
+    return value
+
+
+def _numpy_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _normalise(obj: Any, name: str) -> Any:
+    """JSON round trip (tuples become lists, keys sorted), so equal settings compare equal."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False, default=_numpy_default))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be JSON-serialisable (finite numbers, str, list, dict): {exc}") from None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix or "settings": d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _diff(old: Any, new: Any, limit: int = 5) -> str:
+    a, b = _flat(old), _flat(new)
+    missing = object()
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            fa = "(unset)" if va is missing else json.dumps(va)
+            fb = "(unset)" if vb is missing else json.dumps(vb)
+            parts.append(f"{k}: {fa} -> {fb}")
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All well-formed lines of a manifest, in file order ([] when the file does not exist).
+
+    Lines cut short by a crash (they lack the closing ``}``) are skipped silently; any other
+    malformed line is skipped with a warning.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    data = p.read_bytes()
+    lines = data.split(b"\n")
+    out = []
+    for no, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        if not raw.rstrip().endswith(b"}"):  # a crash cut this line short: no data in it
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict) or isinstance(rec.get("index"), bool) \
+                    or not isinstance(rec.get("index"), int):
+                raise ValueError("not an object with an integer 'index'")
+        except (ValueError, UnicodeDecodeError) as exc:
+            warnings.warn(f"{p}: line {no} ignored ({exc})", RuntimeWarning, stacklevel=2)
+            continue
+        out.append(rec)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_png(img: Image.Image, dest: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TMP_PREFIX + dest.name + ".", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _as_image(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode in ("RGB", "L") else image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image array must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"image must be a PIL image, (H, W) or (H, W, 3) uint8 array, got shape {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+class OutputStore:
+    """Write generated samples into ``<root>/<category>/<defect>/`` and resume interrupted runs.
+
+    ``settings``: a JSON-serialisable dict of everything that changes the pictures (model,
+    prompt, steps, guidance, mask kind and its parameters, base seed, ...), not ``--num``, the
+    output folder or the batch size. It is stored in every manifest line. Without ``overwrite``,
+    a folder whose complete samples were made with other settings raises
+    ``SettingsConflictError`` at construction, so a resumed run never mixes two setups; identical
+    settings resume.
+
+    ``overwrite=True``: every index this run writes is replaced (its files and, by a new line,
+    its manifest entry), whatever was there. Nothing is deleted: samples at indices this run
+    does not write (e.g. ``--num 5`` over a folder of 10) stay on disk with their old manifest
+    lines; remove them by hand if unwanted. The manifest keeps the full history.
+
+    Leftover temporary files of a crashed run (``.o2mag-*.tmp`` in this folder) are removed.
+    """
+
+    def __init__(self, root: str | os.PathLike, category: str, defect: str, overwrite: bool = False,
+                 settings: dict[str, Any] | None = None):
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a str or os.PathLike, got {type(root).__name__}")
+        if not isinstance(overwrite, (bool, np.bool_)):
+            raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
+        if settings is not None and not isinstance(settings, dict):
+            raise TypeError(f"settings must be a dict or None, got {type(settings).__name__}")
+        self.root = Path(root)
+        self.category = _check_name("category", category)
+        self.defect = _check_name("defect", defect)
+        self.overwrite = bool(overwrite)
+        self.settings = None if settings is None else _normalise(settings, "settings")
+        self.dir = self.root / self.category / self.defect
+        self.image_dir = self.dir / "image"
+        self.mask_dir = self.dir / "mask"
+        self.manifest_path = self.dir / MANIFEST_NAME
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"output root is not a folder: {self.root}")
+        try:
+            for d in (self.image_dir, self.mask_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise InputError(f"cannot create output folder {self.dir}: {exc}") from None
+        self._remove_stale_temp_files()
+        self._last: dict[int, dict[str, Any]] = {}
+        for rec in read_manifest(self.manifest_path):
+            self._last[rec["index"]] = rec
+        self._written: set[int] = set()
+        if self.settings is not None and not self.overwrite:
+            self._check_settings()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    @staticmethod
+    def file_name(index: int) -> str:
+        """``NNN.png``: three digits at least, more from index 1000 on."""
+        return f"{index:03d}.png"
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.file_name(index)
+
+    def mask_path(self, index: int) -> Path:
+        return self.mask_dir / self.file_name(index)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _remove_stale_temp_files(self) -> None:
+        for d in (self.dir, self.image_dir, self.mask_dir):
+            for f in d.iterdir():
+                if f.name.startswith(_TMP_PREFIX) and f.name.endswith(_TMP_SUFFIX) and f.is_file():
+                    f.unlink()
+
+    def _complete(self, index: int) -> bool:
+        rec = self._last.get(index)
+        return (rec is not None and rec.get("status") == "ok"
+                and self.image_path(index).is_file() and self.mask_path(index).is_file())
+
+    def existing_indices(self) -> list[int]:
+        """Indices of complete samples: image file, mask file and an ``ok`` manifest line."""
+        return sorted(i for i in self._last if self._complete(i))
+
+    def records(self) -> dict[int, dict[str, Any]]:
+        """The manifest line of every complete sample, by index."""
+        return {i: self._last[i] for i in self.existing_indices()}
+
+    def missing_indices(self, num: int) -> list[int]:
+        """Indices in ``0..num-1`` this run still has to generate so the folder holds ``num`` samples.
+
+        Without overwrite: those not complete on disk (so a rerun only fills gaps). With
+        overwrite: all of them, except those this store already wrote.
+        """
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
+            raise TypeError(f"num must be an int, got {type(num).__name__}")
+        if num < 0:
+            raise ValueError(f"num must be >= 0, got {num}")
+        if self.overwrite:
+            return [i for i in range(int(num)) if i not in self._written]
+        done = set(self.existing_indices())
+        return [i for i in range(int(num)) if i not in done]
+
+    def extra_indices(self, num: int) -> list[int]:
+        """Complete samples at indices ``>= num`` (kept on disk, never deleted)."""
+        return [i for i in self.existing_indices() if i >= num]
+
+    def _check_settings(self) -> None:
+        conflicts = [(i, rec) for i, rec in self.records().items() if rec.get("settings") != self.settings]
+        if not conflicts:
+            return
+        first_index, first = conflicts[0]
+        raise SettingsConflictError(
+            f"{self.dir} already holds {len(conflicts)} sample(s) made with other settings "
+            f"(sample {first_index}: {_diff(first.get('settings'), self.settings)}); "
+            "resuming would mix two setups. Rerun with --overwrite to replace them, "
+            "or choose another output folder.")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        line = json.dumps(rec, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
+        new = not self.manifest_path.exists()
+        with open(self.manifest_path, "ab") as f:
+            if f.tell() > 0:
+                with open(self.manifest_path, "rb") as r:
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":  # a crash cut the last line short: keep ours separate
+                        line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _fsync_dir(self.dir)
+
+    def write(self, index: int, image: Any, mask: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write sample ``index`` (image, mask) and its manifest line; returns that line.
+
+        ``record``: the sample's own facts, e.g. ``{"seed": 7, "mask_params": {...}}``; it must be
+        JSON-serialisable and may not use the keys the store fills in (index, status, image,
+        mask, settings, versions, timestamp). Raises ``SampleExistsError`` when the sample is
+        already complete and the store was not opened with ``overwrite=True``.
+        """
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        index = int(index)
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        img = _as_image(image)
+        m = to_mask(mask, "mask")
+        if m.shape != (img.height, img.width):
+            raise ValueError(f"mask has shape {m.shape} but the image is {img.height}x{img.width} (HxW)")
+        record = {} if record is None else record
+        if not isinstance(record, dict):
+            raise TypeError(f"record must be a dict or None, got {type(record).__name__}")
+        clash = sorted(set(record) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"record may not set {clash}: the store fills these in")
+        line = _normalise(record, "record")
+        line.update({
+            "index": index, "status": "ok",
+            "image": self._rel(self.image_path(index)), "mask": self._rel(self.mask_path(index)),
+            "settings": self.settings, "versions": package_versions(),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        if self._complete(index) and not self.overwrite:
+            raise SampleExistsError(f"sample {index} already exists in {self.dir} "
+                                    f"({self.file_name(index)}); use overwrite (--overwrite) to replace it")
+        if self._last.get(index, {}).get("status") == "ok":
+            marker = {"index": index, "status": "replacing",
+                      "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            self._append(marker)
+            self._last[index] = marker
+        _atomic_png(img, self.image_path(index))
+        _atomic_png(Image.fromarray(m.astype(np.uint8) * 255), self.mask_path(index))
+        self._append(line)
+        self._last[index] = line
+        self._written.add(index)
+        return line
+
+    def write_many(self, items: Iterable[tuple[int, Any, Any, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+        """``write`` for each ``(index, image, mask, record)``; stops at the first error."""
+        return [self.write(i, img, m, rec) for i, img, m, rec in items]
+
