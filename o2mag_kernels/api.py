@@ -33,10 +33,13 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     }
 
 
-def _pick(backend: str, q: torch.Tensor) -> str:
+def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
+    """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward."""
     if backend != "auto":
         return backend
-    if q.is_cuda and not q.requires_grad and _triton_status(q.device)[0]:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fused_ok = q.dtype != torch.float64 and q.shape[-1] <= 256  # what the Triton kernel covers
+    if q.is_cuda and fused_ok and not needs_grad and _triton_status(q.device)[0]:
         return "triton"
     return "torch"
 
@@ -65,7 +68,7 @@ def tri_source_attention(
     """
     problem = validate(q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
                        scale, fg_gain, backend)
-    chosen = _pick(backend, q)
+    chosen = _pick(backend, q, (q, k_fg, v_fg, k_bg, v_bg))
     args = (problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask)
     if chosen == "reference":
         return reference_attention(*args, return_lse=return_lse)

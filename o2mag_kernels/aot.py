@@ -1,0 +1,226 @@
+"""``o2mag-kernels aot-check``: compile every Triton kernel variant for sm_80/sm_90 with no GPU.
+
+Variants = every (tile config the autotuner may pick) x (head-dim bucket) x (dtype), i.e. exactly
+``_triton_kernel.all_variants`` per dtype; ``--quick`` keeps one config per head dim (fp16) plus
+one bf16 and one fp32 variant. Each variant is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))``; ``cuobjdump -res-usage`` (bundled with triton) then reads
+registers, static shared and local (spill) bytes from the cubin, and the PTX says whether the dots
+became ``wgmma`` (sm_90) or ``mma.sync`` (sm_80).
+
+A variant fails on: a compile error, any local memory (spill), dynamic shared memory above the
+architecture's per-block limit, or (sm_90, a tile big enough for a warpgroup MMA: BLOCK_M >=
+16·num_warps) no ``wgmma`` in the PTX. The exit code is non-zero if any variant fails.
+
+Compiles run in worker subprocesses with ``TRITON_INTERPRET`` removed from their environment, so the
+check behaves the same whether or not the calling process runs under the interpreter.
+
+Specialisation compiled: every pointer and every stride divisible by 16 (the common case of
+contiguous tensors and diffusers' (B, L, H·D) views with 16-aligned rows); other specialisations
+only change vectorisation, not the tiling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+# Max dynamic shared memory per block (bytes) by SM version.
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+DTYPES = ("fp16", "bf16", "fp32")
+_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def variants(archs, quick: bool = False):
+    """List of dicts (arch, dtype, head_dim, config) to compile."""
+    from . import _triton_kernel as K
+
+    out = []
+    if quick:
+        picks = [("fp16", d, K.prune(d, 4096, 4096, 2)[0]) for d in K.HEAD_DIMS]
+        picks.append(("bf16", 80, K.prune(80, 64, 64, 2)[0]))   # a small-tile variant too
+        picks.append(("fp32", 64, K.prune(64, 1024, 1024, 4)[0]))
+    else:
+        picks = [(dt, d, cfg) for dt in DTYPES for d, cfg in K.all_variants(itemsize=_ITEMSIZE[dt])]
+    for arch in archs:
+        for dt, d, cfg in picks:
+            out.append({"arch": int(arch), "dtype": dt, "head_dim": d, "config": list(cfg)})
+    return out
+
+
+def cuobjdump_path():
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def _compile_one(v):
+    """Compile one variant in this (non-interpreted) process and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _triton_kernel as K
+
+    fn = K.tri_source_fwd
+    names = fn.arg_names
+    bm, bn, warps, stages = v["config"]
+    d = v["head_dim"]
+    d0, d1 = K.split_head_dim(d)
+    dt = v["dtype"]
+    consts = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=False,
+                  INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("Q", "KF", "VF", "KB", "VB", "O"):
+            sig[n] = "*" + dt
+        elif n == "LSE":
+            sig[n] = "*fp32"
+        elif n in ("QPERM", "FIDX", "BIDX", "COUNTS"):
+            sig[n] = "*i32"
+        elif n.startswith("qk_scale"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    aligned = [i for i, n in enumerate(names)
+               if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    res = dict(v)
+    t0 = time.perf_counter()
+    try:
+        kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", v["arch"], 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    except Exception as exc:  # report, do not crash the whole check
+        res.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
+                   seconds=time.perf_counter() - t0)
+        return res
+    res["seconds"] = time.perf_counter() - t0
+    ptx = kern.asm["ptx"]
+    res["wgmma"] = "wgmma" in ptx
+    res["mma"] = "mma.sync" in ptx
+    res["dyn_smem"] = int(kern.metadata.shared)
+    tool = cuobjdump_path()
+    if tool is None:
+        res.update(ok=False, error="cuobjdump not found (neither bundled with triton nor on PATH)")
+        return res
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+        path = f.name
+    try:
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                              check=False).stdout
+    finally:
+        os.unlink(path)
+    m = _RES.search(text)
+    if m is None:
+        res.update(ok=False, error=f"could not parse cuobjdump output: {text.strip()[:200]}")
+        return res
+    res["regs"], res["stack"], res["static_smem"], res["local"] = map(int, m.groups())
+    res["ok"], res["error"] = True, ""
+    return res
+
+
+def judge(r) -> str:
+    """Empty string when the variant is green, else why it fails."""
+    if not r.get("ok"):
+        return r.get("error") or "compile failed"
+    bm, _, warps, _ = r["config"]
+    if r["local"] > 0 or r["stack"] > 0:
+        return f"spills: {r['local']} local bytes, {r['stack']} stack bytes"
+    limit = SMEM_LIMIT.get(r["arch"])
+    smem = r["dyn_smem"] + r["static_smem"]
+    if limit is not None and smem > limit:
+        return f"shared memory {smem} B > {limit} B limit of sm_{r['arch']}"
+    if r["regs"] * 32 * warps > 65536:
+        return f"{r['regs']} registers x {32 * warps} threads exceed the register file"
+    if r["arch"] >= 90 and bm >= 16 * warps and not r["wgmma"]:
+        return "no wgmma in sm_90 PTX for a warpgroup-sized tile"
+    if r["arch"] < 90 and not r["mma"]:
+        return "no mma.sync in PTX"
+    return ""
+
+
+def _worker() -> int:
+    """Entry for a compile subprocess: JSON list of variants on stdin, one JSON result per line."""
+    todo = json.load(sys.stdin)
+    for v in todo:
+        print(json.dumps(_compile_one(v)), flush=True)
+    return 0
+
+
+def compile_all(todo, jobs=None):
+    """Compile variants in ``jobs`` worker processes (never under the Triton interpreter)."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; silences a warning
+    chunks = [todo[i::jobs] for i in range(jobs)]
+    procs = []
+    for chunk in chunks:
+        p = subprocess.Popen([sys.executable, "-m", "o2mag_kernels.aot", "--worker"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        procs.append((p, chunk))
+    results = []
+    for p, chunk in procs:
+        out, err = p.communicate(json.dumps(chunk))
+        got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        done = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in got}
+        for v in chunk:  # a crashed worker must not hide its variants
+            if (v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) not in done:
+                got.append(dict(v, ok=False, error=f"worker exited {p.returncode}: "
+                                                   f"{err.strip().splitlines()[-1:] or ''}"))
+        results.extend(got)
+    results.sort(key=lambda r: (r["arch"], DTYPES.index(r["dtype"]), r["head_dim"], r["config"]))
+    return results
+
+
+def format_table(results) -> str:
+    head = (f"{'arch':>6} {'dtype':>5} {'D':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} "
+            f"{'regs':>5} {'smem_B':>7} {'local_B':>7} {'mma':>6} {'secs':>5}  status")
+    lines = [head]
+    for r in results:
+        bm, bn, w, s = r["config"]
+        why = judge(r)
+        if r.get("ok"):
+            mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "none")
+            cols = (f"{r['regs']:>5} {r['dyn_smem'] + r['static_smem']:>7} {r['local']:>7} "
+                    f"{mma:>6} {r['seconds']:>5.1f}")
+        else:
+            cols = f"{'-':>5} {'-':>7} {'-':>7} {'-':>6} {r.get('seconds', 0):>5.1f}"
+        lines.append(f"sm_{r['arch']:<3} {r['dtype']:>5} {r['head_dim']:>4} {bm:>4} {bn:>4} {w:>5} "
+                     f"{s:>6} {cols}  {'OK' if not why else 'FAIL ' + why}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """CLI entry (``args.arch``: list of SM versions, ``args.quick``). Returns the exit code."""
+    archs = list(getattr(args, "arch", None) or [80, 90])
+    quick = bool(getattr(args, "quick", False))
+    todo = variants(archs, quick)
+    tool = cuobjdump_path()
+    print(f"aot-check: {len(todo)} variants for {', '.join(f'sm_{a}' for a in archs)}"
+          f"{' (quick)' if quick else ''}; cuobjdump: {tool or 'NOT FOUND'}", flush=True)
+    t0 = time.perf_counter()
+    results = compile_all(todo, getattr(args, "jobs", None))
+    print(format_table(results))
+    bad = [r for r in results if judge(r)]
+    print(f"aot-check: {len(results) - len(bad)}/{len(results)} variants OK, {len(bad)} failed "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 1 if bad or not results else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(_worker())
+    from .cli import main
+
+    sys.exit(main(["aot-check", *sys.argv[1:]]))

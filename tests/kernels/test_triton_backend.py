@@ -1,0 +1,336 @@
+"""The fused Triton backend against the float64 formula.
+
+On CI the kernel runs on CPU under ``TRITON_INTERPRET=1`` (the same kernel source that runs on a
+GPU, interpreted op by op in NumPy), so every case here is small. Tests marked ``cuda`` repeat the
+parity matrix on a real GPU (autotuned configs, fp16/bf16 tensor cores, 3xTF32 for fp32) and smoke
+test CUDA graphs and ``torch.compile``.
+
+bf16 under the interpreter: triton 3.9's interpreter computes ``tl.dot`` wrongly on bf16 operands
+(checked: a 16x16 bf16 product comes out off by ~1e10; fp16 is exact). So under the interpreter the
+kernel is launched with ``DOT_FP32=True`` for bf16, which upcasts the dot operands only; bf16 loads,
+casts and stores still run. The bf16 dot path itself is covered by the ``cuda`` tests and by
+``aot-check`` (compiled for sm_80/sm_90).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from o2mag_kernels import tri_source_attention
+from o2mag_kernels import _triton_kernel as K
+from o2mag_kernels import triton_backend as tb
+from o2mag_kernels.reference import reference_attention
+
+from conftest import max_abs_err  # noqa: E402  (tests/kernels is on sys.path; see conftest.py)
+
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+if not CUDA and not tb.is_interpreted():
+    pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 (set before importing triton)",
+                allow_module_level=True)
+
+DEV = "cpu"
+
+
+def run_triton(case, *, scale=None, fg_gain=1.0, config=None):
+    """(out, lse) from the fused kernel, with the output poisoned with NaN before the launch."""
+    problem = case.problem(scale, fg_gain, backend="triton")
+    old = tb.POISON_OUTPUT
+    tb.POISON_OUTPUT = True
+    try:
+        if config is None:
+            out, lse = tri_source_attention(*case.args, scale=scale, fg_gain=fg_gain,
+                                            return_lse=True, backend="triton")
+        else:
+            out, lse = tb._launch(problem, *case.args, config=config)
+    finally:
+        tb.POISON_OUTPUT = old
+    B, H, Lq, D = case.q.shape
+    assert out.shape == (B, H, Lq, D) and out.dtype == case.q.dtype
+    assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32
+    assert torch.isfinite(out).all(), "an output element is non-finite or was left unwritten"
+    assert torch.isfinite(lse).all(), "an lse element is non-finite or was left unwritten"
+    return out, lse
+
+
+def check(case, formula, lowp_bound, *, scale=None, fg_gain=1.0, config=None, fp32_atol=1e-5):
+    """Parity with the float64 formula. fp32: tight; fp16/bf16: at most twice the low-precision
+    reference's own error (+ half an ulp of the output); lse fp32-accurate in every dtype (logits
+    are accumulated in fp32 from the exactly representable inputs)."""
+    exact, exact_lse = formula(*case.args, scale=scale, fg_gain=fg_gain)
+    out, lse = run_triton(case, scale=scale, fg_gain=fg_gain, config=config)
+    err = max_abs_err(out, exact)
+    top = float(exact.abs().max()) if exact.numel() else 0.0
+    if case.q.dtype == torch.float32:
+        bound = fp32_atol * max(1.0, top)
+    else:
+        bound = lowp_bound(case, exact, scale=scale, fg_gain=fg_gain)
+    assert err <= bound, f"{case.q.dtype}: max error {err:.3g} > {bound:.3g}"
+    lse_err = max_abs_err(lse, exact_lse)
+    lse_top = float(exact_lse.abs().max()) if exact_lse.numel() else 0.0
+    lse_tol = (1e-5 if not CUDA or case.q.device.type == "cpu" else 1e-4) * max(1.0, lse_top)
+    assert lse_err <= lse_tol, f"lse error {lse_err:.3g} > {lse_tol:.3g}"
+    return out
+
+
+def on(case, device):
+    return case if device == "cpu" else type(case)(*(
+        None if t is None else t.to(device) for t in case.args))
+
+
+LOWP = [torch.float16, torch.bfloat16]
+ALL = [torch.float32, torch.float16, torch.bfloat16]
+IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+# ------------------------------------------------------------------------------- interpreter
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("D", [40, 64, 80, 160])
+def test_head_dims(D, dtype, make_case, formula, lowp_bound):
+    case = make_case(B=2, H=2, Lq=77, Lf=63, Lb=70, D=D, dtype=dtype, q_density=0.4)
+    check(case, formula, lowp_bound, fg_gain=1 / 0.7)
+
+
+def test_head_dim_256_and_odd_tail(make_case, formula, lowp_bound):
+    """256 (largest), and 200 / 24 / 8 whose tails are padded instead of split."""
+    for D in (256, 200, 24, 8):
+        case = make_case(B=1, H=1, Lq=40, Lf=33, Lb=50, D=D, dtype=torch.float16)
+        check(case, formula, lowp_bound, fg_gain=2.0)
+
+
+@pytest.mark.parametrize("L", [1, 63, 257])
+def test_odd_lengths(L, make_case, formula, lowp_bound):
+    case = make_case(B=2, H=1, Lq=L, Lf=L, Lb=L, D=40, dtype=torch.float16, q_density=0.5)
+    check(case, formula, lowp_bound)
+    # query and key lengths independently odd
+    case = make_case(B=1, H=2, Lq=L, Lf=max(1, L // 2), Lb=L + 2, D=64, dtype=torch.float32)
+    check(case, formula, lowp_bound)
+
+
+def test_length_1024_sparse(make_case, formula, lowp_bound):
+    case = make_case(B=1, H=1, Lq=1024, Lf=1024, Lb=1024, D=40, dtype=torch.float16,
+                     q_density=0.05, fg_density=0.05, bg_density=0.95)
+    check(case, formula, lowp_bound, fg_gain=1 / 0.7)
+
+
+MASKS = [0.0, 1.0, "single", 0.01, 0.05, 0.5]
+
+
+@pytest.mark.parametrize("density", MASKS, ids=str)
+@pytest.mark.parametrize("which", ["q", "fg", "bg"])
+def test_masks_varied_independently(which, density, make_case, formula, lowp_bound):
+    dens = {"q_density": 0.5, "fg_density": 0.3, "bg_density": 0.6}
+    dens[f"{which}_density"] = density
+    case = make_case(B=2, H=2, Lq=130, Lf=120, Lb=110, D=64, dtype=torch.float32, **dens)
+    check(case, formula, lowp_bound)
+
+
+def test_key_masks_none(make_case, formula, lowp_bound):
+    case = make_case(B=2, H=2, Lq=77, Lf=63, Lb=64, D=40, fg_density=None, bg_density=None)
+    check(case, formula, lowp_bound)
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_batches_and_broadcast(B, make_case, formula, lowp_bound):
+    # every combination of shared / per-target sources and masks over the batch sizes
+    Bf, Bb = (1, B) if B % 2 else (B, 1)
+    case = make_case(B=B, H=2, Lq=65, Lf=47, Lb=66, D=40, dtype=torch.float16, Bf=Bf, Bb=Bb,
+                     q_mask_batch=B, fg_mask_batch=1, bg_mask_batch=Bb)
+    check(case, formula, lowp_bound, fg_gain=3.0)
+    case = make_case(B=B, H=1, Lq=65, Lf=47, Lb=66, D=80, Bf=1, Bb=1, q_mask_batch=1,
+                     fg_mask_batch=1, bg_mask_batch=1, expand_sources=True)
+    check(case, formula, lowp_bound)
+
+
+def test_strided_views(make_case, formula, lowp_bound):
+    """(B, L, H*D) views transposed to (B, H, L, D): same bits as contiguous, no copy needed."""
+    case = make_case(B=3, H=2, Lq=77, Lf=64, Lb=63, D=40, dtype=torch.float16, strided=True,
+                     Bf=1, Bb=3)
+    assert not case.q.is_contiguous()
+    out = check(case, formula, lowp_bound)
+    dense = case.with_tensors(*(t.contiguous() for t in case.tensors))
+    assert torch.equal(out, run_triton(dense)[0])
+    # a non-unit stride along the head dim is handled too (copied once in the wrapper)
+    odd = case.with_tensors(*(t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                              for t in case.tensors))
+    assert odd.q.stride(-1) != 1
+    assert torch.equal(out, run_triton(odd)[0])
+
+
+def test_inputs_never_copied_per_target(make_case):
+    """Size-1 sources broadcast through stride 0: no tensor of the sources' size is allocated."""
+    case = make_case(B=4, H=2, Lq=64, Lf=64, Lb=64, D=40, Bf=1, Bb=1, strided=True)
+    tb.tri_source_attention_op(*case.args, 0.2, 1.0)  # warm (compile caches etc.)
+    big = case.k_fg.numel()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.sizes.append((str(func), t.numel()))
+            return out
+
+    with Sizes() as mode:
+        run_triton(case)
+    copies = [s for s in mode.sizes if s[1] >= big and s[1] != case.q.numel()]
+    assert not copies, f"unexpected full-size float tensors: {copies}"
+
+
+def test_fg_gain_scale_lse(make_case, formula, lowp_bound):
+    case = make_case(B=2, H=2, Lq=100, Lf=90, Lb=80, D=80, dtype=torch.float32, q_magnitude=4.0)
+    check(case, formula, lowp_bound, scale=0.05, fg_gain=1 / 0.7)
+    check(case, formula, lowp_bound, scale=0.3, fg_gain=2.5)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=IDS.get)
+def test_large_magnitudes_stay_finite(dtype, make_case, formula, lowp_bound):
+    case = make_case(B=1, H=2, Lq=70, Lf=64, Lb=66, D=64, dtype=dtype, q_magnitude=30.0,
+                     k_magnitude=10.0)
+    out, _ = run_triton(case, fg_gain=1 / 0.7)
+    exact, _ = formula(*case.args, fg_gain=1 / 0.7)
+    assert max_abs_err(out, exact) <= 5 * lowp_bound(case, exact, fg_gain=1 / 0.7) + 0.05
+
+
+def test_every_tile_config(make_case, formula, lowp_bound):
+    """Each (BLOCK_M, BLOCK_N) the autotuner may pick, on a case with fg, bg and mixed tiles."""
+    case = make_case(B=2, H=1, Lq=150, Lf=140, Lb=130, D=80, dtype=torch.float16,
+                     q_density=0.6, fg_density=0.4, bg_density=0.3)
+    tiles = sorted({(bm, bn) for bm, bn, _, _ in K.CONFIGS})
+    for bm, bn in tiles:
+        check(case, formula, lowp_bound, config=(bm, bn, 4, 2))
+
+
+def test_empty_sources_and_queries(make_case, formula, lowp_bound):
+    case = make_case(B=2, H=2, Lq=33, Lf=0, Lb=20, D=40, q_density=1.0)
+    check(case, formula, lowp_bound)
+    empty_q = make_case(B=2, H=2, Lq=0, Lf=5, Lb=20, D=40)
+    out, lse = tri_source_attention(*empty_q.args, return_lse=True, backend="triton")
+    assert out.shape == (2, 2, 0, 40) and lse.shape == (2, 2, 0)
+
+
+def test_routing_tables_are_stable_true_first(make_case):
+    g = torch.Generator().manual_seed(3)
+    for L in (1, 7, 100):
+        for p in (0.0, 0.3, 1.0):
+            mask = torch.rand(3, L, generator=g) < p
+            perm, count = tb._true_first(mask)
+            assert perm.dtype == torch.int32 and count.tolist() == mask.sum(1).tolist()
+            for b in range(3):
+                want = torch.cat([mask[b].nonzero().squeeze(1), (~mask[b]).nonzero().squeeze(1)])
+                assert perm[b].tolist() == want.tolist()
+
+
+def test_useful_flops_counts_needed_keys(make_case):
+    case = make_case(B=3, H=2, Lq=20, Lf=15, Lb=12, D=40, Bf=1, fg_mask_batch=1, bg_density=0.0)
+    problem = case.problem()
+    want = 0
+    for b in range(3):
+        qm, fm = case.query_mask[b], case.fg_key_mask[0]
+        nb = case.k_bg.shape[2]  # empty bg mask: all background keys
+        for i in range(20):
+            want += int(fm.sum()) if (qm[i] and fm.any()) else nb
+    assert tb.useful_flops(problem, *case.args[5:]) == 4 * 40 * 2 * want
+
+
+def test_float64_and_large_head_dim_rejected(make_case):
+    case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        tri_source_attention(*case.args, backend="triton")
+    case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=272)
+    with pytest.raises(ValueError, match="head dim"):
+        tri_source_attention(*case.args, backend="triton")
+
+
+def test_requires_grad_raises_clearly(make_case):
+    case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=16)
+    k = case.k_fg.clone().requires_grad_(True)
+    args = list(case.args)
+    args[1] = k
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        tri_source_attention(*args, backend="triton")
+    with torch.no_grad():  # no backward needed: fine
+        tri_source_attention(*args, backend="triton")
+
+
+def test_status_reports_interpreter():
+    ok, why = tb.status(torch.device("cpu"))
+    assert ok == tb.is_interpreted()
+    assert ("interpreter" in why) if ok else ("TRITON_INTERPRET" in why)
+
+
+def test_custom_op_fake_and_schema(make_case):
+    """register_fake matches the real op (shapes, dtypes, strides), as torch.compile needs."""
+    case = make_case(B=2, H=2, Lq=20, Lf=17, Lb=18, D=40, dtype=torch.float16)
+    torch.library.opcheck(tb.tri_source_attention_op, (*case.args, 0.15, 1.4),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------- CUDA
+
+GPU_CASES = [
+    dict(B=2, H=2, Lq=77, Lf=63, Lb=70, D=40),
+    dict(B=2, H=8, Lq=1024, Lf=1024, Lb=1024, D=80, q_density=0.3, fg_density=0.05,
+         bg_density=0.95),
+    dict(B=4, H=8, Lq=256, Lf=256, Lb=256, D=160, Bf=1, Bb=1, q_mask_batch=1, fg_mask_batch=1,
+         bg_mask_batch=1, strided=True),
+    dict(B=1, H=8, Lq=4096, Lf=4096, Lb=4096, D=40, q_density=0.1, fg_density=0.01,
+         strided=True),
+    dict(B=3, H=2, Lq=64, Lf=64, Lb=64, D=64, Bf=1, Bb=3, fg_density="single"),
+    dict(B=2, H=2, Lq=257, Lf=1, Lb=63, D=128, bg_density=0.0),
+    dict(B=1, H=2, Lq=63, Lf=77, Lb=100, D=256, fg_density=1.0),
+]
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("spec", GPU_CASES, ids=lambda s: f"D{s['D']}-L{s['Lq']}-B{s['B']}")
+def test_gpu_parity(spec, dtype, make_case, formula, lowp_bound):
+    assert not tb.is_interpreted(), "unset TRITON_INTERPRET to test the kernel on the GPU"
+    case = on(make_case(dtype=dtype, **spec), "cuda")
+    # fp32 runs on tensor cores with 3xTF32: close to, not exactly, fp32 accuracy
+    check(case, formula, lowp_bound, fg_gain=1 / 0.7, fp32_atol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_every_config_runs(make_case, formula, lowp_bound):
+    case = on(make_case(B=2, H=2, Lq=300, Lf=200, Lb=250, D=80, dtype=torch.float16), "cuda")
+    for cfg in K.CONFIGS:
+        if K.config_fits(cfg, 80, 2):
+            check(case, formula, lowp_bound, config=cfg)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_cuda_graph_and_compile(make_case):
+    case = on(make_case(B=2, H=4, Lq=256, Lf=256, Lb=256, D=64, dtype=torch.float16), "cuda")
+    eager = tri_source_attention(*case.args, backend="triton")  # warms up autotuning
+    static = [None if t is None else t.clone() for t in case.args]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = tri_source_attention(*static, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    compiled = torch.compile(lambda *a: tri_source_attention(*a, backend="triton"), fullgraph=True)
+    assert torch.equal(compiled(*case.args), eager)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_auto_picks_triton(make_case):
+    case = on(make_case(B=1, H=2, Lq=64, Lf=64, Lb=64, D=64, dtype=torch.float16), "cuda")
+    ok, why = tb.status(case.q.device)
+    assert ok, why
+    a = tri_source_attention(*case.args, backend="auto")
+    assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
