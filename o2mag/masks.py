@@ -126,7 +126,8 @@ def _indices(n: int | Sequence[int]) -> list[int]:
         idx = [_check_int("n[i] (sample index)", i, minimum=0) for i in n]
     except TypeError as exc:
         if "not iterable" in str(exc):
-            raise TypeError(f"n must be an int or a sequence of sample indices, got {type(n).__name__}") from None
+            raise TypeError(f"n must be an int or a sequence of sample indices, "
+                            f"got {type(n).__name__}") from None
         raise
     if len(set(idx)) != len(idx):
         raise ValueError("n: sample indices must be distinct")
@@ -313,7 +314,8 @@ def foreground_mask(normal_image: Any, method: str = "otsu", *, min_fraction: fl
     return done(fg, f"otsu: object covers {frac:.1%} of the image")
 
 
-def resolve_foreground(spec: Any, normal_image: Any = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+def resolve_foreground(spec: Any, normal_image: Any = None,
+                       shape: tuple[int, int] | None = None) -> np.ndarray:
     """Foreground from a user setting: ``None``/``"all"`` (all-ones), ``"otsu"`` (estimated from
     ``normal_image``), a mask file path, or a mask array. ``shape`` (H, W) resizes a file mask;
     defaults to the normal image's size."""

@@ -77,7 +77,8 @@ def _normalise(obj: Any, name: str) -> Any:
     try:
         return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False, default=_numpy_default))
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be JSON-serialisable (finite numbers, str, list, dict): {exc}") from None
+        raise TypeError(f"{name} must be JSON-serialisable (finite numbers, str, list, dict): "
+                        f"{exc}") from None
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -313,7 +314,8 @@ class OutputStore:
         if new:
             _fsync_dir(self.dir)
 
-    def write(self, index: int, image: Any, mask: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    def write(self, index: int, image: Any, mask: Any,
+              record: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write sample ``index`` (image, mask) and its manifest line; returns that line.
 
         ``record``: the sample's own facts, e.g. ``{"seed": 7, "mask_params": {...}}``; it must be
@@ -358,7 +360,8 @@ class OutputStore:
         self._written.add(index)
         return line
 
-    def write_many(self, items: Iterable[tuple[int, Any, Any, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+    def write_many(self, items: Iterable[tuple[int, Any, Any, dict[str, Any] | None]]
+                   ) -> list[dict[str, Any]]:
         """``write`` for each ``(index, image, mask, record)``; stops at the first error."""
         return [self.write(i, img, m, rec) for i, img, m, rec in items]
 

@@ -51,7 +51,8 @@ def test_missing_root_category_defect_list_what_exists(tmp_path):
         mvtec_inputs(root / "license.txt", "bottle", "broken_large")
     with pytest.raises(MissingInputError, match="'cable' not found.*categories there: bottle, carpet"):
         mvtec_inputs(root, "cable", "broken_large")
-    with pytest.raises(MissingInputError, match="'crack' not found.*defects of bottle: broken_large, contamination"):
+    with pytest.raises(MissingInputError,
+                       match="'crack' not found.*defects of bottle: broken_large, contamination"):
         mvtec_inputs(root, "bottle", "crack")
     with pytest.raises(InputError, match="'good' has no anomalies"):
         mvtec_inputs(root, "bottle", "good")

@@ -12,7 +12,8 @@ from o2mag import store as S
 from o2mag.errors import InputError, SampleExistsError, SettingsConflictError
 from o2mag.store import OutputStore, read_manifest
 
-SETTINGS = {"model": "tiny", "prompt": "a scratch", "steps": 10, "masks": {"kind": "affine", "scale": [0.7, 1.3]}}
+SETTINGS = {"model": "tiny", "prompt": "a scratch", "steps": 10,
+            "masks": {"kind": "affine", "scale": [0.7, 1.3]}}
 
 
 def _img(value, size=(12, 10)):
@@ -58,7 +59,8 @@ def test_write_layout_files_and_manifest(tmp_path):
 def test_numpy_values_and_arrays_are_accepted(tmp_path):
     st = OutputStore(tmp_path, "c", "d")
     arr = np.asarray(_img(40))
-    rec = st.write(np.int64(2), arr, _mask().astype(np.uint8), {"seed": np.int64(9), "shift": np.array([1.5, 2])})
+    rec = st.write(np.int64(2), arr, _mask().astype(np.uint8),
+                   {"seed": np.int64(9), "shift": np.array([1.5, 2])})
     assert rec["seed"] == 9 and rec["shift"] == [1.5, 2.0] and rec["settings"] is None
     assert st.existing_indices() == [2]
     st.write(3, np.asarray(_img(40).convert("L")), Image.fromarray(_mask().astype(np.uint8) * 255))
@@ -113,12 +115,14 @@ def test_overwrite_replaces_written_indices_and_keeps_others(tmp_path):
 def test_settings_conflict_refuses_resume(tmp_path):
     OutputStore(tmp_path, "c", "d", settings=SETTINGS).write(0, _img(1), _mask())
     changed = {**SETTINGS, "prompt": "a dent", "masks": {"kind": "perlin", "scale": [0.7, 1.3]}}
-    with pytest.raises(SettingsConflictError, match=r"masks.kind: \"affine\" -> \"perlin\".*prompt.*--overwrite"):
+    with pytest.raises(SettingsConflictError,
+                       match=r"masks.kind: \"affine\" -> \"perlin\".*prompt.*--overwrite"):
         OutputStore(tmp_path, "c", "d", settings=changed)
     with pytest.raises(SettingsConflictError, match=r"steps: 10 -> \(unset\)"):
         OutputStore(tmp_path, "c", "d", settings={k: v for k, v in SETTINGS.items() if k != "steps"})
     # tuples and lists, key order: the same settings
-    same = {"steps": 10, "masks": {"scale": (0.7, 1.3), "kind": "affine"}, "prompt": "a scratch", "model": "tiny"}
+    same = {"steps": 10, "masks": {"scale": (0.7, 1.3), "kind": "affine"}, "prompt": "a scratch",
+            "model": "tiny"}
     assert OutputStore(tmp_path, "c", "d", settings=same).existing_indices() == [0]
     assert OutputStore(tmp_path, "c", "d", settings=changed, overwrite=True).existing_indices() == [0]
     # another defect folder is independent
@@ -169,7 +173,8 @@ def test_malformed_middle_line_warns(tmp_path):
     with pytest.warns(RuntimeWarning) as got:
         recs = read_manifest(st.manifest_path)
     assert [r["index"] for r in recs] == [0, 1]
-    assert [str(w.message).split(": ")[1].split(" ignored")[0] for w in got] == ["line 3", "line 4"]  # "{broken" is a crash fragment: silent
+    # line 2 ("{broken") is a crash fragment: skipped silently
+    assert [str(w.message).split(": ")[1].split(" ignored")[0] for w in got] == ["line 3", "line 4"]
     assert read_manifest(tmp_path / "none.jsonl") == []
 
 
