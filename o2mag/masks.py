@@ -32,12 +32,15 @@ __all__ = [
     "perlin_masks",
     "perlin_noise",
     "folder_masks",
+    "target_masks",
+    "MASK_KINDS",
     "load_mask",
     "load_image",
     "to_mask",
 ]
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_KINDS = ("affine", "perlin", "folder")
 
 
 @dataclass
@@ -502,10 +505,11 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
         y0 = np.minimum(np.floor(y).astype(np.int64), cy - 1)
         x0 = np.minimum(np.floor(x).astype(np.int64), cx - 1)
         ty, tx = (y - y0)[:, None], (x - x0)[None, :]
-        Y0, X0 = y0[:, None], x0[None, :]
 
         def dot(oy: int, ox: int) -> np.ndarray:
-            return gy[Y0 + oy, X0 + ox] * (ty - oy) + gx[Y0 + oy, X0 + ox] * (tx - ox)
+            # gather lattice rows first (H x cells), then columns: far cheaper than 2-D indexing
+            ry, rx = gy[y0 + oy], gx[y0 + oy]
+            return np.take(ry, x0 + ox, axis=1) * (ty - oy) + np.take(rx, x0 + ox, axis=1) * (tx - ox)
 
         uy, ux = _fade(ty), _fade(tx)
         top = dot(0, 0) * (1 - ux) + dot(0, 1) * ux
@@ -678,3 +682,38 @@ def folder_masks(path: str | os.PathLike, shape: tuple[int, int]) -> list[Target
                          + (f"; found: {', '.join(others)}" if others else "; it is empty"))
     return [TargetMask(load_mask(f, shape), {"kind": "file", "index": k, "file": str(f)})
             for k, f in enumerate(files)]
+
+
+def target_masks(kind: str, n: int | Sequence[int], *, ref_mask: Any = None,
+                 shape: tuple[int, int] | None = None, foreground: Any = None, seed: int = 0, folder: str | os.PathLike | None = None,
+                 **options: Any) -> list[TargetMask]:
+    """One entry point for the three kinds of target masks (what the command line calls).
+
+    ``kind="affine"`` needs ``ref_mask``; ``"perlin"`` needs ``shape`` (or ``ref_mask`` for its
+    shape); ``"folder"`` needs ``folder`` and ``shape`` (or ``ref_mask``), and sample ``i`` gets
+    the folder's mask ``i % count`` (masks are reused in turn when ``n`` exceeds the folder).
+    ``options`` go to :func:`affine_masks` / :func:`perlin_masks`.
+    """
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MASK_KINDS)}, got {kind!r}")
+    if shape is None and ref_mask is not None:
+        shape = to_mask(ref_mask, "ref_mask").shape
+    if kind == "affine":
+        if ref_mask is None:
+            raise ValueError("ref_mask is needed for affine target masks")
+        return affine_masks(ref_mask, n, foreground=foreground, seed=seed, **options)
+    if shape is None:
+        raise ValueError(f"shape (or ref_mask) is needed for {kind} target masks")
+    if kind == "perlin":
+        return perlin_masks(shape, n, foreground=foreground, seed=seed, **options)
+    if options:
+        raise TypeError(f"folder masks take no options, got {sorted(options)}")
+    if folder is None:
+        raise ValueError("folder is needed for folder target masks")
+    idx = _indices(n)
+    found = folder_masks(folder, shape)
+    out = []
+    for i in idx:
+        src = found[i % len(found)]
+        out.append(TargetMask(src.mask.copy(), {**src.params, "index": i, "file_index": src.params["index"]}))
+    return out

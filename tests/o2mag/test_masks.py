@@ -426,3 +426,33 @@ def test_to_mask_accepts_common_forms():
         M.to_mask(np.full((2, 2), np.nan))
     with pytest.raises(TypeError, match="dtype"):
         M.to_mask(np.array([["a", "b"]]))
+
+
+def test_target_masks_dispatches_each_kind(tmp_path):
+    ref = _ref_mask()
+    a = M.target_masks("affine", 3, ref_mask=ref, seed=2, scale=(1, 1))
+    assert [t.params["kind"] for t in a] == ["affine"] * 3
+    assert all((x.mask == y.mask).all() for x, y in zip(a, M.affine_masks(ref, 3, seed=2, scale=(1, 1))))
+    p = M.target_masks("perlin", [4], ref_mask=ref, seed=2)
+    assert p[0].mask.shape == ref.shape and (p[0].mask == M.perlin_masks(ref.shape, [4], seed=2)[0].mask).all()
+    for k in range(2):
+        m = np.zeros((16, 16), np.uint8)
+        m[k * 8:k * 8 + 4, 2:6] = 255
+        _save_mask(tmp_path / f"{k}.png", m)
+    f = M.target_masks("folder", 5, folder=tmp_path, shape=(16, 16))
+    assert [t.params["file_index"] for t in f] == [0, 1, 0, 1, 0]
+    assert [t.params["index"] for t in f] == [0, 1, 2, 3, 4]
+    assert (f[2].mask == f[0].mask).all() and not (f[1].mask == f[0].mask).all()
+
+
+def test_target_masks_errors():
+    with pytest.raises(ValueError, match="kind"):
+        M.target_masks("random", 1, shape=(8, 8))
+    with pytest.raises(ValueError, match="ref_mask"):
+        M.target_masks("affine", 1, shape=(8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        M.target_masks("perlin", 1)
+    with pytest.raises(ValueError, match="folder"):
+        M.target_masks("folder", 1, shape=(8, 8))
+    with pytest.raises(TypeError, match="options"):
+        M.target_masks("folder", 1, shape=(8, 8), folder=".", scale=(1, 2))
