@@ -20,6 +20,7 @@ One writer per defect folder at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -44,15 +45,20 @@ _TMP_SUFFIX = ".tmp"
 _RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp")
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages that decide what an image looks like (recorded per sample)."""
-    out: dict[str, str | None] = {"o2mag": __version__}
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = [("o2mag", __version__)]
     for name in ("torch", "diffusers", "transformers"):
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            out.append((name, None))
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that decide what an image looks like (recorded per sample)."""
+    return dict(_versions())
 
 
 def _check_name(kind: str, value: Any) -> str:
