@@ -456,3 +456,16 @@ def test_target_masks_errors():
         M.target_masks("folder", 1, shape=(8, 8))
     with pytest.raises(TypeError, match="options"):
         M.target_masks("folder", 1, shape=(8, 8), folder=".", scale=(1, 2))
+
+
+def test_remaining_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="min_inside must be a number"):
+        M.affine_masks(_ref_mask(), 1, min_inside="high")
+    with pytest.raises(TypeError, match="shape must be"):
+        M.perlin_masks(5, 1)
+    with pytest.raises(ValueError, match="area must allow"):
+        M.perlin_masks((H, W), 1, area=(0.0, 0.0))
+    with pytest.raises(ValueError, match="shape or normal_image"):
+        M.resolve_foreground(None)
+    with pytest.raises(TypeError, match="path"):
+        M.folder_masks(None, (8, 8))

@@ -89,3 +89,13 @@ def test_missing_or_empty_normals_and_tests(tmp_path):
     (root / "carpet" / "test" / "hole").mkdir()
     with pytest.raises(InputError, match="no images in"):
         mvtec_inputs(root, "carpet", "hole")
+
+
+def test_bad_argument_types(tmp_path):
+    root = _tree(tmp_path)
+    with pytest.raises(TypeError, match="root"):
+        mvtec_inputs(None, "bottle", "broken_large")
+    with pytest.raises(TypeError, match="category"):
+        mvtec_inputs(root, "", "broken_large")
+    with pytest.raises(TypeError, match="defect"):
+        mvtec_inputs(root, "bottle", None)

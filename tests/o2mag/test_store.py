@@ -253,6 +253,11 @@ def test_bad_arguments(tmp_path):
         OutputStore(tmp_path / "file", "c", "d")
     with pytest.raises(TypeError, match="root"):
         OutputStore(None, "c", "d")
+    with pytest.raises(TypeError, match="category must be a str"):
+        OutputStore(tmp_path, 3, "d")
+    (tmp_path / "taken").write_text("a file where the category folder should be")
+    with pytest.raises(InputError, match="cannot create output folder"):
+        OutputStore(tmp_path, "taken", "d")
     with pytest.raises(TypeError, match="settings"):
         OutputStore(tmp_path, "c", "d", settings=["x"])
     with pytest.raises(TypeError, match="settings must be JSON"):
