@@ -1,0 +1,258 @@
+"""O2MAGPipeline on the tiny model: replay, shared source branches, background blending, one-to-more
+cost, K/V cache, the per-sample baseline, loading and argument errors."""
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from o2mag.config import GraftConfig
+from o2mag.errors import InputError, MissingInputError
+from o2mag.inversion import ddim_step
+from o2mag.layout import BranchLayout
+from o2mag.masks import affine_masks
+from o2mag.pipeline import O2MAGPipeline, token_indices
+from o2mag.sample import embedded_sample
+
+STEPS = 5
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = O2MAGPipeline.tiny(0)
+    p.progress = False
+    return p
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return embedded_sample(SIZE)
+
+
+@pytest.fixture(scope="module")
+def targets(sample):
+    return [t.mask for t in affine_masks(sample.ref_mask, 6, seed=0)]
+
+
+def _run(pipe, sample, masks, **kw):
+    kw.setdefault("num_steps", STEPS)
+    kw.setdefault("ago_steps", 2)
+    return pipe.generate(sample.reference, sample.ref_mask, sample.normal, masks, sample.prompt,
+                         sample.anomaly_word, **kw)
+
+
+class Recorder:
+    """Forward hook on the UNet: every call's input rows and output."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs, output):
+        self.calls.append((args[0].detach().clone(), output.sample.detach().clone()))
+
+    def close(self):
+        self.handle.remove()
+
+
+def _arr(img):
+    return np.asarray(img).astype(np.int16)
+
+
+def test_one_to_more_cost_and_shared_sources(pipe, sample, targets):
+    pipe.clear_caches()
+    pipe.stats.reset()
+    rec = Recorder(pipe.unet)
+    try:
+        out = _run(pipe, sample, targets, batch_size=3)
+    finally:
+        rec.close()
+    assert len(out) == 6 and all(im.size == (SIZE, SIZE) for im, _ in out)
+    s = pipe.stats
+    assert s.inversion_runs == 2 and s.ago_runs == 1  # once per reference/normal pair, not per sample
+    gen = rec.calls[-2 * STEPS:]  # the denoising calls (after AGO and the two inversions)
+    layout = BranchLayout(3)
+    assert all(x.shape[0] == 2 * (2 + 3) == layout.batch_size for x, _ in gen)
+    assert s.generation_unet_calls == 2 * STEPS and s.generation_unet_rows == 2 * STEPS * 10
+    assert s.unet_rows == sum(x.shape[0] for x, _ in rec.calls) and s.unet_calls == len(rec.calls)
+    # reference and normal branches: identical inputs and outputs in both batches, at every step
+    for i in range(STEPS):
+        (x1, o1), (x2, o2) = gen[i], gen[STEPS + i]
+        for branch in ("reference", "normal"):
+            rows = layout.rows(branch)
+            assert torch.equal(x1[rows], x2[rows])
+            torch.testing.assert_close(o1[rows], o2[rows], atol=1e-5, rtol=1e-5)
+    # the normal rows replay the normal image's inversion
+    inv_n = pipe.invert(np.asarray(sample.normal.convert("RGB")), STEPS)
+    for i in range(STEPS):
+        x = gen[i][0]
+        for r in layout.rows("normal"):
+            assert torch.equal(x[r], inv_n.before_step(i)[0])
+        for r in layout.rows("target"):  # targets start from the normal image's z_T
+            if i == 0:
+                assert torch.equal(x[r], inv_n.noise[0])
+    assert torch.equal(inv_n.latents[0], pipe.encode_image(np.asarray(sample.normal.convert("RGB"))))
+
+
+def test_empty_target_mask_returns_the_normal_reconstruction(pipe, sample):
+    empty = np.zeros((SIZE, SIZE), dtype=bool)
+    (image, mask), = _run(pipe, sample, [empty])
+    normal_latent = pipe.last_run["normal_latent"]
+    assert torch.equal(pipe.last_run["target_latents"], normal_latent)
+    assert np.array_equal(_arr(image), _arr(pipe.decode_latents(normal_latent)[0]))
+    assert not np.asarray(mask).any()
+
+
+def test_background_blend_keeps_the_normal_latent_outside_the_mask(pipe, sample):
+    m = np.zeros((SIZE, SIZE), dtype=bool)
+    m[48:72, 40:80] = True
+    _run(pipe, sample, [m])
+    x, normal = pipe.last_run["target_latents"], pipe.last_run["normal_latent"]
+    inside = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m).float()[None, None], x.shape[-2:])[0, 0] > 0
+    assert torch.equal(x[0][:, ~inside], normal[0][:, ~inside])  # latents outside M_T: exact
+    assert (x[0][:, inside] - normal[0][:, inside]).abs().max() > 1e-3  # inside: a new defect
+    # without blending the background drifts away from the normal image
+    _run(pipe, sample, [m], blend_background=False)
+    assert not torch.allclose(pipe.last_run["target_latents"][0][:, ~inside], normal[0][:, ~inside], atol=1e-3)
+
+
+def test_background_blend_keeps_far_pixels(pipe):
+    # Decoded pixels far from M_T equal the normal reconstruction when the VAE decoder is local.
+    # AutoencoderKL's decoder is not (GroupNorm statistics and mid-block attention span the whole
+    # image; the tiny random one amplifies that hugely), so this uses a small AutoencoderTiny
+    # (TAESD-style, convolutions only) at 256 px.
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                          num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).eval()
+    local = O2MAGPipeline(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    local.progress = False
+    big = embedded_sample(256)
+    m = np.zeros((256, 256), dtype=bool)
+    m[160:200, 150:210] = True
+    (image, _), = local.generate(big.reference, big.ref_mask, big.normal, [m], big.prompt, big.anomaly_word,
+                                 num_steps=3, ago_steps=0, size=256)
+    recon = _arr(local.decode_latents(local.last_run["normal_latent"])[0])
+    diff = np.abs(_arr(image) - recon).max(axis=-1)
+    far = np.ones((256, 256), dtype=bool)
+    far[160 - 80:, 150 - 80:] = False  # everything within 80 px (10 latent px) of M_T
+    assert diff[far].max() <= 1, diff[far].max()
+    assert diff[160:200, 150:210].mean() > 1 and diff[160:200, 150:210].max() > 5  # a new defect inside
+
+
+def test_kv_cache_gives_the_same_images_with_fewer_rows(pipe, sample, targets):
+    pipe.stats.reset()
+    plain = _run(pipe, sample, targets[:4], batch_size=2)
+    rows_plain = pipe.stats.generation_unet_rows
+    pipe.stats.reset()
+    cached = _run(pipe, sample, targets[:4], batch_size=2, kv_cache=True)
+    rows_cached = pipe.stats.generation_unet_rows
+    assert rows_plain == STEPS * 2 * (2 * (2 + 2))
+    assert rows_cached == STEPS * (2 * (2 + 2) + 2 * 2)
+    for (a, ma), (b, mb) in zip(plain, cached):
+        assert np.abs(_arr(a) - _arr(b)).max() <= 1
+        assert np.array_equal(np.asarray(ma), np.asarray(mb))
+
+
+def test_per_sample_baseline_costs_more_and_gives_the_same_images(pipe, sample, targets):
+    pipe.stats.reset()
+    shared = _run(pipe, sample, targets[:2], batch_size=2)
+    pipe.stats.reset()
+    baseline = _run(pipe, sample, targets[:2], scheme="per_sample")
+    s = pipe.stats
+    assert s.inversion_runs == 4  # both inversions again for every sample
+    assert s.generation_unet_rows == 2 * STEPS * 2 * 3  # three branches per sample
+    for (a, _), (b, _) in zip(shared, baseline):
+        assert np.abs(_arr(a) - _arr(b)).max() <= 1
+
+
+def test_loop_without_grafting_is_plain_ddim_sampling(pipe, sample):
+    # grafting off, guidance 1, no blending: the target is DDIM sampling from the normal's z_T
+    m = np.zeros((SIZE, SIZE), dtype=bool)
+    m[10:20, 10:20] = True
+    pipe.generate(sample.reference, sample.ref_mask, sample.normal, [m], "", None, num_steps=STEPS,
+                  graft_config=GraftConfig.disabled(), guidance_scale=1.0, blend_background=False, ago_steps=0)
+    inv = pipe.invert(np.asarray(sample.normal.convert("RGB")), STEPS)
+    emb = pipe.encode_prompt("")
+    z = inv.noise
+    with torch.no_grad():
+        for t in inv.timesteps:
+            z = ddim_step(pipe.scheduler, pipe.unet(z, t, encoder_hidden_states=emb).sample, t, z)
+    torch.testing.assert_close(pipe.last_run["target_latents"], z, atol=1e-4, rtol=1e-4)
+    err = (z - inv.latents[0]).abs().mean().item()  # DDIM reconstruction error of the random tiny UNet
+    assert np.isfinite(err)
+
+
+def test_bf16_on_cpu(sample):
+    p = O2MAGPipeline.tiny(0).to(dtype=torch.bfloat16)
+    p.progress = False
+    m = np.zeros((SIZE, SIZE), dtype=bool)
+    m[50:70, 50:70] = True
+    (image, _), = _run(p, sample, [m], num_steps=2, ago_steps=1)
+    assert image.size == (SIZE, SIZE)
+    assert torch.isfinite(p.last_run["target_latents"]).all()
+
+
+def test_token_indices(pipe):
+    tok = pipe.tokenizer
+    idx = token_indices(tok, "a photo of a scratch on metal", "scratch")
+    ids = tok("a photo of a scratch on metal").input_ids
+    word = tok("scratch", add_special_tokens=False).input_ids
+    assert [ids[i] for i in idx] == word and idx[0] >= 1
+    assert token_indices(tok, "anything", None) == []
+    with pytest.raises(InputError, match="does not occur"):
+        token_indices(tok, "a photo of a dent", "scratch")
+
+
+def test_argument_errors(pipe, sample, targets):
+    ok = dict(reference=sample.reference, ref_mask=sample.ref_mask, normal=sample.normal, target_masks=targets[:1])
+    for bad, kind, match in [
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(num_steps=0), ValueError, "num_steps"),
+        (dict(scheme="nope"), ValueError, "scheme"),
+        (dict(scheme="per_sample", kv_cache=True), ValueError, "kv_cache"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+        (dict(ref_mask=np.zeros((SIZE, SIZE), bool)), InputError, "empty"),
+        (dict(ref_mask=np.ones((64, 64), bool)), InputError, "ref_mask is 64x64"),
+        (dict(target_masks=[]), ValueError, "target_masks"),
+        (dict(reference="/no/such/file.png"), MissingInputError, "no such file"),
+        (dict(size=100), ValueError, "multiple of 8"),
+    ]:
+        kw = {**ok, **bad}
+        pipe.stats.reset()
+        with pytest.raises(kind, match=match):
+            pipe.generate(kw.pop("reference"), kw.pop("ref_mask"), kw.pop("normal"), kw.pop("target_masks"),
+                          "a photo of a scratch", **kw)
+        assert pipe.stats.unet_calls == 0  # rejected before any work
+
+
+def test_tiny_components_and_save_load_round_trip(tmp_path, pipe):
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.default_size == SIZE
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = O2MAGPipeline.from_pretrained(str(tmp_path / "model"))
+    assert isinstance(loaded, O2MAGPipeline) and isinstance(loaded.scheduler, DDIMScheduler)
+    assert loaded.model_id == str(tmp_path / "model")
+    for a, b in zip(pipe.unet.parameters(), loaded.unet.parameters()):
+        assert torch.equal(a, b)
+    # a Stable Diffusion folder ships PNDM: it is converted to DDIM with the same config
+    other = O2MAGPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                          PNDMScheduler.from_config(pipe.scheduler.config))
+    assert isinstance(other.scheduler, DDIMScheduler)
+    assert other.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule
+
+
+def test_from_pretrained_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a diffusers pipeline"):
+        O2MAGPipeline.from_pretrained(str(tmp_path / "empty"))
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="is a file"):
+        O2MAGPipeline.from_pretrained(str(tmp_path / "file.bin"))
+    with pytest.raises(MissingInputError, match="not found"):
+        O2MAGPipeline.from_pretrained(str(tmp_path / "missing" / "model"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    with pytest.raises(InputError, match="could not load"):
+        O2MAGPipeline.from_pretrained(str(broken))
