@@ -1,6 +1,5 @@
 """Shared tiny models for the o2mag tests (built once per session: they are read-only in tests)."""
 import pytest
-import torch
 
 from o2mag import tiny
 
@@ -15,11 +14,3 @@ def tiny_unet_hd64():
     """SD 2.x-like variant: head dim 64 everywhere (64/128 channels, 1/2 heads)."""
     return tiny.tiny_unet(seed=1, block_out_channels=(64, 128, 128, 128), attention_head_dim=(1, 2, 2, 2))
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    """Tests share a 2-core machine; one thread keeps timings stable and results deterministic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

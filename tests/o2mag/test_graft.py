@@ -1,0 +1,507 @@
+"""AttentionGraft: real diffusers processors that graft target rows onto the source branches.
+
+Module-level tests compare against attention written out by hand (einsum + masked softmax) on one
+diffusers ``Attention``; UNet-level tests use the tiny SD-shaped UNet (16 transformer blocks).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+import o2mag.graft as graft_mod
+from o2mag import AttentionGraft, BranchLayout, GraftConfig
+from o2mag.graft import GraftCrossAttnProcessor, GraftSelfAttnProcessor, SourceCache, transformer_layers
+
+ATOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def heads_view(x, heads):
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def masked_attention(q, k, v, key_mask=None, gain=1.0):
+    """softmax(gain * q k^T / sqrt(d)) v over the keys in key_mask (all when None or empty)."""
+    logits = gain * torch.einsum("hid,hjd->hij", q, k) / math.sqrt(q.shape[-1])
+    if key_mask is not None and key_mask.any():
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    return torch.einsum("hij,hjd->hid", logits.softmax(-1), v)
+
+
+def project_out(attn, o):
+    """(H, L, D) -> the module's output for one row."""
+    h, n, d = o.shape
+    return attn.to_out[0](o.transpose(0, 1).reshape(1, n, h * d))[0]
+
+
+def make_graft(config, layout, step, num_steps=50, ref=None, targets=None, cache=None):
+    g = AttentionGraft(config, layout, cache)
+    if ref is not None:
+        g.set_masks(ref, targets)
+    g.set_step(step, num_steps)
+    return g
+
+
+def random_masks(n, size, gen):
+    ref = torch.rand(size, size, generator=gen) > 0.6
+    tgt = torch.rand(n, size, size, generator=gen) > 0.5
+    tgt[0] = False
+    tgt[0, 1:4, 2:6] = True  # a block, so routing differs between targets
+    return ref, tgt
+
+
+def unet_inputs(layout, size=8, seed=0, same_targets_as_normal=False):
+    gen = torch.Generator().manual_seed(seed)
+    n = layout.num_targets
+    ref = torch.randn(1, 4, size, size, generator=gen)
+    nor = torch.randn(1, 4, size, size, generator=gen)
+    tg = nor.expand(n, -1, -1, -1) if same_targets_as_normal else torch.randn(n, 4, size, size, generator=gen)
+    lat = layout.assemble(reference=ref, normal=nor, targets=tg)
+    unc, cond = torch.randn(2, 1, 77, 32, generator=gen)
+    emb = torch.cat([unc.expand(layout.rows_per_half, -1, -1), cond.expand(layout.rows_per_half, -1, -1)])
+    return lat, emb
+
+
+# ---------------------------------------------------------------------------------------------
+# AttnProcessor2_0 parity
+# ---------------------------------------------------------------------------------------------
+def _variants():
+    torch.manual_seed(0)
+    b = 4
+    out = []
+    a = Attention(query_dim=64, heads=2, dim_head=40)
+    mask = torch.zeros(b, 1, 24)
+    mask[:, :, 5:9] = -1e4
+    out.append(("mask_hd40", a, dict(hidden_states=torch.randn(b, 24, 64), attention_mask=mask), False))
+    a = Attention(query_dim=32, heads=1, dim_head=64, norm_num_groups=8, residual_connection=True,
+                  rescale_output_factor=2.0, bias=True)
+    out.append(("groupnorm_4d_hd64", a, dict(hidden_states=torch.randn(b, 32, 6, 5)), False))
+    a = Attention(query_dim=32, heads=2, dim_head=16, spatial_norm_dim=4, residual_connection=True)
+    out.append(("spatialnorm", a, dict(hidden_states=torch.randn(b, 32, 4, 4),
+                                       temb=torch.randn(b, 4, 2, 2)), False))
+    a = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=40,
+                  cross_attention_norm="layer_norm")
+    out.append(("cross_normcross", a, dict(hidden_states=torch.randn(b, 24, 64),
+                                           encoder_hidden_states=torch.randn(b, 7, 32)), True))
+    return out
+
+
+@pytest.mark.parametrize("case", _variants(), ids=lambda c: c[0])
+def test_processors_match_attnprocessor2_0_when_idle(case):
+    _, attn, kwargs, cross = case
+    attn.eval()
+    # paper config, but a step/layer where nothing is active (step 45: no DAE; layer 0: no TriAG)
+    g = make_graft(GraftConfig.paper(), BranchLayout(2), step=45)
+    proc = (GraftCrossAttnProcessor if cross else GraftSelfAttnProcessor)(g, 0, "x.processor")
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attn, **kwargs)
+        got = proc(attn, **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_disabled_unet_equals_diffusers_and_restores_processors(tiny_unet):
+    layout = BranchLayout(2)
+    lat, emb = unet_inputs(layout)
+    before = dict(tiny_unet.attn_processors)
+    with torch.no_grad():
+        expected = tiny_unet(lat, 500, encoder_hidden_states=emb).sample
+        g = AttentionGraft(GraftConfig.disabled(), layout)
+        with g.installed(tiny_unet):
+            procs = tiny_unet.attn_processors
+            assert sum(isinstance(p, GraftSelfAttnProcessor) for p in procs.values()) == 16
+            assert sum(isinstance(p, GraftCrossAttnProcessor) for p in procs.values()) == 16
+            got = tiny_unet(lat, 500, encoder_hidden_states=emb).sample  # no set_step needed
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+    after = tiny_unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    with pytest.raises(KeyError, match="boom"):
+        with g.installed(tiny_unet):
+            raise KeyError("boom")
+    after = tiny_unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_disabled_unet_head_dim_64(tiny_unet_hd64):
+    layout = BranchLayout(1)
+    lat, emb = unet_inputs(layout)
+    with torch.no_grad():
+        expected = tiny_unet_hd64(lat, 10, encoder_hidden_states=emb).sample
+        with AttentionGraft(GraftConfig.disabled(), layout).installed(tiny_unet_hd64):
+            got = tiny_unet_hd64(lat, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-computed rows on one layer
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("num_targets", [1, 3])
+@pytest.mark.parametrize("heads, dim_head", [(2, 40), (1, 64)])
+def test_graft_rows_get_the_right_sources(backend, num_targets, heads, dim_head):
+    gen = torch.Generator().manual_seed(num_targets * 7 + dim_head)
+    layout = BranchLayout(num_targets)
+    torch.manual_seed(1)
+    attn = Attention(query_dim=32, heads=heads, dim_head=dim_head).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    ref, tgt = random_masks(num_targets, 8, gen)  # latent-size masks: layer 8x8 uses them as they are
+    cfg = GraftConfig.paper(backend=backend)
+    g = make_graft(cfg, layout, step=30, ref=ref, targets=tgt)
+    with torch.no_grad():
+        got = GraftSelfAttnProcessor(g, 12, "x.processor")(attn, x)
+        q, k, v = (heads_view(f(x), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        for half in (0, 1):
+            r, n = layout.rows("reference", half)[0], layout.rows("normal", half)[0]
+            for row in (r, n):  # sources: ordinary self-attention
+                exp = project_out(attn, masked_attention(q[row], k[row], v[row]))
+                torch.testing.assert_close(got[row], exp, atol=ATOL, rtol=1e-5)
+            for t in range(num_targets):
+                row = layout.rows("target", half, target=t)[0]
+                fg = masked_attention(q[row], k[r], v[r], ref.flatten(), gain=1 / 0.7)
+                bg = masked_attention(q[row], k[n], v[n], ~tgt[t].flatten())
+                inside = tgt[t].flatten()[None, :, None]
+                exp = project_out(attn, torch.where(inside, fg, bg))
+                torch.testing.assert_close(got[row], exp, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_qgraft_phase_uses_source_queries(backend):
+    gen = torch.Generator().manual_seed(3)
+    layout = BranchLayout(2)
+    torch.manual_seed(2)
+    attn = Attention(query_dim=32, heads=2, dim_head=40).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    ref, tgt = random_masks(2, 8, gen)
+    g = make_graft(GraftConfig.paper(backend=backend), layout, step=2, ref=ref, targets=tgt)
+    with torch.no_grad():
+        got = GraftSelfAttnProcessor(g, 0, "x.processor")(attn, x)  # layer 0: Q graft only
+        q, k, v = (heads_view(f(x), heads=2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        for half in (0, 1):
+            r, n = layout.rows("reference", half)[0], layout.rows("normal", half)[0]
+            for t in range(2):
+                row = layout.rows("target", half, target=t)[0]
+                fg = masked_attention(q[r], k[r], v[r], ref.flatten())  # gain 1 in this phase
+                bg = masked_attention(q[n], k[n], v[n], ~tgt[t].flatten())
+                exp = project_out(attn, torch.where(tgt[t].flatten()[None, :, None], fg, bg))
+                torch.testing.assert_close(got[row], exp, atol=ATOL, rtol=1e-5)
+
+
+def test_full_masks_give_target_query_over_reference():
+    gen = torch.Generator().manual_seed(4)
+    layout = BranchLayout(3)
+    torch.manual_seed(3)
+    attn = Attention(query_dim=32, heads=2, dim_head=40).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    ones = torch.ones(128, 128)  # image-space, every pyramid level full
+    g = make_graft(GraftConfig.paper(fg_gain=2.5), layout, step=10, ref=ones,
+                   targets=ones.expand(3, -1, -1))
+    with torch.no_grad():
+        got = GraftSelfAttnProcessor(g, 9, "x.processor")(attn, x)
+        q, k, v = (heads_view(f(x), heads=2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        for half in (0, 1):
+            r = layout.rows("reference", half)[0]
+            for row in layout.rows("target", half):
+                exp = project_out(attn, masked_attention(q[row], k[r], v[r], gain=2.5))
+                torch.testing.assert_close(got[row], exp, atol=ATOL, rtol=1e-5)
+
+
+def test_four_d_input_grafts_like_three_d():
+    gen = torch.Generator().manual_seed(5)
+    layout = BranchLayout(2)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    x = torch.randn(layout.batch_size, 32, 4, 6, generator=gen)  # non-square 4x6 grid
+    ref = torch.zeros(32, 48, dtype=torch.bool)
+    ref[8:20, 10:30] = True
+    tgt = torch.zeros(2, 32, 48, dtype=torch.bool)
+    tgt[0, :16, :24] = True
+    tgt[1, 20:, 30:] = True
+    g = make_graft(GraftConfig.paper(), layout, step=20, ref=ref, targets=tgt)
+    proc = GraftSelfAttnProcessor(g, 15, "x.processor")
+    with torch.no_grad():
+        four = proc(attn, x)
+        three = proc(attn, x.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(four.flatten(2).transpose(1, 2), three, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAE
+# ---------------------------------------------------------------------------------------------
+def test_dae_changes_only_conditional_target_rows_inside_mask():
+    gen = torch.Generator().manual_seed(6)
+    layout = BranchLayout(2)
+    torch.manual_seed(4)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=40).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    enc = torch.randn(layout.batch_size, 9, 16, generator=gen)
+    _, tgt = random_masks(2, 8, gen)
+    tokens = [2, 5]
+    g = make_graft(GraftConfig.paper(), layout, step=25, ref=torch.ones(8, 8), targets=tgt)
+    g.set_token_indices(tokens)
+    proc = GraftCrossAttnProcessor(g, 4, "x.processor")
+    with torch.no_grad():
+        plain = AttnProcessor2_0()(attn, x, encoder_hidden_states=enc)
+        got = proc(attn, x, encoder_hidden_states=enc)
+        q, k, v = heads_view(attn.to_q(x), 2), heads_view(attn.to_k(enc), 2), heads_view(attn.to_v(enc), 2)
+    cond_targets = layout.rows("target", "cond")
+    for row in range(layout.batch_size):
+        if row not in cond_targets:
+            torch.testing.assert_close(got[row], plain[row], atol=1e-6, rtol=1e-6)
+    for t, row in enumerate(cond_targets):
+        inside = tgt[t].flatten()
+        torch.testing.assert_close(got[row][~inside], plain[row][~inside], atol=1e-6, rtol=1e-6)
+        p = (torch.einsum("hid,hjd->hij", q[row], k[row]) / math.sqrt(40)).softmax(-1)
+        p[:, :, tokens] *= 100.0
+        p = p / p.sum(-1, keepdim=True)
+        with torch.no_grad():
+            exp = project_out(attn, torch.einsum("hij,hjd->hid", p, v[row]))
+        torch.testing.assert_close(got[row][inside], exp[inside], atol=ATOL, rtol=1e-5)
+        assert (got[row][inside] - plain[row][inside]).abs().max() > 1e-3
+    # outside the window (or without token indices) nothing changes
+    for step in (19, 40):
+        g.set_step(step, 50)
+        with torch.no_grad():
+            torch.testing.assert_close(proc(attn, x, encoder_hidden_states=enc), plain, atol=1e-6, rtol=1e-6)
+    g.set_step(25, 50)
+    g.set_token_indices([])
+    with torch.no_grad():
+        torch.testing.assert_close(proc(attn, x, encoder_hidden_states=enc), plain, atol=1e-6, rtol=1e-6)
+
+
+def test_dae_in_unet_touches_only_conditional_target_rows(tiny_unet):
+    layout = BranchLayout(2)
+    lat, emb = unet_inputs(layout, seed=1)
+    tgt = torch.zeros(2, 64, 64, dtype=torch.bool)
+    tgt[:, 16:40, 8:30] = True
+    cfg = GraftConfig.disabled(dae_layers=tuple(range(16)), dae_steps=(0.4, 0.8), dae_gain=100.0)
+    with torch.no_grad():
+        plain = tiny_unet(lat, 400, encoder_hidden_states=emb).sample
+        g = AttentionGraft(cfg, layout)
+        g.set_masks(torch.zeros(64, 64), tgt)
+        g.set_token_indices([3])
+        with g.installed(tiny_unet):
+            g.set_step(30, 50)
+            got = tiny_unet(lat, 400, encoder_hidden_states=emb).sample
+            g.set_step(10, 50)
+            outside = tiny_unet(lat, 400, encoder_hidden_states=emb).sample
+    changed = (got - plain).flatten(1).abs().amax(1) > 1e-4
+    assert changed.tolist() == [r in layout.rows("target", "cond") for r in range(layout.batch_size)]
+    torch.testing.assert_close(outside, plain, atol=ATOL, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet level: windows, masks, replay
+# ---------------------------------------------------------------------------------------------
+def test_empty_target_mask_makes_targets_equal_normal(tiny_unet):
+    layout = BranchLayout(3)
+    lat, emb = unet_inputs(layout, seed=2, same_targets_as_normal=True)
+    ref = torch.zeros(64, 64, dtype=torch.bool)
+    ref[10:30, 20:50] = True
+    g = AttentionGraft(GraftConfig.paper(qgraft_steps=None), layout)
+    g.set_masks(ref, torch.zeros(3, 64, 64))
+    g.set_token_indices([2])
+    with torch.no_grad(), g.installed(tiny_unet):
+        g.set_step(25, 50)  # TriAG and DAE window
+        out = tiny_unet(lat, 500, encoder_hidden_states=emb).sample
+    for half in (0, 1):
+        normal = out[layout.rows("normal", half)[0]]
+        for row in layout.rows("target", half):
+            torch.testing.assert_close(out[row], normal, atol=ATOL, rtol=1e-5)
+
+
+def test_layer_and_step_windows_follow_the_paper_preset(tiny_unet, monkeypatch):
+    layout = BranchLayout(1)
+    lat, emb = unet_inputs(layout, seed=3)
+    index = {info.self_name: info.index for info in transformer_layers(tiny_unet)}
+    dae_calls = []
+    real_dae = AttentionGraft._dae
+
+    def spy(self, call, out, hw):
+        dae_calls.append(self.plan.step)
+        return real_dae(self, call, out, hw)
+
+    monkeypatch.setattr(AttentionGraft, "_dae", spy)
+    cache = SourceCache()
+    g = AttentionGraft(GraftConfig.paper(), layout, cache)
+    m = torch.zeros(64, 64)
+    m[20:40, 20:40] = 1
+    g.set_masks(m, m[None])
+    g.set_token_indices([1])
+    steps = [0, 4, 5, 19, 20, 39, 40, 49]
+    with torch.no_grad(), g.installed(tiny_unet):
+        for s in steps:
+            g.set_step(s, 50)
+            tiny_unet(lat, 500, encoder_hidden_states=emb)
+    grafted = {s: sorted(index[name] for (st, name) in cache.keys() if st == s) for s in steps}
+    for s in (0, 4):
+        assert grafted[s] == list(range(16))
+        assert set(cache._store[(s, next(n for n in index if index[n] == 3))]) == {
+            "k_ref", "v_ref", "k_norm", "v_norm", "q_ref", "q_norm"}
+    for s in (5, 19, 20, 39, 40, 49):
+        assert grafted[s] == list(range(9, 16))
+    assert dae_calls == [20] * 16 + [39] * 16
+
+
+def test_mask_pyramid_max_pool_keeps_small_defects():
+    layout = BranchLayout(1)
+    g = AttentionGraft(GraftConfig.paper(), layout)
+    tgt = torch.zeros(1, 128, 128, dtype=torch.bool)
+    tgt[0, 37, 90] = True  # one pixel: nearest sampling at 16x16 reads pixels 0, 8, 16, ... only
+    g.set_masks(tgt[0], tgt)
+    masks = g.layer_masks("graft", 256, "cpu")
+    assert masks.query.shape == (1, 256) and masks.query.nonzero().tolist() == [[0, 4 * 16 + 11]]
+    assert masks.fg.nonzero().tolist() == [[0, 4 * 16 + 11]]
+    assert masks.bg.all()  # exclusion uses nearest sampling: the pixel is not sampled
+    q = g.layer_masks("qgraft", 256, "cpu")
+    assert not q.query.any() and torch.equal(q.qsel, q.query)
+    assert g.layer_masks("graft", 256, "cpu").query is masks.query  # cached per resolution
+    # non-square latents: grid found from the mask's aspect ratio
+    wide = torch.zeros(2, 128, 192)
+    wide[1, :, 100:] = 1
+    g2 = AttentionGraft(GraftConfig.paper(), BranchLayout(2))
+    g2.set_masks(wide[1], wide)
+    for length, (h, w) in ((384, (16, 24)), (96, (8, 12)), (24, (4, 6)), (6, (2, 3))):
+        qm = g2.layer_masks("graft", length, "cpu").query
+        assert qm.shape == (2, h * w) and not qm[0].any()
+        assert qm[1].view(h, w)[:, -1].all() and not qm[1].view(h, w)[:, 0].any()
+
+
+@pytest.mark.parametrize("storage", [None, "cpu"])
+def test_replay_matches_full_run(tiny_unet, storage):
+    layout = BranchLayout(3)
+    lat, emb = unet_inputs(layout, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    ref = torch.rand(64, 64, generator=gen) > 0.7
+    tgt = torch.rand(3, 64, 64, generator=gen) > 0.6
+    cache = SourceCache(device=storage)
+    steps = [1, 7, 25]  # Q graft, TriAG, TriAG + DAE
+    full, replay = [], []
+    with torch.no_grad():
+        g = AttentionGraft(GraftConfig.paper(), layout, cache)
+        g.set_masks(ref, tgt)
+        g.set_token_indices([4])
+        with g.installed(tiny_unet):
+            for s in steps:
+                g.set_step(s, 50)
+                full.append(layout.split(tiny_unet(lat, 900 - 20 * s, encoder_hidden_states=emb).sample).targets)
+        assert len(cache) == 16 + 7 + 7 and cache.nbytes() > 0
+        rl = layout.for_replay()
+        g2 = AttentionGraft(GraftConfig.paper(), rl, cache)
+        g2.set_masks(ref, tgt)
+        g2.set_token_indices([4])
+        lt, et = layout.split(lat).targets, layout.split(emb).targets
+        with g2.installed(tiny_unet):
+            for s in steps:
+                g2.set_step(s, 50)
+                replay.append(tiny_unet(lt, 900 - 20 * s, encoder_hidden_states=et).sample)
+            for a, b in zip(full, replay):
+                torch.testing.assert_close(b, a, atol=ATOL, rtol=1e-5)
+            g2.set_step(8, 50)  # never recorded
+            with pytest.raises(RuntimeError, match="step 8"):
+                tiny_unet(lt, 500, encoder_hidden_states=et)
+            g2.set_step(1, 40)  # another schedule
+            with pytest.raises(RuntimeError, match="num_steps"):
+                tiny_unet(lt, 500, encoder_hidden_states=et)
+
+
+def test_graft_runs_on_head_dim_64_unet(tiny_unet_hd64):
+    layout = BranchLayout(2)
+    lat, emb = unet_inputs(layout, seed=5)
+    m = torch.zeros(64, 64)
+    m[8:30, 8:30] = 1
+    with torch.no_grad():
+        plain = tiny_unet_hd64(lat, 300, encoder_hidden_states=emb).sample
+        g = AttentionGraft(GraftConfig.paper(backend="torch"), layout)
+        g.set_masks(m, torch.stack([m, m.flip(0)]))
+        with g.installed(tiny_unet_hd64):
+            for s in (0, 30):
+                g.set_step(s, 50)
+                out = tiny_unet_hd64(lat, 300, encoder_hidden_states=emb).sample
+                assert torch.isfinite(out).all()
+                src = layout.reference_rows + layout.normal_rows
+                torch.testing.assert_close(out[src], plain[src], atol=ATOL, rtol=1e-5)
+                assert (out[layout.target_rows] - plain[layout.target_rows]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def test_mask_validation():
+    g = AttentionGraft(GraftConfig.paper(), BranchLayout(2))
+    ok = torch.zeros(2, 16, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="ref_mask"):
+        g.set_masks(torch.zeros(1, 16, 16), ok)
+    with pytest.raises(ValueError, match="target_masks"):
+        g.set_masks(torch.zeros(16, 16), torch.zeros(16, 16))
+    with pytest.raises(ValueError, match="2 targets"):
+        g.set_masks(torch.zeros(16, 16), torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match="target_masks"):
+        g.set_masks(torch.zeros(16, 16), torch.full((2, 16, 16), 2.0))
+    with pytest.raises(ValueError, match="ref_mask"):
+        g.set_masks(torch.full((16, 16), float("nan")), ok)
+    with pytest.raises(ValueError, match="ref_mask"):
+        g.set_masks(torch.full((16, 16), 255, dtype=torch.uint8), ok)
+    with pytest.raises(TypeError, match="ref_mask"):
+        g.set_masks(torch.zeros(16, 16, dtype=torch.complex64), ok)
+    with pytest.raises(TypeError, match="target_masks"):
+        g.set_masks(torch.zeros(16, 16), [[0, 1]])
+    with pytest.raises(ValueError, match="ref_mask"):
+        g.set_masks(torch.zeros(0, 16), ok)
+    g.set_masks(torch.zeros(16, 16).numpy(), ok.to(torch.uint8))  # numpy and 0/1 ints are fine
+
+
+def test_argument_validation():
+    with pytest.raises(TypeError, match="config"):
+        AttentionGraft({"fg_gain": 1.0}, BranchLayout(1))
+    with pytest.raises(TypeError, match="layout"):
+        AttentionGraft(GraftConfig.paper(), 3)
+    with pytest.raises(TypeError, match="source_cache"):
+        AttentionGraft(GraftConfig.paper(), BranchLayout(1), source_cache={})
+    with pytest.raises(ValueError, match="source_cache"):
+        AttentionGraft(GraftConfig.paper(), BranchLayout(1, include_sources=False))
+    g = AttentionGraft(GraftConfig.paper(), BranchLayout(1))
+    with pytest.raises(ValueError, match="step"):
+        g.set_step(50, 50)
+    with pytest.raises(ValueError, match="num_steps"):
+        g.set_step(0, 0)
+    with pytest.raises(ValueError, match="indices"):
+        g.set_token_indices("crack")
+    with pytest.raises(ValueError, match="indices"):
+        g.set_token_indices([-1])
+    g.set_token_indices(torch.tensor([3, 3, 1]))
+    assert g._tokens == (1, 3)
+
+
+def test_runtime_errors(tiny_unet):
+    layout = BranchLayout(1)
+    lat, emb = unet_inputs(layout)
+    m = torch.ones(64, 64)
+    g = AttentionGraft(GraftConfig.paper(), layout)
+    with torch.no_grad():
+        with g.installed(tiny_unet):
+            with pytest.raises(RuntimeError, match="set_step"):
+                tiny_unet(lat, 1, encoder_hidden_states=emb)
+            g.set_step(0, 50)
+            with pytest.raises(RuntimeError, match="set_masks"):
+                tiny_unet(lat, 1, encoder_hidden_states=emb)
+            g.set_masks(m, m[None])
+            with pytest.raises(RuntimeError, match="rows"):
+                tiny_unet(lat[:4], 1, encoder_hidden_states=emb[:4])
+            g.set_step(25, 50)
+            g.set_token_indices([77])
+            with pytest.raises(ValueError, match="token indices"):
+                tiny_unet(lat, 1, encoder_hidden_states=emb)
+            with pytest.raises(RuntimeError, match="already installed"):
+                with g.installed(tiny_unet):
+                    pass
+        assert not any(isinstance(p, GraftSelfAttnProcessor) for p in tiny_unet.attn_processors.values())
+        with pytest.raises(ValueError, match="graft_layers"):
+            with AttentionGraft(GraftConfig.paper(graft_layers=(16,)), layout).installed(tiny_unet):
+                pass
+        with pytest.raises(ValueError, match="graft_layer_names"):
+            with AttentionGraft(GraftConfig.paper(graft_layer_names=("up_blocks.9.attn1",)),
+                                layout).installed(tiny_unet):
+                pass
