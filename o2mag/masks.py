@@ -453,7 +453,9 @@ def affine_masks(ref_mask: Any, n: int | Sequence[int], *, foreground: Any = Non
             off = (iy < 0) | (iy >= h) | (ix < 0) | (ix >= w)
             near = np.zeros_like(off)
             near[~off] = frame[iy[~off], ix[~off]]
-            touch = float((off | near).mean())
+            # share of M_R's pixels mapped off the image or into the frame, and share of the
+            # drawn mask in the frame (they differ when enlarging adds pixels): the larger counts
+            touch = max(float((off | near).mean()), float((m & frame).sum()) / area)
             if touch > max_border_touch:
                 reasons["touching the image border"] = reasons.get("touching the image border", 0) + 1
                 continue

@@ -469,3 +469,52 @@ def test_remaining_argument_errors(tmp_path):
         M.resolve_foreground(None)
     with pytest.raises(TypeError, match="path"):
         M.folder_masks(None, (8, 8))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _rect(shape, y0, x0, hh, ww):
+    m = np.zeros(shape, bool)
+    m[y0:y0 + hh, x0:x0 + ww] = True
+    return m
+
+
+@settings(max_examples=40, deadline=None)
+@given(ry=st.integers(0, 40), rx=st.integers(0, 40), rh=st.integers(1, 20), rw=st.integers(1, 20),
+       fy=st.integers(0, 30), fx=st.integers(0, 30), fh=st.integers(1, 48), fw=st.integers(1, 48),
+       seed=st.integers(0, 2**31), touch=st.sampled_from([0.0, 0.1, 1.0]), inside=st.sampled_from([0.5, 1.0]))
+def test_affine_masks_invariants(ry, rx, rh, rw, fy, fx, fh, fw, seed, touch, inside):
+    shape = (48, 48)
+    ref, fg = _rect(shape, ry, rx, rh, rw), _rect(shape, fy, fx, fh, fw)
+    kw = dict(foreground=fg, seed=seed, max_border_touch=touch, min_inside=inside, max_tries=30)
+    try:
+        masks = M.affine_masks(ref, 3, **kw)
+    except InputError as exc:
+        assert "no valid placement" in str(exc) and "tries" in str(exc)
+        return
+    frame = M._border_frame(shape, M._frame_width(shape))
+    for tm in masks:
+        assert tm.mask.any() and not (tm.mask & ~fg).any()
+        assert tm.params["border_touch"] <= touch and tm.params["inside_foreground"] >= inside
+        if touch == 0.0:
+            assert not (tm.mask & frame).any()
+    again = M.affine_masks(ref, 3, **kw)
+    assert all((x.mask == y.mask).all() for x, y in zip(masks, again))
+
+
+@settings(max_examples=25, deadline=None)
+@given(fy=st.integers(0, 30), fx=st.integers(0, 30), fh=st.integers(1, 64), fw=st.integers(1, 64),
+       seed=st.integers(0, 2**31), lo=st.sampled_from([0.002, 0.01]), hi=st.sampled_from([0.05, 0.2]))
+def test_perlin_masks_invariants(fy, fx, fh, fw, seed, lo, hi):
+    shape = (64, 64)
+    fg = _rect(shape, fy, fx, fh, fw)
+    try:
+        masks = M.perlin_masks(shape, 2, foreground=fg, seed=seed, area=(lo, hi), max_tries=20)
+    except InputError as exc:
+        assert "foreground has" in str(exc) or "no valid mask" in str(exc)
+        return
+    for tm in masks:
+        assert lo * 64 * 64 <= tm.mask.sum() <= hi * 64 * 64
+        assert not (tm.mask & ~fg).any()
+        assert len(M._label(tm.mask, 8)[1]) == 2
