@@ -320,8 +320,8 @@ def foreground_mask(normal_image: Any, method: str = "otsu", *, min_fraction: fl
 def resolve_foreground(spec: Any, normal_image: Any = None,
                        shape: tuple[int, int] | None = None) -> np.ndarray:
     """Foreground from a user setting: ``None``/``"all"`` (all-ones), ``"otsu"`` (estimated from
-    ``normal_image``), a mask file path, or a mask array. ``shape`` (H, W) resizes a file mask;
-    defaults to the normal image's size."""
+    ``normal_image``), a mask file path, or a mask array. ``shape`` (H, W), default the normal
+    image's size: file and ``"otsu"`` masks are resized to it (nearest), arrays must match it."""
     if shape is None and normal_image is not None:
         shape = _as_rgb_array(normal_image).shape[:2]
     if spec is None or (isinstance(spec, str) and spec == "all"):
@@ -331,7 +331,11 @@ def resolve_foreground(spec: Any, normal_image: Any = None,
     if isinstance(spec, str) and spec == "otsu":
         if normal_image is None:
             raise ValueError("normal_image is needed for foreground='otsu'")
-        return foreground_mask(normal_image, "otsu")
+        fg = foreground_mask(normal_image, "otsu")
+        h, w = _check_shape("shape", shape)
+        if fg.shape != (h, w):
+            fg = np.asarray(Image.fromarray(fg.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+        return fg
     if isinstance(spec, (str, os.PathLike)):
         return load_mask(spec, shape)
     mask = to_mask(spec, "foreground")

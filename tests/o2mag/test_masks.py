@@ -119,6 +119,8 @@ def test_resolve_foreground_specs(tmp_path):
     assert M.resolve_foreground(None, arr).all()
     assert M.resolve_foreground("all", shape=(5, 6)).shape == (5, 6)
     assert (M.resolve_foreground("otsu", arr) == M.foreground_mask(arr)).all()
+    half = M.resolve_foreground("otsu", arr, (64, 64))
+    assert half.shape == (64, 64) and (half == M.foreground_mask(arr)[::2, ::2]).mean() > 0.97
     Image.fromarray(truth.astype(np.uint8) * 255).resize((64, 64), Image.NEAREST).save(tmp_path / "fg.png")
     from_file = M.resolve_foreground(tmp_path / "fg.png", arr)
     assert from_file.shape == truth.shape and (from_file & truth).sum() / (from_file | truth).sum() > 0.9
