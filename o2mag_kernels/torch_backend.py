@@ -98,12 +98,14 @@ def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem,
     if len(parts) == 1 and parts[0][0] is None:
         _, out, lse = parts[0]
     else:
-        out = q.new_zeros(B, H, Lq, D)
-        lse = q.new_zeros(B, H, Lq, dtype=out_dtype) if want_lse else None
+        # The two query sets partition the rows, so every row of the fresh buffer is written once
+        # (in place: no zero fill, no full clone per part; autograd flows to o and l).
+        out = q.new_empty(B, H, Lq, D)
+        lse = q.new_empty(B, H, Lq, dtype=out_dtype) if want_lse else None
         for qi, o, l in parts:
-            out = out.index_copy(2, qi, o)
+            out.index_copy_(2, qi, o)
             if want_lse:
-                lse = lse.index_copy(2, qi, l)
+                lse.index_copy_(2, qi, l)
     return out, (lse.to(out_dtype) if want_lse else None)
 
 
