@@ -260,7 +260,8 @@ def _sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
-def _spatial(call: _Call, length: int) -> Optional[Tuple[int, int]]:
+def _spatial(call: _Call) -> Optional[Tuple[int, int]]:
+    """The (h, w) token grid when the input was 4-D; else None (inferred from the token count)."""
     return None if call.shape4 is None else (call.shape4[2], call.shape4[3])
 
 
@@ -281,7 +282,7 @@ class GraftSelfAttnProcessor:
                 raise RuntimeError(f"{self.name}: grafting does not support an attention_mask on "
                                    "self-attention")
             out = self.graft._self_graft(mode, self.name, call.q, call.k, call.v,
-                                         _spatial(call, call.q.shape[2]))
+                                         _spatial(call))
         return _epilogue(attn, call, out)
 
 
@@ -297,7 +298,7 @@ class GraftCrossAttnProcessor:
         call = _prelude(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         out = _sdpa(call.q, call.k, call.v, call.attention_mask)
         if encoder_hidden_states is not None and self.graft._dae_on(self.index):
-            self.graft._dae(call, out, _spatial(call, call.q.shape[2]))
+            self.graft._dae(call, out, _spatial(call))
         return _epilogue(attn, call, out)
 
 
@@ -462,29 +463,31 @@ class AttentionGraft:
         gain = plan.fg_gain if (mode == "graft" or cfg.fg_gain_in_qgraft) else 1.0
         keys = SOURCE_KEYS + (QGRAFT_KEYS if mode == "qgraft" else ())
         out = q.new_empty(B, H, L, D)
+        halves = range(lay.num_halves)
         if lay.include_sources:
-            src = {}
-            for h in range(lay.num_halves):
+            # per half: views of the reference / normal rows (no copies of K/V)
+            views = []
+            for h in halves:
                 sl = lay.source_slice(h)
                 out[sl] = _sdpa(q[sl], k[sl], v[sl])
-            r, n = lay.reference_rows, lay.normal_rows
-            src = {"k_ref": k[r], "v_ref": v[r], "k_norm": k[n], "v_norm": v[n]}
-            if mode == "qgraft":
-                src.update(q_ref=q[r], q_norm=q[n])
+                r, n = sl.start, sl.start + 1
+                views.append({"k_ref": k[r:r + 1], "v_ref": v[r:r + 1], "k_norm": k[n:n + 1],
+                              "v_norm": v[n:n + 1], "q_ref": q[r:r + 1], "q_norm": q[n:n + 1]})
             if self.source_cache is not None:
-                self.source_cache.record(plan.step, name, src, plan.num_steps, lay.num_halves)
+                self.source_cache.record(plan.step, name, {key: torch.cat([vw[key] for vw in views])
+                                                           for key in keys}, plan.num_steps, lay.num_halves)
         else:
             src = self.source_cache.fetch(plan.step, name, plan.num_steps, lay.num_halves, keys,
                                           q.device, q.dtype)
-        for h in range(lay.num_halves):
-            tsl = lay.target_slice(h)
-            one = slice(h, h + 1)
+            views = [{key: t[h:h + 1] for key, t in src.items()} for h in halves]
+        for h in halves:
+            tsl, sv = lay.target_slice(h), views[h]
             if mode == "qgraft":
-                qt = torch.where(masks.qsel[:, None, :, None], src["q_ref"][one], src["q_norm"][one])
+                qt = torch.where(masks.qsel[:, None, :, None], sv["q_ref"], sv["q_norm"])
             else:
                 qt = q[tsl]
             out[tsl] = tri_source_attention(
-                qt, src["k_ref"][one], src["v_ref"][one], src["k_norm"][one], src["v_norm"][one],
+                qt, sv["k_ref"], sv["v_ref"], sv["k_norm"], sv["v_norm"],
                 masks.query, masks.fg, masks.bg, fg_gain=gain, backend=cfg.backend)
         return out
 

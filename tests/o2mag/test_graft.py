@@ -505,3 +505,20 @@ def test_runtime_errors(tiny_unet):
             with AttentionGraft(GraftConfig.paper(graft_layer_names=("up_blocks.9.attn1",)),
                                 layout).installed(tiny_unet):
                 pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rows_track_float32(dtype):
+    gen = torch.Generator().manual_seed(8)
+    layout = BranchLayout(2)
+    torch.manual_seed(5)
+    attn = Attention(query_dim=32, heads=2, dim_head=40).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    ref, tgt = random_masks(2, 8, gen)
+    g = make_graft(GraftConfig.paper(backend="torch"), layout, step=30, ref=ref, targets=tgt)
+    proc = GraftSelfAttnProcessor(g, 12, "x.processor")
+    with torch.no_grad():
+        full = proc(attn, x)
+        low = proc(attn.to(dtype), x.to(dtype))
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), full, atol=3e-2, rtol=3e-2)
