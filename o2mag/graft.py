@@ -9,6 +9,12 @@ processor has nothing to do it computes exactly what diffusers' ``AttnProcessor2
 
 What is active where and when lives in :class:`o2mag.GraftConfig`; the batch order lives in
 :class:`o2mag.BranchLayout`; per-resolution mask pyramids are built once and cached here.
+
+One-to-more with a :class:`SourceCache`: run the first batch with
+``BranchLayout(n, include_sources=True)`` and ``AttentionGraft(cfg, layout, cache)`` -- the
+processors record the reference/normal K/V (and Q in the Q-graft phase) wherever grafting is
+active; run later batches with ``layout.for_replay(m)`` (target rows only) and the same cache,
+config and number of steps -- the processors read the sources back instead of recomputing them.
 """
 from __future__ import annotations
 
@@ -395,7 +401,7 @@ class AttentionGraft:
             if info.cross_name is not None:
                 procs[info.cross_name] = GraftCrossAttnProcessor(self, info.index, info.cross_name)
         unet.set_attn_processor(procs)
-        self._unet, self._plan = unet, None
+        self._unet = unet
         try:
             yield self
         finally:
