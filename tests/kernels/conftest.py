@@ -85,8 +85,8 @@ def _source(gen, batch, H, L, D, dtype, strided, expand_to, magnitude):
     """A (batch, H, L, D) tensor; ``strided`` makes it a transposed (batch, L, H*D) view and
     ``expand_to`` makes a size-1 source a stride-0 expansion to that batch."""
     base = torch.randn(batch, L, H * D, generator=gen, dtype=torch.float64) * magnitude
-    x = base.to(dtype)
-    x = x.view(batch, L, H, D).transpose(1, 2) if strided else x.view(batch, L, H, D).transpose(1, 2).contiguous()
+    x = base.to(dtype).view(batch, L, H, D).transpose(1, 2)
+    x = x if strided else x.contiguous()
     if expand_to is not None and batch == 1:
         x = x.expand(expand_to, -1, -1, -1)
     return x
