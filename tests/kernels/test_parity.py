@@ -307,3 +307,16 @@ def test_empty_foreground_source_and_empty_query_set(backend, make_case, formula
 def test_auto_on_cpu_is_the_torch_backend(make_case):
     case = make_case(B=2, H=2, Lq=77, Lf=64, Lb=63, D=40)
     assert torch.equal(tri_source_attention(*case.args), tri_source_attention(*case.args, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_low_precision_bound_is_not_vacuous(dtype, make_case, formula, lowp_bound):
+    """The fp16/bf16 bound is small enough to catch a real mistake: a result computed with the
+    wrong foreground gain (rounded to the dtype) falls outside it."""
+    case = make_case(B=2, H=2, Lq=77, Lf=64, Lb=63, D=40, dtype=dtype, seed=12, q_density=0.5)
+    exact, _ = formula(*case.args, fg_gain=1 / 0.7)
+    bound = lowp_bound(case, exact, fg_gain=1 / 0.7)
+    wrong, _ = formula(*case.args, fg_gain=1.0)
+    assert 0 < bound < max_abs_err(wrong.to(dtype), exact)
+    with pytest.raises(ValueError):
+        lowp_bound(case.to(torch.float32), exact)
