@@ -115,7 +115,7 @@ def torch_attention(
 ):
     B, Lq = problem.B, problem.Lq
     if Lq == 0:
-        out = q.new_empty(q.shape)
+        out = q.clone()  # empty; a clone (not new_empty) keeps the result in q's autograd graph
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
     fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)

@@ -120,3 +120,13 @@ def test_auto_with_grad_is_differentiable(make_case):
     xs = _grad_inputs(case)
     tri_source_attention(*xs, *case.args[5:]).square().sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_backward_through_an_empty_query_set(backend):
+    """Lq = 0 returns an empty result that is still part of the graph (backward does not fail)."""
+    xs = [torch.randn(2, 2, 0, 4, requires_grad=True)]
+    xs += [torch.randn(2, 2, 3, 4, requires_grad=True) for _ in range(4)]
+    out = tri_source_attention(*xs, torch.ones(2, 0, dtype=torch.bool), backend=backend)
+    out.sum().backward()
+    assert xs[0].grad is not None and xs[0].grad.shape == (2, 2, 0, 4)
