@@ -320,3 +320,20 @@ def test_low_precision_bound_is_not_vacuous(dtype, make_case, formula, lowp_boun
     assert 0 < bound < max_abs_err(wrong.to(dtype), exact)
     with pytest.raises(ValueError):
         lowp_bound(case.to(torch.float32), exact)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("name", ["d40-odd-lengths", "d160-scale", "b4-mixed-broadcast", "strided-shared",
+                                  "l1024-sparse", "large-q"])
+def test_cpu_backends_on_cuda_tensors(name, dtype, make_case, formula, lowp_bound):
+    """The torch (and reference) backends on CUDA tensors, where SDPA picks GPU kernels."""
+    spec, op = CASES[name]
+    cpu = make_case(dtype=dtype, seed=21, **spec)
+    case = cpu.with_tensors(*(t.cuda() for t in cpu.tensors))
+    case = type(case)(*case.args[:5], *(None if m is None else m.cuda() for m in case.args[5:]))
+    if dtype == torch.float32:
+        check_tight(case, formula, **op)
+    else:
+        check_low_precision(case, formula, lowp_bound, **op)
