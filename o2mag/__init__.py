@@ -26,3 +26,7 @@ def __dir__():
 
 
 __all__ = sorted(_LAZY)
+
+# The pipeline (issue 5), also lazy: importing it pulls in diffusers.
+_LAZY.update(O2MAGPipeline="o2mag.pipeline", PipelineStats="o2mag.pipeline")
+__all__ = sorted(_LAZY)

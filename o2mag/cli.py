@@ -1,0 +1,390 @@
+"""The ``o2mag`` command: generate many anomalies from one reference defect.
+
+Input problems (missing file, unreadable image, bad mask, impossible option, model folder that is
+not a diffusers pipeline) end with a one-line message and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .errors import InputError, MissingInputError
+
+EMBEDDED_STEPS = 10
+EMBEDDED_AGO_STEPS = 20
+PAPER_STEPS = 50
+PAPER_AGO_STEPS = 500
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+EMBEDDED_NOTE = (
+    "o2mag: no --model given, so this run uses the EMBEDDED DEFAULT: a tiny randomly initialised "
+    "model and a built-in brushed-metal sample.\n"
+    "       It demonstrates the machinery (inversion, AGO, tri-branch grafting, one-to-more batching, "
+    "output tree), NOT image quality.\n"
+    "       For real defects point it at Stable Diffusion v1.5 weights: "
+    "--model /path/to/stable-diffusion-v1-5 (a local diffusers folder) or a hub id such as "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5."
+)
+
+
+class UsageError(InputError):
+    """An impossible combination or value of options."""
+
+
+def _positive_int(name: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(name: str, minimum: float, strict: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with code 2 and one line (its default), kept for sub-commands too."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="o2mag", description="Training-free one-to-more anomaly generation (O2MAG) on a frozen "
+                                          "Stable Diffusion: one reference defect -> many new defects.")
+    p.add_argument("--version", action="version", version=f"o2mag {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    g = sub.add_parser(
+        "generate",
+        help="generate N anomaly images (and masks) from one reference defect and normal image(s)",
+        description="Generate --num anomaly images at new target masks from ONE reference anomaly image "
+                    "(--ref, --ref-mask) and normal image(s) (--normal). Inversion and AGO run once; the "
+                    "targets are denoised in batches that share one reference and one normal branch. "
+                    "With no --model and no inputs it runs the embedded demo (tiny random model).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = g.add_argument_group("inputs (give --ref/--ref-mask/--normal, or --mvtec-root/--category/--defect, "
+                               "or nothing for the embedded sample)")
+    src.add_argument("--ref", metavar="IMG", help="reference anomaly image (the defect to copy)")
+    src.add_argument("--ref-mask", metavar="MASK", help="binary mask of the defect in --ref (same size as --ref)")
+    src.add_argument("--normal", metavar="IMG|DIR",
+                     help="normal (defect-free) image, or a folder of them (see --num-normals)")
+    src.add_argument("--num-normals", type=_positive_int("--num-normals", 1), default=1,
+                     help="how many normal images of a folder (or of MVTec train/good) to use, first ones in "
+                          "name order; sample i uses normal i mod count. Each normal image costs one inversion, "
+                          "and targets sharing a normal share its branch")
+    src.add_argument("--mvtec-root", metavar="ROOT",
+                     help="MVTec-AD root: reference and mask from <category>/test/<defect> and "
+                          "<category>/ground_truth/<defect>, normals from <category>/train/good")
+    src.add_argument("--category", help="MVTec category (with --mvtec-root); also names the output folder")
+    src.add_argument("--defect", help="MVTec defect type (with --mvtec-root); also names the output folder")
+    src.add_argument("--ref-index", type=_positive_int("--ref-index", 0), default=0,
+                     help="which anomaly image of the MVTec defect folder (sorted) is the reference")
+    out = g.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default="o2mag-out",
+                     help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png + manifest.jsonl")
+    out.add_argument("--num", type=_positive_int("--num", 1), default=8,
+                     help="total number of samples wanted in the output folder (a rerun makes only the missing ones)")
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="overwrite", action="store_false",
+                      help="keep complete samples and generate only missing ones (default)")
+    mode.add_argument("--overwrite", dest="overwrite", action="store_true",
+                      help="regenerate and replace samples 0..num-1 even if they exist")
+    g.set_defaults(overwrite=False)
+    out.add_argument("--cache-dir", metavar="DIR",
+                     help="where AGO embeddings (and inversions) are cached (default <out>/.o2mag-cache)")
+    model = g.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_ID",
+                       help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo model)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto = cuda when available)")
+    model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="model precision (auto = fp16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    model.add_argument("--size", type=_positive_int("--size", 8), default=None,
+                       help="working image side in pixels, multiple of 8 (default: the model's native size)")
+    text = g.add_argument_group("prompt")
+    text.add_argument("--prompt", help="prompt describing the defect (default: 'a photo of a <defect> on a <category>')")
+    text.add_argument("--anomaly-word", help="word of the prompt whose cross-attention DAE amplifies "
+                                             "(default: the defect name, else the prompt's last word)")
+    masks = g.add_argument_group("target masks")
+    masks.add_argument("--mask-mode", choices=("affine", "perlin", "folder"), default=None,
+                       help="affine: random rotated/scaled/flipped copies of the reference mask on the object; "
+                            "perlin: Perlin-noise blobs; folder: masks from --masks (default affine, or folder "
+                            "when --masks is given)")
+    masks.add_argument("--masks", metavar="DIR", help="folder of target masks, resized to the working size "
+                                                      "(sample i uses file i mod count, in name order)")
+    masks.add_argument("--foreground", metavar="MASK|otsu|all", default="otsu",
+                       help="where target masks may go: a mask file, 'otsu' (estimated from the normal image, "
+                            "falls back to the whole image) or 'all'")
+    masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+                       help="base seed: mask i uses seed (seed, i); AGO uses seed")
+    gen = g.add_argument_group("generation")
+    gen.add_argument("--steps", type=_positive_int("--steps", 2), default=None,
+                     help=f"DDIM steps (default {PAPER_STEPS}; {EMBEDDED_STEPS} in the embedded demo)")
+    gen.add_argument("--guidance", type=_float("--guidance", 0.0), default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--batch-size", type=_positive_int("--batch-size", 1), default=4,
+                     help="targets per UNet batch (each batch adds one reference and one normal branch)")
+    gen.add_argument("--ago-steps", type=_positive_int("--ago-steps", 0), default=None,
+                     help=f"AGO Adam steps, 0 = off (default {PAPER_AGO_STEPS}; {EMBEDDED_AGO_STEPS} in the demo)")
+    gen.add_argument("--ago-lr", type=_float("--ago-lr", 0.0, strict=True), default=3e-3, help="AGO learning rate")
+    gen.add_argument("--ago-mask-weight", action="store_true",
+                     help="weight the AGO loss by the dilated reference mask (focus on the defect)")
+    gen.add_argument("--kv-cache", action="store_true",
+                     help="record the reference/normal branches' keys/values on the first batch and run only "
+                          "target rows afterwards (same images, fewer UNet rows, more memory)")
+    gen.add_argument("--no-blend", dest="blend", action="store_false",
+                     help="do not reset the background (outside the target mask) to the normal image each step")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _images_in(folder: Path) -> List[Path]:
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"--normal folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _device_dtype(args):
+    import torch
+
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r}: only cpu and cuda are supported")
+    name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 needs CUDA; on the CPU use --dtype fp32 (default) or bf16")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return device, dtype, name
+
+
+def _inputs(args):
+    """Read and check the inputs at their own resolution (before any model is loaded).
+
+    -> dict(reference PIL, ref_mask bool array, normals [(name, PIL)], category, defect, prompt,
+    word, source); the embedded sample is made later, at the model's size.
+    """
+    from .masks import load_image, load_mask
+
+    given = [n for n in ("ref", "ref_mask", "normal") if getattr(args, n)]
+    if args.mvtec_root:
+        if given:
+            raise UsageError("--mvtec-root picks the reference, mask and normal images; do not also give "
+                             + ", ".join("--" + n.replace("_", "-") for n in given))
+        if not args.category or not args.defect:
+            raise UsageError("--mvtec-root needs --category and --defect")
+        from .mvtec import mvtec_inputs
+
+        ref_path, mask_path, normal_paths = mvtec_inputs(args.mvtec_root, args.category, args.defect,
+                                                         ref_index=args.ref_index)
+        category, defect, source = args.category, args.defect, "mvtec"
+    elif given:
+        if len(given) < 3:
+            missing = [n for n in ("ref", "ref_mask", "normal") if n not in given]
+            raise UsageError("--ref, --ref-mask and --normal go together; missing: "
+                             + ", ".join("--" + n.replace("_", "-") for n in missing))
+        ref_path, mask_path = Path(args.ref), Path(args.ref_mask)
+        normal = Path(args.normal)
+        if not normal.exists():
+            raise MissingInputError(f"--normal not found: {normal}")
+        normal_paths = _images_in(normal) if normal.is_dir() else [normal]
+        category = args.category or "custom"
+        defect = args.defect or "defect"
+        source = "files"
+    else:
+        from .sample import Sample
+
+        return dict(source="embedded", category=args.category or Sample.category,
+                    defect=args.defect or Sample.defect)
+    try:
+        reference = load_image(ref_path)
+    except InputError as e:
+        raise type(e)(f"--ref: {e}") from None
+    try:
+        ref_mask = load_mask(mask_path, (reference.height, reference.width), resize=False)
+    except InputError as e:
+        raise type(e)(f"--ref-mask: {e}") from None
+    normals = []
+    for p in list(normal_paths)[: args.num_normals]:
+        try:
+            normals.append((str(p), load_image(p)))
+        except InputError as e:
+            raise type(e)(f"--normal: {e}") from None
+    return dict(reference=reference, ref_mask=ref_mask, normals=normals, category=category, defect=defect,
+                prompt=None, word=None, source=source, ref_path=str(ref_path), mask_path=str(mask_path))
+
+
+def _fit(inputs, size: int):
+    """Bring the inputs to the working size (and make the embedded sample at that size)."""
+    if inputs["source"] == "embedded":
+        from .sample import embedded_sample
+
+        s = embedded_sample(size)
+        inputs.update(reference=s.reference, ref_mask=s.ref_mask, normals=[("embedded:normal", s.normal)],
+                      prompt=s.prompt, word=s.anomaly_word)
+    inputs["reference"] = inputs["reference"].convert("RGB").resize((size, size), 3)
+    inputs["ref_mask"] = load_mask_array(inputs["ref_mask"], size)
+    inputs["normals"] = [(n, im.convert("RGB").resize((size, size), 3)) for n, im in inputs["normals"]]
+    return inputs
+
+
+def load_mask_array(mask, size: int):
+    """Bool mask resized (nearest) to the working size; an empty result is an input error."""
+    import numpy as np
+    from PIL import Image
+
+    from .masks import to_mask
+
+    m = to_mask(mask, "ref_mask")
+    if m.shape != (size, size):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    if not m.any():
+        raise InputError("--ref-mask is empty (no defect pixel) at the working size")
+    return m
+
+
+def _target_masks(args, mode: str, ref_mask, normal_image, indices: Sequence[int], size: int):
+    from .masks import resolve_foreground, target_masks
+
+    if mode == "folder":
+        return target_masks("folder", list(indices), shape=(size, size), folder=args.masks)
+    fg = resolve_foreground(args.foreground, normal_image, (size, size))
+    return target_masks(mode, list(indices), ref_mask=ref_mask, shape=(size, size), foreground=fg, seed=args.seed)
+
+
+def _generate(args) -> int:
+    import numpy as np
+    import torch
+
+    from .pipeline import O2MAGPipeline
+    from .store import OutputStore
+
+    embedded = args.model is None
+    if args.masks and args.mask_mode not in (None, "folder"):
+        raise UsageError(f"--masks gives the target masks; it cannot be used with --mask-mode {args.mask_mode}")
+    mode = args.mask_mode or ("folder" if args.masks else "affine")
+    if mode == "folder":
+        if not args.masks:
+            raise UsageError("--mask-mode folder needs --masks DIR")
+        if not Path(args.masks).is_dir():
+            raise MissingInputError(f"--masks folder not found: {args.masks}")
+    if args.foreground not in ("otsu", "all") and not Path(args.foreground).is_file():
+        raise MissingInputError(f"--foreground mask not found: {args.foreground}")
+    device, dtype, dtype_name = _device_dtype(args)
+    inputs = _inputs(args)
+    steps = args.steps or (EMBEDDED_STEPS if embedded else PAPER_STEPS)
+    ago_steps = args.ago_steps if args.ago_steps is not None else (EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS)
+
+    t0 = time.perf_counter()
+    if embedded:
+        print(EMBEDDED_NOTE, file=sys.stderr)
+        pipe = O2MAGPipeline.tiny(0)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        pipe = O2MAGPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.progress = not args.quiet
+    size = args.size or pipe.default_size
+    if size % pipe.vae_scale_factor:
+        raise UsageError(f"--size must be a multiple of {pipe.vae_scale_factor}, got {size}")
+    inputs = _fit(inputs, size)
+    prompt = args.prompt or inputs["prompt"]
+    if not prompt:
+        prompt = f"a photo of a {inputs['defect'].replace('_', ' ')} on a {inputs['category'].replace('_', ' ')}"
+    word = args.anomaly_word or inputs["word"]
+    if not word:
+        cand = inputs["defect"].replace("_", " ").split()[-1]
+        word = cand if cand in prompt.split() else prompt.split()[-1]
+    from .pipeline import token_indices
+
+    token_indices(pipe.tokenizer, prompt, word)  # fail early if the word is not in the prompt
+    pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
+
+    settings = dict(
+        model=pipe.model_id, source=inputs["source"], reference=inputs.get("ref_path", "embedded"),
+        ref_mask=inputs.get("mask_path", "embedded"), normals=[n for n, _ in inputs["normals"]],
+        prompt=prompt, anomaly_word=word, steps=steps, guidance=args.guidance, ago_steps=ago_steps,
+        ago_lr=args.ago_lr, ago_mask_weight=args.ago_mask_weight, size=size, dtype=dtype_name,
+        blend_background=args.blend, mask_mode=mode, foreground=args.foreground,
+        masks=str(args.masks) if mode == "folder" else None, seed=args.seed, graft="paper",
+    )
+    store = OutputStore(args.out, inputs["category"], inputs["defect"], overwrite=args.overwrite, settings=settings)
+    todo = store.missing_indices(args.num)
+    have = args.num - len(todo)
+    print(f"o2mag: {store.dir}: {have} of {args.num} samples present, generating {len(todo)}", file=sys.stderr)
+    if not todo:
+        return 0
+    normals = inputs["normals"]
+    groups = {}
+    for i in todo:
+        groups.setdefault(i % len(normals), []).append(i)
+    made = 0
+    for g, indices in sorted(groups.items()):
+        name, normal = normals[g]
+        targets = _target_masks(args, mode, inputs["ref_mask"], np.asarray(normal), indices, size)
+        for j, image, mask in pipe.generate_iter(
+            inputs["reference"], inputs["ref_mask"], normal, [t.mask for t in targets], prompt, word,
+            num_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size, seed=args.seed,
+            kv_cache=args.kv_cache, blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
+            ago_mask_weight=args.ago_mask_weight, size=size,
+        ):
+            store.write(indices[j], image, np.asarray(mask) > 127,
+                        {"seed": [args.seed, indices[j]], "normal": name, "mask_params": targets[j].params})
+            made += 1
+    dt = time.perf_counter() - t0
+    s = pipe.stats
+    print(f"o2mag: wrote {made} samples to {store.dir} in {dt:.1f} s (UNet calls {s.unet_calls}, rows "
+          f"{s.unet_rows}; inversions {s.inversion_runs}, AGO runs {s.ago_runs})", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (argparse printed it; code 2)
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _generate(args)
+    except InputError as e:
+        print(f"o2mag: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("o2mag: interrupted; complete samples are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

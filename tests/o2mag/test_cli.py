@@ -1,0 +1,170 @@
+"""The ``o2mag`` command: embedded default, output tree, resume/overwrite, and clean input errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from o2mag.cli import main
+
+FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
+
+
+def _lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_embedded_default_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "o2mag-out"
+    assert main(["generate", "--out", str(out), "--quiet"]) == 0  # the documented default
+    err = capsys.readouterr().err
+    assert "EMBEDDED DEFAULT" in err and "stable-diffusion-v1-5" in err
+    d = out / "synthetic_surface" / "scratch"
+    images = sorted((d / "image").glob("*.png"))
+    assert [p.name for p in images] == [f"{i:03d}.png" for i in range(8)]
+    assert len(list((d / "mask").glob("*.png"))) == 8
+    rec = _lines(d / "manifest.jsonl")
+    assert [r["index"] for r in rec] == list(range(8))
+    r0 = rec[0]
+    assert r0["settings"]["steps"] == 10 and r0["settings"]["ago_steps"] == 20
+    assert r0["settings"]["model"] == "o2mag-tiny-seed0" and r0["seed"] == [0, 0]
+    assert r0["mask_params"]["kind"] == "affine" and "torch" in r0["versions"]
+    img = Image.open(images[0])
+    assert img.size == (128, 128) and img.mode == "RGB"
+    m = np.asarray(Image.open(d / "mask" / "000.png"))
+    assert m.any() and set(np.unique(m)) <= {0, 255}
+    assert len(list((out / ".o2mag-cache" / "embeddings").glob("*.pt"))) == 1
+    before = {p.name: p.read_bytes() for p in images}
+
+    # rerun: nothing missing, nothing rewritten
+    assert main(["generate", "--out", str(out), "--quiet"]) == 0
+    assert "8 of 8 samples present, generating 0" in capsys.readouterr().err
+    assert len(_lines(d / "manifest.jsonl")) == 8
+
+    # --num grows: only the new indices are made; the old files are untouched; a fresh run of the
+    # same settings would have made the same sample 8 (per-index mask seeds)
+    assert main(["generate", "--out", str(out), "--num", "10", "--quiet"]) == 0
+    assert "8 of 10 samples present, generating 2" in capsys.readouterr().err
+    assert all((d / "image" / n).read_bytes() == b for n, b in before.items())
+    assert [r["index"] for r in _lines(d / "manifest.jsonl")] == list(range(10))
+
+    # other settings without --overwrite: refused (exit 2, no traceback), nothing written
+    assert main(["generate", "--out", str(out), "--steps", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--overwrite" in err and "Traceback" not in err
+    assert len(_lines(d / "manifest.jsonl")) == 10
+
+    # --overwrite replaces exactly the indices asked for
+    assert main(["generate", "--out", str(out), "--num", "1", "--overwrite", *FAST]) == 0
+    rec = _lines(d / "manifest.jsonl")
+    assert rec[-1]["index"] == 0 and rec[-1]["settings"]["steps"] == 2
+    assert (d / "image" / "001.png").read_bytes() == before["001.png"]
+
+
+def test_help_via_console_script():
+    r = subprocess.run([sys.executable, "-m", "o2mag.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "generate" in r.stdout
+    from shutil import which
+
+    exe = which("o2mag")
+    if exe is not None:  # the installed console script (pip install -e . declares it)
+        r = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0
+        for opt in ("--ref", "--ref-mask", "--normal", "--num", "--out", "--model", "--mvtec-root", "--kv-cache",
+                    "--no-blend", "--overwrite", "--mask-mode", "--foreground", "--dtype", "--ago-steps"):
+            assert opt in r.stdout
+
+
+@pytest.fixture()
+def files(tmp_path):
+    rng = np.random.RandomState(0)
+    img = (rng.rand(96, 96, 3) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "ref.png")
+    Image.fromarray(np.roll(img, 5, axis=0)).save(tmp_path / "normal.png")
+    m = np.zeros((96, 96), np.uint8)
+    m[30:50, 40:60] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(m[:64, :64]).save(tmp_path / "small_mask.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.roll(m, 20, axis=1)).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "notamodel").mkdir()
+    return tmp_path
+
+
+def test_user_files_with_kv_cache_and_folder_masks(files, capsys):
+    out = files / "out"
+    args = ["generate", "--ref", str(files / "ref.png"), "--ref-mask", str(files / "mask.png"),
+            "--normal", str(files / "normal.png"), "--out", str(out), "--num", "3", "--batch-size", "2",
+            "--prompt", "a photo of a crack", "--category", "thing", "--defect", "crack", *FAST]
+    assert main(args + ["--kv-cache", "--masks", str(files / "masks")]) == 0
+    d = out / "thing" / "crack"
+    rec = _lines(d / "manifest.jsonl")
+    assert len(rec) == 3 and rec[0]["settings"]["anomaly_word"] == "crack"
+    assert rec[0]["mask_params"]["kind"] == "file" and rec[0]["settings"]["mask_mode"] == "folder"
+    m = np.asarray(Image.open(d / "mask" / "002.png")) > 127
+    assert m.shape == (128, 128) and m.any()  # folder mask reused in turn, at the working size
+
+
+def _error(argv, capsys, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_input_errors(files, capsys):
+    f = files
+    base = ["generate", "--out", str(f / "out"), *FAST]
+    good = ["--ref", str(f / "ref.png"), "--ref-mask", str(f / "mask.png"), "--normal", str(f / "normal.png")]
+    _error(base + ["--ref", str(f / "nope.png"), "--ref-mask", str(f / "mask.png"), "--normal", str(f / "normal.png")],
+           capsys, "not found", "nope.png")
+    _error(base + ["--ref", str(f / "broken.png"), "--ref-mask", str(f / "mask.png"),
+                   "--normal", str(f / "normal.png")], capsys, "cannot read", "broken.png")
+    _error(base + ["--ref", str(f / "ref.png"), "--ref-mask", str(f / "small_mask.png"),
+                   "--normal", str(f / "normal.png")], capsys, "--ref-mask", "64x64")
+    _error(base + ["--ref", str(f / "ref.png"), "--ref-mask", str(f / "empty.png"),
+                   "--normal", str(f / "normal.png")], capsys, "empty")
+    _error(base + ["--ref", str(f / "ref.png"), "--ref-mask", str(f / "mask.png"),
+                   "--normal", str(f / "missing_dir")], capsys, "--normal not found")
+    _error(base + ["--ref", str(f / "ref.png")], capsys, "go together", "--ref-mask", "--normal")
+    _error(base + good + ["--model", str(f / "notamodel")], capsys, "not a diffusers pipeline")
+    _error(base + good + ["--masks", str(f / "no_masks_here")], capsys, "--masks folder not found")
+    _error(base + good + ["--masks", str(f / "masks"), "--mask-mode", "perlin"], capsys, "--masks")
+    _error(base + good + ["--mask-mode", "folder"], capsys, "needs --masks")
+    _error(base + good + ["--foreground", str(f / "nofg.png")], capsys, "--foreground")
+    _error(base + good + ["--prompt", "a photo of a dent", "--anomaly-word", "crack"], capsys, "does not occur")
+    _error(base + good + ["--device", "cpu", "--dtype", "fp16"], capsys, "fp16 needs CUDA")
+    _error(base + ["--mvtec-root", str(f / "no_mvtec"), "--category", "bottle", "--defect", "crack"], capsys,
+           "not found")
+    _error(base + ["--mvtec-root", str(f)], capsys, "--category and --defect")
+    _error(base + good + ["--mvtec-root", str(f), "--category", "a", "--defect", "b"], capsys, "do not also give")
+    if not torch.cuda.is_available():
+        _error(base + good + ["--device", "cuda"], capsys, "CUDA is not available")
+    assert not (f / "out").exists() or not any((f / "out").rglob("*.png"))  # nothing was generated
+
+
+@pytest.mark.parametrize("opt,value,needle", [
+    ("--num", "0", "--num must be >= 1"),
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--steps", "1", "--steps must be >= 2"),
+    ("--ago-steps", "-1", "--ago-steps must be >= 0"),
+    ("--ago-lr", "0", "--ago-lr must be > 0"),
+    ("--guidance", "nan", "--guidance must be >= 0"),
+    ("--num", "many", "--num must be an integer"),
+    ("--dtype", "fp64", "invalid choice"),
+])
+def test_impossible_options(opt, value, needle, tmp_path, capsys):
+    _error(["generate", "--out", str(tmp_path), opt, value], capsys, needle)
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "generate" in capsys.readouterr().out
