@@ -174,9 +174,11 @@ class O2MAGPipeline(DiffusionPipeline):
         super().__init__()
         if not isinstance(scheduler, DDIMScheduler):
             scheduler = DDIMScheduler.from_config(scheduler.config)
-        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
         vcfg = self.vae.config
-        blocks = getattr(vcfg, "block_out_channels", None) or getattr(vcfg, "decoder_block_out_channels", None)
+        blocks = getattr(vcfg, "block_out_channels", None)
+        blocks = blocks or getattr(vcfg, "decoder_block_out_channels", None)
         self.vae_scale_factor = 2 ** (len(blocks) - 1) if blocks else 8
         self.stats = PipelineStats()
         self.cache_dir: Optional[str] = None
@@ -282,10 +284,12 @@ class O2MAGPipeline(DiffusionPipeline):
             return None
         return os.path.join(self.cache_dir, kind, f"{key}.pt")
 
-    def invert(self, image: np.ndarray, num_steps: int, *, use_cache: bool = True, cache_to_disk: bool = False,
+    def invert(self, image: np.ndarray, num_steps: int, *, use_cache: bool = True,
+               cache_to_disk: bool = False,
                desc: str = "DDIM inversion") -> Inversion:
         """DDIM-invert a uint8 (H, W, 3) image with the empty prompt; cached by content + settings."""
-        key = _sha("inversion", image, self._identity(), num_steps, str(self.unet.dtype), dict(self.scheduler.config))
+        key = _sha("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
+                   dict(self.scheduler.config))
         if use_cache and key in self._inversions:
             self.stats.inversion_cache_hits += 1
             return self._inversions[key].to(self.device)
@@ -339,7 +343,8 @@ class O2MAGPipeline(DiffusionPipeline):
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = path + ".tmp"
-                torch.save({"embedding": emb.cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed}, tmp)
+                record = {"embedding": emb.cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed}
+                torch.save(record, tmp)
                 os.replace(tmp, path)
         self._embeddings[key] = emb
         return emb
@@ -366,7 +371,9 @@ class O2MAGPipeline(DiffusionPipeline):
 
     def _targets(self, target_masks, size) -> List[np.ndarray]:
         if isinstance(target_masks, (np.ndarray, torch.Tensor)):
-            arr = target_masks.detach().cpu().numpy() if isinstance(target_masks, torch.Tensor) else target_masks
+            arr = target_masks
+            if isinstance(arr, torch.Tensor):
+                arr = arr.detach().cpu().numpy()
             if arr.ndim == 2:
                 arr = arr[None]
             items = list(arr)
@@ -409,6 +416,7 @@ class O2MAGPipeline(DiffusionPipeline):
         batch_size: int = 4,
         seed: int = 0,
         kv_cache: bool = False,
+        kv_cache_device=None,
         blend_background: bool = True,
         ago_steps: int = 500,
         ago_lr: float = 3e-3,
@@ -426,13 +434,15 @@ class O2MAGPipeline(DiffusionPipeline):
         are resized (nearest) to ``size`` (default: the model's native size, 512 for SD v1.5).
         prompt/anomaly_word: the conditional prompt and the word whose cross-attention DAE
         amplifies (default: the prompt's last word). ``kv_cache``: record the source branches'
-        K/V on the first batch and run only target rows afterwards. ``blend_background``: replace
+        K/V on the first batch and run only target rows afterwards (SD v1.5 at 512 px, 50 steps:
+        a few GB; ``kv_cache_device="cpu"`` keeps it in host memory). ``blend_background``: replace
         the target latent outside ``M_T`` by the normal branch's latent after every step.
         ``graft_config``: an :class:`o2mag.GraftConfig` (default ``GraftConfig.paper()``).
         ``scheme="per_sample"`` is the authors' scheme (two inversions and three branches per
         sample), kept as the benchmark baseline.
         """
-        for name, value, low in (("num_steps", num_steps, 1), ("batch_size", batch_size, 1), ("ago_steps", ago_steps, 0)):
+        for name, value, low in (("num_steps", num_steps, 1), ("batch_size", batch_size, 1),
+                                 ("ago_steps", ago_steps, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
@@ -444,7 +454,8 @@ class O2MAGPipeline(DiffusionPipeline):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if scheme == "per_sample" and kv_cache:
-            raise ValueError("kv_cache=True needs scheme='one_to_more' (the per-sample baseline re-runs everything)")
+            raise ValueError("kv_cache=True needs scheme='one_to_more' "
+                             "(the per-sample baseline re-runs everything)")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         size = int(size or self.default_size)
@@ -463,9 +474,11 @@ class O2MAGPipeline(DiffusionPipeline):
         emb_c = self.optimize_embedding(ref, prompt, steps=ago_steps, lr=ago_lr,
                                         mask=m_r if ago_mask_weight else None, seed=seed)
         if scheme == "one_to_more":
-            inv_r = self.invert(ref, num_steps, cache_to_disk=cache_inversions_to_disk, desc="DDIM inversion (reference)")
-            inv_n = self.invert(nor, num_steps, cache_to_disk=cache_inversions_to_disk, desc="DDIM inversion (normal)")
-            batches = [list(range(s, min(s + batch_size, len(masks)))) for s in range(0, len(masks), batch_size)]
+            disk = cache_inversions_to_disk
+            inv_r = self.invert(ref, num_steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
+            inv_n = self.invert(nor, num_steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
+            n = len(masks)
+            batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
         else:
             batches = [[k] for k in range(len(masks))]
         cache = None
@@ -477,7 +490,7 @@ class O2MAGPipeline(DiffusionPipeline):
                     inv_n = self.invert(nor, num_steps, use_cache=False, desc="DDIM inversion (normal)")
                 with_sources = not (kv_cache and b > 0)
                 if kv_cache and b == 0:
-                    cache = self._new_source_cache()
+                    cache = self._new_source_cache(kv_cache_device)
                 latents = self._denoise(inv_r, inv_n, m_r, [masks[k] for k in idx], emb_u, emb_c, tokens,
                                         config=config, guidance_scale=guidance_scale, blend=blend_background,
                                         with_sources=with_sources, cache=cache)
@@ -491,13 +504,14 @@ class O2MAGPipeline(DiffusionPipeline):
             bar.close()
 
     # ------------------------------------------------------------------ the denoising loop
-    def _new_source_cache(self):
+    def _new_source_cache(self, device=None):
         from .graft import SourceCache
 
-        return SourceCache()
+        return SourceCache(device=device)
 
     def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
-                 emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config, guidance_scale: float,
+                 emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config,
+                 guidance_scale: float,
                  blend: bool, with_sources: bool = True, cache=None) -> torch.Tensor:
         """Denoise one batch of targets; returns their final latents (b, C, h, w), float32.
 

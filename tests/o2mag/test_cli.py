@@ -65,17 +65,22 @@ def test_embedded_default_runs_and_resumes(tmp_path, capsys):
 
 
 def test_help_via_console_script():
-    r = subprocess.run([sys.executable, "-m", "o2mag.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "generate" in r.stdout
-    from shutil import which
+    # the installed console script (pyproject declares o2mag = o2mag.cli:main); next to the running
+    # interpreter in a virtual environment, else on PATH
+    import shutil
+    from pathlib import Path
 
-    exe = which("o2mag")
-    if exe is not None:  # the installed console script (pip install -e . declares it)
-        r = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0
-        for opt in ("--ref", "--ref-mask", "--normal", "--num", "--out", "--model", "--mvtec-root", "--kv-cache",
-                    "--no-blend", "--overwrite", "--mask-mode", "--foreground", "--dtype", "--ago-steps"):
-            assert opt in r.stdout
+    exe = Path(sys.executable).with_name("o2mag")
+    exe = str(exe) if exe.exists() else shutil.which("o2mag")
+    assert exe, "the o2mag console script is not installed (pip install -e .)"
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "generate" in r.stdout and "Traceback" not in r.stderr
+    r = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for opt in ("--ref", "--ref-mask", "--normal", "--num", "--out", "--model", "--mvtec-root", "--kv-cache",
+                "--no-blend", "--overwrite", "--resume", "--mask-mode", "--masks", "--foreground", "--dtype",
+                "--device", "--ago-steps", "--steps", "--batch-size", "--seed", "--prompt", "--anomaly-word"):
+        assert opt in r.stdout, opt
 
 
 @pytest.fixture()

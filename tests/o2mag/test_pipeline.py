@@ -1,5 +1,7 @@
 """O2MAGPipeline on the tiny model: replay, shared source branches, background blending, one-to-more
 cost, K/V cache, the per-sample baseline, loading and argument errors."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,7 +148,7 @@ def test_kv_cache_gives_the_same_images_with_fewer_rows(pipe, sample, targets):
     plain = _run(pipe, sample, targets[:4], batch_size=2)
     rows_plain = pipe.stats.generation_unet_rows
     pipe.stats.reset()
-    cached = _run(pipe, sample, targets[:4], batch_size=2, kv_cache=True)
+    cached = _run(pipe, sample, targets[:4], batch_size=2, kv_cache=True, kv_cache_device="cpu")
     rows_cached = pipe.stats.generation_unet_rows
     assert rows_plain == STEPS * 2 * (2 * (2 + 2))
     assert rows_cached == STEPS * (2 * (2 + 2) + 2 * 2)
@@ -235,6 +237,14 @@ def test_tiny_components_and_save_load_round_trip(tmp_path, pipe):
     assert loaded.model_id == str(tmp_path / "model")
     for a, b in zip(pipe.unet.parameters(), loaded.unet.parameters()):
         assert torch.equal(a, b)
+    # a Stable-Diffusion-shaped folder: other pipeline class, PNDM scheduler, safety checker entries
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionPipeline", scheduler=["diffusers", "PNDMScheduler"],
+                 safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    sd = O2MAGPipeline.from_pretrained(str(tmp_path / "model"))
+    assert isinstance(sd, O2MAGPipeline) and isinstance(sd.scheduler, DDIMScheduler)
     # a Stable Diffusion folder ships PNDM: it is converted to DDIM with the same config
     other = O2MAGPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                           PNDMScheduler.from_config(pipe.scheduler.config))
