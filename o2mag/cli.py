@@ -23,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 EMBEDDED_NOTE = (
     "o2mag: no --model given, so this run uses the EMBEDDED DEFAULT: a tiny randomly initialised "
-    "model and a built-in brushed-metal sample.\n"
+    "model{sample}.\n"
     "       It demonstrates the machinery (inversion, AGO, tri-branch grafting, one-to-more batching, "
     "output tree), NOT image quality.\n"
     "       For real defects point it at Stable Diffusion v1.5 weights: "
@@ -55,8 +55,10 @@ def _float(name: str, minimum: float, strict: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {minimum}, got {text}")
+        finite = value == value and value not in (float("inf"), float("-inf"))
+        if not finite or value < minimum or (strict and value == minimum):
+            op = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"{name} must be {op} {minimum}, got {text}")
         return value
 
     return parse
@@ -64,6 +66,17 @@ def _float(name: str, minimum: float, strict: bool = False):
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits with code 2 and one line (its default), kept for sub-commands too."""
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows an option's default unless its help already names it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.nargs != 0
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,17 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--ref, --ref-mask) and normal image(s) (--normal). Inversion and AGO run once; the "
                     "targets are denoised in batches that share one reference and one normal branch. "
                     "With no --model and no inputs it runs the embedded demo (tiny random model).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     src = g.add_argument_group("inputs (give --ref/--ref-mask/--normal, or --mvtec-root/--category/--defect, "
                                "or nothing for the embedded sample)")
     src.add_argument("--ref", metavar="IMG", help="reference anomaly image (the defect to copy)")
-    src.add_argument("--ref-mask", metavar="MASK", help="binary mask of the defect in --ref (same size as --ref)")
+    src.add_argument("--ref-mask", metavar="MASK",
+                     help="binary mask of the defect in --ref (same size as --ref)")
     src.add_argument("--normal", metavar="IMG|DIR",
                      help="normal (defect-free) image, or a folder of them (see --num-normals)")
     src.add_argument("--num-normals", type=_positive_int("--num-normals", 1), default=1,
                      help="how many normal images of a folder (or of MVTec train/good) to use, first ones in "
-                          "name order; sample i uses normal i mod count. Each normal image costs one inversion, "
+                          "name order; sample i uses normal i mod count. Each normal image costs one "
+                          "inversion, "
                           "and targets sharing a normal share its branch")
     src.add_argument("--mvtec-root", metavar="ROOT",
                      help="MVTec-AD root: reference and mask from <category>/test/<defect> and "
@@ -99,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which anomaly image of the MVTec defect folder (sorted) is the reference")
     out = g.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default="o2mag-out",
-                     help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png + manifest.jsonl")
+                     help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png "
+                          "+ manifest.jsonl")
     out.add_argument("--num", type=_positive_int("--num", 1), default=8,
-                     help="total number of samples wanted in the output folder (a rerun makes only the missing ones)")
+                     help="total number of samples wanted in the output folder (a rerun makes only the "
+                          "missing ones)")
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--resume", dest="overwrite", action="store_false",
                       help="keep complete samples and generate only missing ones (default)")
@@ -109,47 +126,57 @@ def build_parser() -> argparse.ArgumentParser:
                       help="regenerate and replace samples 0..num-1 even if they exist")
     g.set_defaults(overwrite=False)
     out.add_argument("--cache-dir", metavar="DIR",
-                     help="where AGO embeddings (and inversions) are cached (default <out>/.o2mag-cache)")
+                     help="where AGO embeddings and DDIM inversions are cached for reruns (default "
+                          "<out>/.o2mag-cache)")
     model = g.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID",
-                       help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo model)")
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto = cuda when available)")
+                       help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo "
+                            "model)")
+    model.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (auto = cuda when available)")
     model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="model precision (auto = fp16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
     model.add_argument("--size", type=_positive_int("--size", 8), default=None,
                        help="working image side in pixels, multiple of 8 (default: the model's native size)")
     text = g.add_argument_group("prompt")
-    text.add_argument("--prompt", help="prompt describing the defect (default: 'a photo of a <defect> on a <category>')")
+    text.add_argument("--prompt",
+                      help="prompt describing the defect (default: 'a photo of a <defect> on a <category>')")
     text.add_argument("--anomaly-word", help="word of the prompt whose cross-attention DAE amplifies "
                                              "(default: the defect name, else the prompt's last word)")
     masks = g.add_argument_group("target masks")
     masks.add_argument("--mask-mode", choices=("affine", "perlin", "folder"), default=None,
-                       help="affine: random rotated/scaled/flipped copies of the reference mask on the object; "
-                            "perlin: Perlin-noise blobs; folder: masks from --masks (default affine, or folder "
+                       help="affine: random rotated/scaled/flipped copies of the reference mask on the "
+                            "object; perlin: Perlin-noise blobs; folder: masks from --masks (default affine, "
+                            "or folder "
                             "when --masks is given)")
     masks.add_argument("--masks", metavar="DIR", help="folder of target masks, resized to the working size "
                                                       "(sample i uses file i mod count, in name order)")
     masks.add_argument("--foreground", metavar="MASK|otsu|all", default="otsu",
-                       help="where target masks may go: a mask file, 'otsu' (estimated from the normal image, "
+                       help="where target masks may go: a mask file, 'otsu' (estimated from the normal "
+                            "image, "
                             "falls back to the whole image) or 'all'")
     masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     gen = g.add_argument_group("generation")
     gen.add_argument("--steps", type=_positive_int("--steps", 2), default=None,
                      help=f"DDIM steps (default {PAPER_STEPS}; {EMBEDDED_STEPS} in the embedded demo)")
-    gen.add_argument("--guidance", type=_float("--guidance", 0.0), default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=_float("--guidance", 0.0), default=7.5,
+                     help="classifier-free guidance scale")
     gen.add_argument("--batch-size", type=_positive_int("--batch-size", 1), default=4,
                      help="targets per UNet batch (each batch adds one reference and one normal branch)")
     gen.add_argument("--ago-steps", type=_positive_int("--ago-steps", 0), default=None,
-                     help=f"AGO Adam steps, 0 = off (default {PAPER_AGO_STEPS}; {EMBEDDED_AGO_STEPS} in the demo)")
-    gen.add_argument("--ago-lr", type=_float("--ago-lr", 0.0, strict=True), default=3e-3, help="AGO learning rate")
+                     help=f"AGO Adam steps, 0 = off (default {PAPER_AGO_STEPS}; {EMBEDDED_AGO_STEPS} in the "
+                          "demo)")
+    gen.add_argument("--ago-lr", type=_float("--ago-lr", 0.0, strict=True), default=3e-3,
+                     help="AGO learning rate")
     gen.add_argument("--ago-mask-weight", action="store_true",
                      help="weight the AGO loss by the dilated reference mask (focus on the defect)")
     gen.add_argument("--kv-cache", action="store_true",
                      help="record the reference/normal branches' keys/values on the first batch and run only "
                           "target rows afterwards (same images, fewer UNet rows, more memory)")
     gen.add_argument("--no-blend", dest="blend", action="store_false",
-                     help="do not reset the background (outside the target mask) to the normal image each step")
+                     help="do not reset the background (outside the target mask) to the normal image each "
+                          "step")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -174,7 +201,8 @@ def _device_dtype(args):
     try:
         device = torch.device(dev)
     except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UsageError(f"--device {args.device!r} is not a device (use auto, cpu, cuda or cuda:N)") \
+            from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
     if device.type not in ("cpu", "cuda"):
@@ -277,7 +305,8 @@ def _target_masks(args, mode: str, ref_mask, normal_image, indices: Sequence[int
     if mode == "folder":
         return target_masks("folder", list(indices), shape=(size, size), folder=args.masks)
     fg = resolve_foreground(args.foreground, normal_image, (size, size))
-    return target_masks(mode, list(indices), ref_mask=ref_mask, shape=(size, size), foreground=fg, seed=args.seed)
+    return target_masks(mode, list(indices), ref_mask=ref_mask, shape=(size, size), foreground=fg,
+                        seed=args.seed)
 
 
 def _generate(args) -> int:
@@ -289,7 +318,8 @@ def _generate(args) -> int:
 
     embedded = args.model is None
     if args.masks and args.mask_mode not in (None, "folder"):
-        raise UsageError(f"--masks gives the target masks; it cannot be used with --mask-mode {args.mask_mode}")
+        raise UsageError(f"--masks gives the target masks; it cannot be used with --mask-mode "
+                         f"{args.mask_mode}")
     mode = args.mask_mode or ("folder" if args.masks else "affine")
     if mode == "folder":
         if not args.masks:
@@ -301,11 +331,14 @@ def _generate(args) -> int:
     device, dtype, dtype_name = _device_dtype(args)
     inputs = _inputs(args)
     steps = args.steps or (EMBEDDED_STEPS if embedded else PAPER_STEPS)
-    ago_steps = args.ago_steps if args.ago_steps is not None else (EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS)
+    ago_steps = args.ago_steps
+    if ago_steps is None:
+        ago_steps = EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS
 
     t0 = time.perf_counter()
     if embedded:
-        print(EMBEDDED_NOTE, file=sys.stderr)
+        sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""
+        print(EMBEDDED_NOTE.format(sample=sample), file=sys.stderr)
         pipe = O2MAGPipeline.tiny(0)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
@@ -319,7 +352,8 @@ def _generate(args) -> int:
     inputs = _fit(inputs, size)
     prompt = args.prompt or inputs["prompt"]
     if not prompt:
-        prompt = f"a photo of a {inputs['defect'].replace('_', ' ')} on a {inputs['category'].replace('_', ' ')}"
+        defect, category = inputs["defect"].replace("_", " "), inputs["category"].replace("_", " ")
+        prompt = f"a photo of a {defect} on a {category}"
     word = args.anomaly_word or inputs["word"]
     if not word:
         cand = inputs["defect"].replace("_", " ").split()[-1]
@@ -337,10 +371,12 @@ def _generate(args) -> int:
         blend_background=args.blend, mask_mode=mode, foreground=args.foreground,
         masks=str(args.masks) if mode == "folder" else None, seed=args.seed, graft="paper",
     )
-    store = OutputStore(args.out, inputs["category"], inputs["defect"], overwrite=args.overwrite, settings=settings)
+    store = OutputStore(args.out, inputs["category"], inputs["defect"], overwrite=args.overwrite,
+                        settings=settings)
     todo = store.missing_indices(args.num)
     have = args.num - len(todo)
-    print(f"o2mag: {store.dir}: {have} of {args.num} samples present, generating {len(todo)}", file=sys.stderr)
+    print(f"o2mag: {store.dir}: {have} of {args.num} samples present, generating {len(todo)}",
+          file=sys.stderr)
     if not todo:
         return 0
     normals = inputs["normals"]
@@ -355,7 +391,7 @@ def _generate(args) -> int:
             inputs["reference"], inputs["ref_mask"], normal, [t.mask for t in targets], prompt, word,
             num_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size, seed=args.seed,
             kv_cache=args.kv_cache, blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
-            ago_mask_weight=args.ago_mask_weight, size=size,
+            ago_mask_weight=args.ago_mask_weight, size=size, cache_inversions_to_disk=True,
         ):
             store.write(indices[j], image, np.asarray(mask) > 127,
                         {"seed": [args.seed, indices[j]], "normal": name, "mask_params": targets[j].params})
@@ -382,7 +418,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"o2mag: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("o2mag: interrupted; complete samples are kept, rerun the same command to resume", file=sys.stderr)
+        print("o2mag: interrupted; complete samples are kept, rerun the same command to resume",
+              file=sys.stderr)
         return 130
 
 

@@ -241,6 +241,11 @@ class O2MAGPipeline(DiffusionPipeline):
         fp = [float(params[0].detach().float().sum()), float(params[-1].detach().float().sum())]
         return _sha(self.model_id or getattr(self.config, "_name_or_path", "") or "unnamed", fp)
 
+    @property
+    def _show_progress(self) -> bool:
+        """tqdm bars unless ``pipe.progress = False`` or ``set_progress_bar_config(disable=True)``."""
+        return bool(self.progress) and not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
     def _unet(self, latents: torch.Tensor, t, emb: torch.Tensor, generation: bool = False) -> torch.Tensor:
         rows = latents.shape[0]
         self.stats.unet_calls += 1
@@ -302,7 +307,7 @@ class O2MAGPipeline(DiffusionPipeline):
             z0 = self.encode_image(image)
             empty = self.encode_prompt("")
             inv = ddim_invert(lambda z, t: self._unet(z, t, empty), self.scheduler, z0, num_steps,
-                              progress=self.progress, desc=desc)
+                              progress=self._show_progress, desc=desc)
             self.stats.inversion_runs += 1
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -316,6 +321,8 @@ class O2MAGPipeline(DiffusionPipeline):
     def optimize_embedding(self, image: np.ndarray, prompt: str, *, steps: int = 500, lr: float = 3e-3,
                            mask: Optional[np.ndarray] = None, seed: int = 0) -> torch.Tensor:
         """AGO embedding for (reference image, prompt); memory + disk bank (``<cache_dir>/embeddings``)."""
+        if steps == 0:  # AGO off: the plain prompt embedding
+            return self.encode_prompt(prompt)
         key = _sha("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
                    mask if mask is not None else None, dict(self.scheduler.config))
         if key in self._embeddings:
@@ -338,7 +345,7 @@ class O2MAGPipeline(DiffusionPipeline):
                 self.stats.unet_rows += rows
 
             emb = optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
-                                     generator=gen, progress=self.progress, on_forward=count)
+                                     generator=gen, progress=self._show_progress, on_forward=count)
             self.stats.ago_runs += 1
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -482,7 +489,7 @@ class O2MAGPipeline(DiffusionPipeline):
         else:
             batches = [[k] for k in range(len(masks))]
         cache = None
-        bar = tqdm(total=len(masks), desc="generating", unit="img", disable=not self.progress)
+        bar = tqdm(total=len(masks), desc="generating", unit="img", disable=not self._show_progress)
         try:
             for b, idx in enumerate(batches):
                 if scheme == "per_sample":

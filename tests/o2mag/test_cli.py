@@ -115,6 +115,33 @@ def test_user_files_with_kv_cache_and_folder_masks(files, capsys):
     assert m.shape == (128, 128) and m.any()  # folder mask reused in turn, at the working size
 
 
+def test_mvtec_inputs_and_several_normals(tmp_path, capsys):
+    rng = np.random.RandomState(1)
+    root = tmp_path / "mvtec"
+    for sub in ("bottle/test/broken_large", "bottle/ground_truth/broken_large", "bottle/train/good"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray((rng.rand(80, 80, 3) * 255).astype(np.uint8)).save(root / f"bottle/test/broken_large/{i:03d}.png")
+        Image.fromarray((rng.rand(80, 80, 3) * 255).astype(np.uint8)).save(root / f"bottle/train/good/{i:03d}.png")
+        m = np.zeros((80, 80), np.uint8)
+        m[20 + 10 * i:40 + 10 * i, 30:50] = 255
+        Image.fromarray(m).save(root / f"bottle/ground_truth/broken_large/{i:03d}_mask.png")
+    out = tmp_path / "out"
+    assert main(["generate", "--mvtec-root", str(root), "--category", "bottle", "--defect", "broken_large",
+                 "--ref-index", "1", "--num-normals", "2", "--num", "3", "--out", str(out),
+                 "--foreground", "all", *FAST]) == 0
+    rec = sorted(_lines(out / "bottle" / "broken_large" / "manifest.jsonl"), key=lambda r: r["index"])
+    s = rec[0]["settings"]
+    assert s["source"] == "mvtec" and s["reference"].endswith("001.png") and s["ref_mask"].endswith("001_mask.png")
+    assert [r["normal"][-7:] for r in rec] == ["000.png", "001.png", "000.png"]  # sample i: normal i mod 2
+    assert s["prompt"] == "a photo of a broken large on a bottle" and s["anomaly_word"] == "large"
+    err = capsys.readouterr().err
+    assert "inversions 3, AGO runs 1" in err  # the reference once, each normal image once
+    assert "tiny randomly initialised model" in err and "brushed-metal" not in err
+    _error(["generate", "--mvtec-root", str(root), "--category", "bottle", "--defect", "crack", "--out", str(out)],
+           capsys, "defect 'crack' not found", "broken_large")
+
+
 def _error(argv, capsys, *needles):
     code = main(argv)
     err = capsys.readouterr().err
