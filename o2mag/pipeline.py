@@ -237,8 +237,11 @@ class O2MAGPipeline(DiffusionPipeline):
 
     def _identity(self) -> str:
         """Model identity for cache keys: name plus a cheap weight fingerprint."""
-        params = list(self.unet.parameters())
-        fp = [float(params[0].detach().float().sum()), float(params[-1].detach().float().sum())]
+        fp = []
+        for module in (self.unet, self.vae, self.text_encoder):
+            params = list(module.parameters())
+            fp += [type(module).__name__, float(params[0].detach().float().sum()),
+                   float(params[-1].detach().float().sum())]
         return _sha(self.model_id or getattr(self.config, "_name_or_path", "") or "unnamed", fp)
 
     @property
