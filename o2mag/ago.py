@@ -71,6 +71,7 @@ def optimize_embedding(
     unet.requires_grad_(False)
     unet.eval()
     opt = torch.optim.Adam([emb], lr=lr)
+    skipped = 0
     try:
         with torch.enable_grad():
             for _ in tqdm(range(steps), desc="AGO (embedding)", disable=not progress, leave=False):
@@ -88,13 +89,20 @@ def optimize_embedding(
                 else:
                     loss = (err * w).sum() / (w.sum() * err.shape[1])
                 opt.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):  # a rare fp16 overflow: skip this draw, keep the embedding
+                    skipped += 1
+                    continue
                 loss.backward()
-                opt.step()
+                if emb.grad is not None and torch.isfinite(emb.grad).all():
+                    opt.step()
+                else:
+                    skipped += 1
     finally:
         for p, f in zip(unet.parameters(), flags):
             p.requires_grad_(f)
         unet.train(was_training)
     out = emb.detach()
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("AGO produced a non-finite embedding; lower --ago-lr or use fp32")
+    if skipped == steps or not torch.isfinite(out).all():
+        raise FloatingPointError("AGO: every step overflowed or the embedding is not finite; use --dtype "
+                                 "fp32 or bf16, or a lower --ago-lr")
     return out

@@ -96,3 +96,27 @@ def test_embedding_bank(tmp_path, image):
     q.cache_dir = str(tmp_path)
     c = q.optimize_embedding(image, "a photo of a crack", steps=2)
     assert q.stats.ago_runs == 0 and torch.allclose(a, c)
+
+
+def test_ago_skips_non_finite_steps(pipe, image):
+    # a UNet output that overflows on some draws must not poison the embedding
+    z = pipe.encode_image(image)
+    init = pipe.encode_prompt("x")
+    calls = {"n": 0}
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+            self.dtype = unet.dtype
+
+        def forward(self, *a, **k):
+            calls["n"] += 1
+            out = self.unet(*a, **k)
+            if calls["n"] % 2 == 0:
+                out.sample = out.sample * float("inf")
+            return out
+
+    emb = optimize_embedding(Flaky(pipe.unet), pipe.scheduler, z, init, steps=4, lr=1e-2,
+                             generator=torch.Generator().manual_seed(0), progress=False)
+    assert calls["n"] == 4 and torch.isfinite(emb).all() and not torch.equal(emb, init)
