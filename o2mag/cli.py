@@ -339,6 +339,9 @@ def _generate(args) -> int:
     if embedded:
         sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""
         print(EMBEDDED_NOTE.format(sample=sample), file=sys.stderr)
+        if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
+            # the tiny model's ops are far too small to gain from threads; extra threads only spin
+            torch.set_num_threads(1)
         pipe = O2MAGPipeline.tiny(0)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
@@ -412,6 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         return _generate(args)
     except InputError as e:
@@ -421,6 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("o2mag: interrupted; complete samples are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)  # main() may run in-process (tests, notebooks)
 
 
 if __name__ == "__main__":  # pragma: no cover
