@@ -26,9 +26,7 @@ MAX_HEAD_DIM = 256
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
-# Every tile shape the autotuner may pick: (BLOCK_M, BLOCK_N, num_warps, num_stages). ``prune``
-# keeps the ones that fit a head dim and a problem size; ``aot-check`` compiles exactly the union
-# over head-dim buckets of what ``prune`` can return, so what it reports is what can run.
+# Every tile shape the autotuner may pick: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 CONFIGS = (
     (128, 64, 8, 2),
     (128, 64, 8, 3),
@@ -39,13 +37,53 @@ CONFIGS = (
     (64, 128, 4, 2),
     (64, 32, 4, 2),
     (64, 32, 4, 1),
-    (32, 32, 4, 2),   # small layers (64 tokens): more programs, less padding
-    (32, 64, 4, 2),
+    (32, 64, 4, 2),   # small layers (64-256 tokens): more programs, less padding
+    (32, 32, 4, 2),
     (16, 32, 4, 2),
 )
 
-# Head-dim buckets the product is tuned and AOT-checked for (SD 1.x/2.x use 40, 64, 80, 160).
+# Head-dim buckets the product is tuned and AOT-checked for (SD 1.x/2.x use 40, 64, 80, 160). A
+# head dim uses the configs of the smallest bucket whose dot width (see split_head_dim) covers it.
 HEAD_DIMS = (40, 64, 80, 128, 160, 256)
+
+_ALL = frozenset(CONFIGS)
+
+
+def _but(*drop):
+    return frozenset(c for c in CONFIGS if c not in drop)
+
+
+def _only(*keep):
+    return frozenset(keep)
+
+
+# Which configs may run, per (SM family, dtype class, head-dim bucket). Every entry compiles with
+# no register spill (``o2mag-kernels aot-check`` proves it for sm_80 and sm_90 and fails if one
+# spills); configs that spilled were removed here. sm_80 (mma.sync keeps operands in registers) is
+# much tighter than sm_90 (wgmma reads them from shared memory). fp32 uses 3xTF32 dots, which need
+# about three times the registers: only head dims up to 64 fit without spilling, so fp32 with larger
+# head dims is left to the torch backend.
+ALLOWED = {
+    (80, "half", 40): _ALL,
+    (80, "half", 64): _but((64, 128, 4, 2)),
+    (80, "half", 80): _but((64, 128, 4, 2), (128, 64, 8, 3)),
+    (80, "half", 128): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (32, 64, 4, 2),
+                             (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "half", 160): _only((64, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "half", 256): _only((32, 32, 4, 2), (16, 32, 4, 2)),
+    (90, "half", 40): _ALL,
+    (90, "half", 64): _ALL,
+    (90, "half", 80): _but((32, 64, 4, 2)),
+    (90, "half", 128): _but((64, 128, 4, 2), (128, 128, 8, 2)),
+    (90, "half", 160): _only((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1),
+                             (32, 32, 4, 2), (16, 32, 4, 2)),
+    (90, "half", 256): _only((64, 32, 4, 1), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "fp32", 40): _only((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "fp32", 64): _only((32, 32, 4, 2), (16, 32, 4, 2)),
+    (90, "fp32", 40): _only((64, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (90, "fp32", 64): _only((64, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
+}
+FP32_MAX_HEAD_DIM = 64
 
 
 def _next_pow2(x: int) -> int:
@@ -71,60 +109,54 @@ def split_head_dim(head_dim: int) -> tuple:
     return lead, tail
 
 
+def head_dim_bucket(head_dim: int) -> int:
+    """The tuned bucket whose dot width (BLOCK_D0 + BLOCK_D1) is the smallest covering head_dim's."""
+    width = sum(split_head_dim(head_dim))
+    for b in HEAD_DIMS:
+        if sum(split_head_dim(b)) >= width:
+            return b
+    raise ValueError(f"head dim {head_dim} is above {MAX_HEAD_DIM}")
+
+
 def length_bucket(n: int) -> int:
     """Autotune key for a length: next power of two, clamped to [16, 16384]."""
     return min(16384, max(16, _next_pow2(max(1, n))))
 
 
-def config_fits(cfg, head_dim: int, itemsize: int = 2) -> bool:
-    """Static feasibility of a tile for a head dim (registers/shared memory; see aot-check)."""
-    bm, bn, warps, stages = cfg
-    d0, d1 = split_head_dim(head_dim)
-    width = d0 + d1
-    if width > 128:
-        # 160/256: the accumulator alone is BLOCK_M x width fp32 spread over the warps.
-        if bm * width > 64 * 256 and warps < 8:
-            return False
-        if bn > 64 or (bm == 128 and bn > 32) or stages > 2:
-            return False
-    if itemsize == 4 and width > 64 and (bn > 64 or stages > 2):
-        return False
-    if itemsize == 4 and width > 128 and bm > 64:
-        return False
-    return True
+def allowed_configs(head_dim: int, itemsize: int = 2, arch: int = 80):
+    """Configs (in CONFIGS order) that compile without spills for this head dim, dtype and SM."""
+    family = 90 if arch >= 90 else 80
+    kind = "fp32" if itemsize == 4 else "half"
+    ok = ALLOWED.get((family, kind, head_dim_bucket(head_dim)), frozenset())
+    return [c for c in CONFIGS if c in ok]
 
 
-def prune(head_dim: int, lq: int, lk: int, itemsize: int = 2):
-    """The configs worth timing for one call: fit the head dim, and no tile much larger than needed.
+def supported(head_dim: int, itemsize: int) -> bool:
+    """Whether some config covers this head dim and dtype size (fp32 stops at 64)."""
+    return bool(allowed_configs(head_dim, itemsize, 80)) and bool(allowed_configs(head_dim, itemsize, 90))
 
-    ``lq``/``lk`` are (bucketed) query and key lengths. Small layers keep small tiles only, large
-    ones drop the smallest tiles (they only add launch overhead and repeated K/V reads).
-    """
+
+def prune(head_dim: int, lq: int, lk: int, itemsize: int = 2, arch: int = 80):
+    """The configs worth timing for one call: no spill for the head dim and SM, and no tile much
+    larger than the problem. ``lq``/``lk`` are (bucketed) query and key lengths. Small layers keep
+    small tiles, large ones drop the smallest (they only add programs and repeated K/V reads)."""
+    fits = allowed_configs(head_dim, itemsize, arch)
     out = []
-    for cfg in CONFIGS:
+    for cfg in fits:
         bm, bn, _, _ = cfg
-        if not config_fits(cfg, head_dim, itemsize):
-            continue
         if bm > max(32, _next_pow2(lq)) or bn > max(32, _next_pow2(lk)):
             continue
-        if lq >= 1024 and bm < 64:
+        if lq >= 1024 and bm < 64 and any(c[0] >= 64 for c in fits):
             continue
-        if lq < 1024 and bm == 16 and lq > 64:
+        if lq > 64 and bm == 16 and any(c[0] > 16 for c in fits):
             continue
         out.append(cfg)
-    if not out:  # always leave something runnable
-        out = [c for c in CONFIGS if config_fits(c, head_dim, itemsize)][-1:]
-    return out
+    return out or fits[-1:]  # always leave something runnable
 
 
-def all_variants(head_dims=HEAD_DIMS, itemsize: int = 2):
-    """Every (head_dim, config) pair the autotuner can ever pick."""
-    seen = []
-    for d in head_dims:
-        for cfg in CONFIGS:
-            if config_fits(cfg, d, itemsize):
-                seen.append((d, cfg))
-    return seen
+def all_variants(head_dims=HEAD_DIMS, itemsize: int = 2, arch: int = 80):
+    """Every (head_dim bucket, config) pair the autotuner can ever pick on this SM family."""
+    return [(d, cfg) for d in head_dims for cfg in allowed_configs(d, itemsize, arch)]
 
 
 @triton.jit

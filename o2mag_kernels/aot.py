@@ -1,7 +1,7 @@
 """``o2mag-kernels aot-check``: compile every Triton kernel variant for sm_80/sm_90 with no GPU.
 
-Variants = every (tile config the autotuner may pick) x (head-dim bucket) x (dtype), i.e. exactly
-``_triton_kernel.all_variants`` per dtype; ``--quick`` keeps one config per head dim (fp16) plus
+Variants = every (tile config the autotuner may pick) x (head-dim bucket) x (dtype) for each SM,
+i.e. exactly ``_triton_kernel.all_variants`` per dtype and arch (the ``ALLOWED`` table); ``--quick`` keeps one config per head dim (fp16) plus
 one bf16 and one fp32 variant. Each variant is compiled with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))``; ``cuobjdump -res-usage`` (bundled with triton) then reads
 registers, static shared and local (spill) bytes from the cubin, and the PTX says whether the dots
@@ -41,13 +41,14 @@ def variants(archs, quick: bool = False):
     from . import _triton_kernel as K
 
     out = []
-    if quick:
-        picks = [("fp16", d, K.prune(d, 4096, 4096, 2)[0]) for d in K.HEAD_DIMS]
-        picks.append(("bf16", 80, K.prune(80, 64, 64, 2)[0]))   # a small-tile variant too
-        picks.append(("fp32", 64, K.prune(64, 1024, 1024, 4)[0]))
-    else:
-        picks = [(dt, d, cfg) for dt in DTYPES for d, cfg in K.all_variants(itemsize=_ITEMSIZE[dt])]
     for arch in archs:
+        if quick:
+            picks = [("fp16", d, K.prune(d, 4096, 4096, 2, arch)[0]) for d in K.HEAD_DIMS]
+            picks.append(("bf16", 80, K.prune(80, 64, 64, 2, arch)[0]))  # a small-tile variant
+            picks.append(("fp32", 64, K.prune(64, 1024, 1024, 4, arch)[0]))
+        else:
+            picks = [(dt, d, cfg) for dt in DTYPES
+                     for d, cfg in K.all_variants(itemsize=_ITEMSIZE[dt], arch=arch)]
         for dt, d, cfg in picks:
             out.append({"arch": int(arch), "dtype": dt, "head_dim": d, "config": list(cfg)})
     return out
@@ -164,21 +165,32 @@ def compile_all(todo, jobs=None):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; silences a warning
     chunks = [todo[i::jobs] for i in range(jobs)]
     procs = []
-    for chunk in chunks:
-        p = subprocess.Popen([sys.executable, "-m", "o2mag_kernels.aot", "--worker"], env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-        procs.append((p, chunk))
-    results = []
-    for p, chunk in procs:
-        out, err = p.communicate(json.dumps(chunk))
-        got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        done = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in got}
-        for v in chunk:  # a crashed worker must not hide its variants
-            if (v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) not in done:
-                got.append(dict(v, ok=False, error=f"worker exited {p.returncode}: "
-                                                   f"{err.strip().splitlines()[-1:] or ''}"))
-        results.extend(got)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, chunk in enumerate(chunks):
+            # files, not pipes: no worker can block on a full pipe while we wait on another
+            with open(os.path.join(tmp, f"{i}.in"), "w") as f:
+                json.dump(chunk, f)
+            fin = open(os.path.join(tmp, f"{i}.in"))
+            fout = open(os.path.join(tmp, f"{i}.out"), "w")
+            ferr = open(os.path.join(tmp, f"{i}.err"), "w")
+            p = subprocess.Popen([sys.executable, "-m", "o2mag_kernels.aot", "--worker"], env=env,
+                                 stdin=fin, stdout=fout, stderr=ferr)
+            procs.append((p, chunk, (fin, fout, ferr)))
+        results = []
+        for i, (p, chunk, files) in enumerate(procs):
+            p.wait()
+            for f in files:
+                f.close()
+            with open(os.path.join(tmp, f"{i}.out")) as f:
+                got = [json.loads(line) for line in f if line.startswith("{")]
+            with open(os.path.join(tmp, f"{i}.err")) as f:
+                err = f.read().strip().splitlines()
+            done = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in got}
+            for v in chunk:  # a crashed worker must not hide its variants
+                if (v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) not in done:
+                    got.append(dict(v, ok=False, error=f"worker exited {p.returncode}: "
+                                                       f"{err[-1] if err else ''}"))
+            results.extend(got)
     results.sort(key=lambda r: (r["arch"], DTYPES.index(r["dtype"]), r["head_dim"], r["config"]))
     return results
 

@@ -133,8 +133,10 @@ def _grid(Lq: int, BH: int):
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    itemsize = args["Q"].element_size()
-    keep = set(K.prune(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"], itemsize))
+    q = args["Q"]
+    major, minor = torch.cuda.get_device_capability(q.device)
+    keep = set(K.prune(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"], q.element_size(),
+                       10 * major + minor))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                    c.num_stages) in keep]
 
@@ -192,7 +194,7 @@ def _launch(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask
     )
     meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
     if config is None and is_interpreted():
-        config = K.prune(D, lq_bucket, lk_bucket, q.element_size())[0]
+        config = K.prune(D, lq_bucket, lk_bucket, q.element_size(), 80)[0]
     if config is None:
         with torch.cuda.device(q.device):
             _tuned_kernel()[_grid(Lq, B * H)](*args, **meta)
@@ -240,8 +242,8 @@ def triton_attention(
 ):
     """Fused tri-source attention (forward only). Arguments were validated by the caller.
 
-    Raises ``TypeError`` for float64 (no fp64 tensor-core path), ``ValueError`` for head dims above
-    256, and ``RuntimeError`` when autograd would need a backward (use ``backend="torch"``).
+    Raises ``TypeError`` for float64 (no fp64 tensor-core path) and for float32 with head dims
+    above 64 (no spill-free tile), ``ValueError`` for head dims above 256, and ``RuntimeError`` when autograd would need a backward (use ``backend="torch"``).
     """
     if q.dtype == torch.float64:
         raise TypeError("q: the triton backend supports float16, bfloat16 and float32, not float64 "
@@ -249,6 +251,10 @@ def triton_attention(
     if problem.D > K.MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {problem.D} exceeds the triton backend's maximum "
                          f"{K.MAX_HEAD_DIM} (use backend='torch')")
+    if q.dtype == torch.float32 and problem.D > K.FP32_MAX_HEAD_DIM:
+        raise TypeError(f"q: float32 with head dim {problem.D} > {K.FP32_MAX_HEAD_DIM} is not "
+                        "supported by the triton backend (its 3xTF32 tiles would spill registers); "
+                        "use float16/bfloat16 or backend='torch'")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_fg, v_fg, k_bg, v_bg)):
         raise RuntimeError(
             "backend='triton' is forward-only and an input requires grad: use backend='torch' "
