@@ -76,8 +76,11 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nresults: {path}")
     if not args.no_plot:
-        for png in plot(result, path.with_suffix("")):
-            print(f"plot:    {png}")
+        try:
+            for png in plot(result, path.with_suffix("")):
+                print(f"plot:    {png}")
+        except ImportError:
+            print("plot:    skipped (matplotlib is not installed: pip install -e '.[bench]')")
     if args.update_readme:
         changed = update_readme(ROOT / "README.md", readme_section(args.results_dir, ROOT))
         print("README.md performance section " + ("updated" if changed else "already current"))
