@@ -165,15 +165,19 @@ class O2MAGPipeline(DiffusionPipeline):
 
     Components as in diffusers' Stable Diffusion: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
     ``scheduler`` (any scheduler is converted to ``DDIMScheduler`` with the same config, because
-    inversion and replay need deterministic DDIM).
+    inversion and replay need deterministic DDIM; sample clipping and thresholding are switched
+    off, because the inversion is the exact mirror of an *unclipped* DDIM step -- with clipping,
+    replayed and denoised trajectories would disagree, and ``DDIMScheduler()`` clips by default).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
         super().__init__()
-        if not isinstance(scheduler, DDIMScheduler):
-            scheduler = DDIMScheduler.from_config(scheduler.config)
+        cfg = scheduler.config
+        if not isinstance(scheduler, DDIMScheduler) or cfg.get("clip_sample", True) \
+                or cfg.get("thresholding", False):
+            scheduler = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False)
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
         vcfg = self.vae.config

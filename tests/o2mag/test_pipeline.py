@@ -266,3 +266,24 @@ def test_from_pretrained_errors(tmp_path):
     (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
     with pytest.raises(InputError, match="could not load"):
         O2MAGPipeline.from_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("make", [
+    lambda cfg: DDIMScheduler(**{**cfg, "clip_sample": True}),  # DDIMScheduler() clips by default
+    lambda cfg: PNDMScheduler(**{k: v for k, v in cfg.items() if k not in ("clip_sample", "set_alpha_to_one")}),
+])
+def test_scheduler_never_clips_so_inversion_mirrors_denoising(pipe, make):
+    # A clipping DDIM step is not the mirror of the inversion: denoising the inverted latent with the
+    # same noise predictions must give the start latent back (SD latents often exceed [-1, 1]).
+    from o2mag.inversion import ddim_invert
+    from o2mag.tiny import SD15_SCHEDULER_CONFIG
+
+    p = O2MAGPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, make(dict(SD15_SCHEDULER_CONFIG)))
+    assert isinstance(p.scheduler, DDIMScheduler) and not p.scheduler.config.clip_sample
+    z0 = 2 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    inv = ddim_invert(lambda z, t: eps, p.scheduler, z0, 10, progress=False)
+    z = inv.noise
+    for t in inv.timesteps:
+        z = ddim_step(p.scheduler, eps, t, z)
+    torch.testing.assert_close(z, z0, atol=1e-4, rtol=1e-4)
