@@ -1,7 +1,9 @@
 """The ``o2mag`` command: generate many anomalies from one reference defect.
 
 Input problems (missing file, unreadable image, bad mask, impossible option, model folder that is
-not a diffusers pipeline) end with a one-line message and exit code 2, never a traceback.
+not a diffusers pipeline) end with a one-line message and exit code 2, never a traceback; a run
+that fails for a reason the user can act on (AGO overflow, GPU out of memory) ends with a one-line
+message and exit code 1.
 """
 from __future__ import annotations
 
@@ -423,6 +425,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InputError as e:
         print(f"o2mag: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # AGO diverged (fp16 overflow): its message says what to change
+        print(f"o2mag: error: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print("o2mag: error: out of GPU memory; lower --batch-size, use --dtype fp16, or drop --kv-cache "
+              "(complete samples are kept, rerun the same command to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("o2mag: interrupted; complete samples are kept, rerun the same command to resume",
               file=sys.stderr)

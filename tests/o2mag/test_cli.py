@@ -200,3 +200,19 @@ def test_impossible_options(opt, value, needle, tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (FloatingPointError("AGO: every step overflowed ...; use --dtype fp32 or bf16"), "--dtype fp32"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), "--batch-size"),
+])
+def test_run_failures_the_user_can_fix_end_in_one_line(tmp_path, capsys, monkeypatch, exc, needle):
+    from o2mag.pipeline import O2MAGPipeline
+
+    def fail(self, *a, **k):
+        raise exc
+
+    monkeypatch.setattr(O2MAGPipeline, "optimize_embedding", fail)
+    assert main(["generate", "--out", str(tmp_path), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("o2mag: error:")
