@@ -522,3 +522,29 @@ def test_half_precision_rows_track_float32(dtype):
         low = proc(attn.to(dtype), x.to(dtype))
     assert low.dtype == dtype and torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), full, atol=3e-2, rtol=3e-2)
+
+
+def test_layer_indices_follow_execution_order_with_sd15_names(tiny_unet):
+    # the tiny UNet has SD v1.5's block config, so processor names are those of the real model;
+    # the index must be the order in which the self-attentions actually run (down 0-5, mid 6, up 7-15)
+    layers = transformer_layers(tiny_unet)
+    expected = ([f"down_blocks.{b}.attentions.{a}" for b in range(3) for a in range(2)]
+                + ["mid_block.attentions.0"]
+                + [f"up_blocks.{b}.attentions.{a}" for b in (1, 2, 3) for a in range(3)])
+    assert [info.index for info in layers] == list(range(16))
+    assert [info.self_name for info in layers] == [
+        f"{e}.transformer_blocks.0.attn1.processor" for e in expected]
+    assert [info.cross_name for info in layers] == [
+        f"{e}.transformer_blocks.0.attn2.processor" for e in expected]
+    modules = dict(tiny_unet.named_modules())
+    ran = []
+    hooks = [modules[info.self_name[: -len(".processor")]].register_forward_hook(
+        lambda m, a, o, i=info.index: ran.append(i)) for info in layers]
+    try:
+        lat, emb = unet_inputs(BranchLayout(1))
+        with torch.no_grad():
+            tiny_unet(lat, 10, encoder_hidden_states=emb)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == list(range(16))

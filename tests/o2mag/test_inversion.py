@@ -92,3 +92,27 @@ def test_pipeline_inversion_is_cached_in_memory_and_on_disk(tmp_path):
     # first latent is the VAE latent of the image, every latent finite
     assert torch.allclose(a.latents[0], pipe.encode_image(img))
     assert all(torch.isfinite(z).all() for z in a.latents)
+
+
+def test_replayed_latent_of_each_step_has_that_steps_noise_level():
+    # With a constant noise prediction e, DDIM inversion is exact: the latent at timestep t is
+    # sqrt(a_t) x0 + sqrt(1 - a_t) e. So the latent a source branch feeds to the UNet at denoising
+    # step i (timestep t_i) must match a_{t_i}, and the one it holds after the step a_{t_{i+1}}
+    # (an off-by-one between inversion latents and denoising timesteps breaks this).
+    sch = tiny_scheduler()
+    z0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    e = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    steps = 10
+    inv = ddim_invert(lambda z, t: e, sch, z0, steps, progress=False)
+    ac = sch.alphas_cumprod.double()
+    a_final = float(sch.final_alpha_cumprod)
+    x0 = (z0.double() - (1 - a_final) ** 0.5 * e.double()) / a_final ** 0.5
+
+    def at(t):
+        return ac[int(t)].sqrt() * x0 + (1 - ac[int(t)]).sqrt() * e.double()
+
+    ts = sch.timesteps
+    for i in range(steps):
+        torch.testing.assert_close(inv.before_step(i).double(), at(ts[i]), atol=1e-5, rtol=1e-5)
+        nxt = at(ts[i + 1]) if i + 1 < steps else z0.double()
+        torch.testing.assert_close(inv.after_step(i).double(), nxt, atol=1e-5, rtol=1e-5)
