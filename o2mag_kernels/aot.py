@@ -1,15 +1,16 @@
 """``o2mag-kernels aot-check``: compile every Triton kernel variant for sm_80/sm_90 with no GPU.
 
 Variants = every (tile config the autotuner may pick) x (head-dim bucket) x (dtype) for each SM,
-i.e. exactly ``_triton_kernel.all_variants`` per dtype and arch (the ``ALLOWED`` table); ``--quick`` keeps one config per head dim (fp16) plus
-one bf16 and one fp32 variant. Each variant is compiled with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))``; ``cuobjdump -res-usage`` (bundled with triton) then reads
-registers, static shared and local (spill) bytes from the cubin, and the PTX says whether the dots
-became ``wgmma`` (sm_90) or ``mma.sync`` (sm_80).
+i.e. exactly ``_triton_kernel.all_variants`` per dtype and arch (the ``ALLOWED`` table); ``--quick``
+keeps one config per head dim (fp16) plus one bf16 and one fp32 variant. Each variant is compiled
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; ``cuobjdump
+-res-usage`` (bundled with triton) then reads registers, static shared memory and spill bytes (local
+memory + stack frame) from the cubin, and the PTX says whether the dots became ``wgmma`` (sm_90) or
+``mma.sync`` (sm_80).
 
-A variant fails on: a compile error, any local memory (spill), dynamic shared memory above the
-architecture's per-block limit, or (sm_90, a tile big enough for a warpgroup MMA: BLOCK_M >=
-16·num_warps) no ``wgmma`` in the PTX. The exit code is non-zero if any variant fails.
+A variant fails on: a compile error, any spill (local memory or a stack frame), dynamic shared
+memory above the architecture's per-block limit, or (sm_90, a tile big enough for a warpgroup MMA:
+BLOCK_M >= 16·num_warps) no ``wgmma`` in the PTX. The exit code is non-zero if any variant fails.
 
 Compiles run in worker subprocesses with ``TRITON_INTERPRET`` removed from their environment, so the
 check behaves the same whether or not the calling process runs under the interpreter.
@@ -197,14 +198,14 @@ def compile_all(todo, jobs=None):
 
 def format_table(results) -> str:
     head = (f"{'arch':>6} {'dtype':>5} {'D':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} "
-            f"{'regs':>5} {'smem_B':>7} {'local_B':>7} {'mma':>6} {'secs':>5}  status")
+            f"{'regs':>5} {'smem_B':>7} {'spill_B':>7} {'mma':>6} {'secs':>5}  status")
     lines = [head]
     for r in results:
         bm, bn, w, s = r["config"]
         why = judge(r)
         if r.get("ok"):
             mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "none")
-            cols = (f"{r['regs']:>5} {r['dyn_smem'] + r['static_smem']:>7} {r['local']:>7} "
+            cols = (f"{r['regs']:>5} {r['dyn_smem'] + r['static_smem']:>7} {r['local'] + r['stack']:>7} "
                     f"{mma:>6} {r['seconds']:>5.1f}")
         else:
             cols = f"{'-':>5} {'-':>7} {'-':>7} {'-':>6} {r.get('seconds', 0):>5.1f}"

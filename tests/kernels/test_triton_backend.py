@@ -328,8 +328,12 @@ def test_gpu_cuda_graph_and_compile(make_case):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
-    compiled = torch.compile(lambda *a: tri_source_attention(*a, backend="triton"), fullgraph=True)
+    compiled = torch.compile(lambda *a: tri_source_attention(*a, backend="triton"))
     assert torch.equal(compiled(*case.args), eager)
+    # the custom op itself traces as one node (its fake implementation gives the shapes)
+    op = torch.compile(lambda *a: tb.tri_source_attention_op(*a, case.q.shape[-1] ** -0.5, 1.0)[0],
+                       fullgraph=True)
+    assert torch.equal(op(*case.args), eager)
 
 
 @pytest.mark.cuda
