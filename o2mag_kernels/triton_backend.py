@@ -243,7 +243,8 @@ def triton_attention(
     """Fused tri-source attention (forward only). Arguments were validated by the caller.
 
     Raises ``TypeError`` for float64 (no fp64 tensor-core path) and for float32 with head dims
-    above 64 (no spill-free tile), ``ValueError`` for head dims above 256, and ``RuntimeError`` when autograd would need a backward (use ``backend="torch"``).
+    above 64 (no spill-free tile), ``ValueError`` for head dims above 256, and ``RuntimeError``
+    when autograd would need a backward (use ``backend="torch"``).
     """
     if q.dtype == torch.float64:
         raise TypeError("q: the triton backend supports float16, bfloat16 and float32, not float64 "

@@ -276,7 +276,17 @@ def test_custom_op_fake_and_schema(make_case):
     """register_fake matches the real op (shapes, dtypes, strides), as torch.compile needs."""
     case = make_case(B=2, H=2, Lq=20, Lf=17, Lb=18, D=40, dtype=torch.float16)
     torch.library.opcheck(tb.tri_source_attention_op, (*case.args, 0.15, 1.4),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_traces_under_torch_compile(make_case):
+    """The op is one opaque graph node (fake impl for shapes); aot_eager needs no C++ compiler."""
+    case = make_case(B=2, H=2, Lq=40, Lf=33, Lb=35, D=40, dtype=torch.float16)
+    eager = tri_source_attention(*case.args, fg_gain=1.5, backend="triton")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: tri_source_attention(*a, fg_gain=1.5, backend="triton"),
+                       backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(*case.args), eager)
 
 
 # --------------------------------------------------------------------------------------- CUDA
