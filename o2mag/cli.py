@@ -280,22 +280,19 @@ def _fit(inputs, size: int):
         s = embedded_sample(size)
         inputs.update(reference=s.reference, ref_mask=s.ref_mask, normals=[("embedded:normal", s.normal)],
                       prompt=s.prompt, word=s.anomaly_word)
-    inputs["reference"] = inputs["reference"].convert("RGB").resize((size, size), 3)
+    from .masks import resize_image
+
+    inputs["reference"] = resize_image(inputs["reference"], size)
     inputs["ref_mask"] = load_mask_array(inputs["ref_mask"], size)
-    inputs["normals"] = [(n, im.convert("RGB").resize((size, size), 3)) for n, im in inputs["normals"]]
+    inputs["normals"] = [(n, resize_image(im, size)) for n, im in inputs["normals"]]
     return inputs
 
 
 def load_mask_array(mask, size: int):
     """Bool mask resized (nearest) to the working size; an empty result is an input error."""
-    import numpy as np
-    from PIL import Image
+    from .masks import resize_mask
 
-    from .masks import to_mask
-
-    m = to_mask(mask, "ref_mask")
-    if m.shape != (size, size):
-        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    m = resize_mask(mask, (size, size))
     if not m.any():
         raise InputError("--ref-mask is empty (no defect pixel) at the working size")
     return m

@@ -447,6 +447,16 @@ class AttentionGraft:
             self._pyramid[key] = m
         return m
 
+    def stitch_masks(self, size: Tuple[int, int], device) -> torch.Tensor:
+        """M_T at latent ``size`` (h, w) as float 0/1 (N, 1, h, w), downsampled exactly like the
+        TriAG query masks (``config.target_mask_mode``: max-pooling in the paper preset), so the
+        background blend and the grafting agree on where the defect goes."""
+        if self._targets is None:
+            raise RuntimeError("call graft.set_masks(ref_mask, target_masks) first")
+        h, w = size
+        m = self._mask("tgt", self.config.target_mask_mode, h * w, (h, w), device)
+        return m.view(-1, 1, h, w).float()
+
     def layer_masks(self, mode: str, length: int, device, hw=None) -> LayerMasks:
         """The masks a self-attention layer with ``length`` tokens uses in ``mode``
         ('graft' or 'qgraft'); cached per resolution."""

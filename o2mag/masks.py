@@ -37,6 +37,8 @@ __all__ = [
     "load_mask",
     "load_image",
     "to_mask",
+    "resize_mask",
+    "resize_image",
 ]
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -99,11 +101,18 @@ def _check_shape(name: str, shape: Any) -> tuple[int, int]:
 
 
 def to_mask(value: Any, name: str = "mask") -> np.ndarray:
-    """Turn a 2-D bool/0-1/0-255 array or a PIL image into a bool ``(H, W)`` array (>127 for uint8)."""
+    """Turn a bool/0-1/0-255 array or a PIL image into a bool ``(H, W)`` array (>127 for uint8).
+
+    The one mask reader of o2mag (files go through :func:`load_mask`, which ends here too): PIL
+    images are read as mask files are (16-bit modes, alpha drawn on black); arrays may be (H, W),
+    (1, H, W) or (H, W, 1) (a 3-channel array is refused: it is more likely an image than a mask).
+    """
     if isinstance(value, Image.Image):
-        value = np.asarray(value.convert("L"))
+        return _image_to_mask(value)
     arr = np.asarray(value)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    elif arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (H, W) mask, got shape {arr.shape}")
@@ -331,11 +340,7 @@ def resolve_foreground(spec: Any, normal_image: Any = None,
     if isinstance(spec, str) and spec == "otsu":
         if normal_image is None:
             raise ValueError("normal_image is needed for foreground='otsu'")
-        fg = foreground_mask(normal_image, "otsu")
-        h, w = _check_shape("shape", shape)
-        if fg.shape != (h, w):
-            fg = np.asarray(Image.fromarray(fg.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-        return fg
+        return resize_mask(foreground_mask(normal_image, "otsu"), shape)
     if isinstance(spec, (str, os.PathLike)):
         return load_mask(spec, shape)
     mask = to_mask(spec, "foreground")
@@ -625,15 +630,30 @@ def _size_arg(size: Any) -> tuple[int, int]:
     return _check_int("size[0] (width)", w, minimum=1), _check_int("size[1] (height)", h, minimum=1)
 
 
+def resize_image(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """``image`` as RGB at ``size`` (int or (width, height)), bicubic; the one image resizer."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    wh = _size_arg(size)
+    img = image.convert("RGB")
+    return img if img.size == wh else img.resize(wh, Image.BICUBIC)
+
+
+def resize_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A mask (anything :func:`to_mask` takes) as bool ``shape`` (H, W), nearest neighbour (no
+    blending across the edge); the one mask resizer."""
+    m = to_mask(mask, "mask")
+    h, w = _check_shape("shape", shape)
+    if m.shape == (h, w):
+        return m
+    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+
+
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None) -> Image.Image:
     """Open an image file as RGB; ``size`` (int or (width, height)) resizes it with bicubic."""
     p = _check_file(path, "image")
     img = _open_image(p, "image").convert("RGB")
-    if size is not None:
-        wh = _size_arg(size)
-        if img.size != wh:
-            img = img.resize(wh, Image.BICUBIC)
-    return img
+    return img if size is None else resize_image(img, size)
 
 
 def _image_to_mask(img: Image.Image) -> np.ndarray:

@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from .ago import dilate_mask, optimize_embedding
 from .errors import InputError, MissingInputError
 from .inversion import Inversion, ddim_invert, ddim_step
+from .masks import load_image, load_mask, resize_image, resize_mask, to_mask
 
 __all__ = ["O2MAGPipeline", "PipelineStats", "token_indices"]
 
@@ -88,32 +88,25 @@ def _sha(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def _load_pil(image: ImageLike, what: str) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise MissingInputError(f"{what}: no such file: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except Exception as e:  # PIL raises several types for unreadable files
-            raise InputError(f"{what}: cannot read image {path}: {e}") from None
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        return image  # type: ignore[return-value]  # handled by callers
-    raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, got {type(image).__name__}")
+def _named(what: str, fn, *args, **kwargs):
+    """Call a masks.py reader; its InputError says which argument the file was given for."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        raise type(e)(f"{what}: {e}") from None
 
 
 def _image_array(image: ImageLike, what: str) -> np.ndarray:
-    """Any image input -> uint8 (H, W, 3)."""
-    im = _load_pil(image, what)
-    if isinstance(im, Image.Image):
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    a = np.asarray(im)
+    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.masks.load_image`."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _named(what, load_image, image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, got {type(image).__name__}")
+    a = image
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = np.moveaxis(a, 0, -1)
     if a.ndim == 2:
@@ -131,33 +124,19 @@ def _image_array(image: ImageLike, what: str) -> np.ndarray:
 
 
 def _mask_array(mask: ImageLike, what: str) -> np.ndarray:
-    """Any mask input -> bool (H, W); nonzero = inside."""
-    m = _load_pil(mask, what)
-    if isinstance(m, Image.Image):
-        a = np.asarray(m.convert("L"))
-    else:
-        a = np.asarray(m)
-        if a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]):
-            a = a.reshape(a.shape[1:] if a.shape[0] == 1 else a.shape[:-1])
-        elif a.ndim == 3:
-            a = a.max(axis=-1)
-    if a.ndim != 2:
-        raise InputError(f"{what}: expected an (H, W) mask, got shape {a.shape}")
-    if a.dtype == np.uint8:
-        return a >= 128
-    return np.asarray(a, dtype=np.float64) > 0.5
+    """Any mask input -> bool (H, W), read exactly as the command line reads masks
+    (:func:`o2mag.masks.load_mask` for files, :func:`o2mag.masks.to_mask` otherwise)."""
+    if isinstance(mask, (str, os.PathLike)):
+        return _named(what, load_mask, mask, allow_empty=True)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    return to_mask(mask, what)
 
 
 def _resize_image(a: np.ndarray, size: int) -> np.ndarray:
     if a.shape[:2] == (size, size):
         return a
-    return np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC), dtype=np.uint8)
-
-
-def _resize_mask(m: np.ndarray, size: int) -> np.ndarray:
-    if m.shape == (size, size):
-        return m
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
+    return np.asarray(resize_image(Image.fromarray(a), size), dtype=np.uint8)
 
 
 class O2MAGPipeline(DiffusionPipeline):
@@ -378,7 +357,7 @@ class O2MAGPipeline(DiffusionPipeline):
         if not m_r.any():
             raise InputError("ref_mask (M_R) is empty: the reference defect mask has no pixels")
         nor = _image_array(normal, "normal")
-        ref, nor, m_r = _resize_image(ref, size), _resize_image(nor, size), _resize_mask(m_r, size)
+        ref, nor, m_r = _resize_image(ref, size), _resize_image(nor, size), resize_mask(m_r, (size, size))
         if not m_r.any():
             raise InputError("ref_mask (M_R) vanished when resized to the working size")
         return ref, m_r, nor
@@ -396,7 +375,7 @@ class O2MAGPipeline(DiffusionPipeline):
         out = []
         for k, m in enumerate(items):
             m = getattr(m, "mask", m)  # o2mag.masks.TargetMask
-            out.append(_resize_mask(_mask_array(m, f"target_masks[{k}]"), size))
+            out.append(resize_mask(_mask_array(m, f"target_masks[{k}]"), (size, size)))
         if not out:
             raise ValueError("target_masks is empty: give at least one target mask")
         return out
@@ -547,7 +526,7 @@ class O2MAGPipeline(DiffusionPipeline):
         emb = torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
         x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
         h, w = x.shape[-2:]
-        m_t = F.adaptive_max_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], (h, w)).to(dev)
+        m_t = graft.stitch_masks((h, w), dev)
         num_steps = inv_n.num_steps
         self.scheduler.set_timesteps(num_steps, device=dev)
         timesteps = self.scheduler.timesteps

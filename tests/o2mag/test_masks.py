@@ -520,3 +520,15 @@ def test_perlin_masks_invariants(fy, fx, fh, fw, seed, lo, hi):
         assert lo * 64 * 64 <= tm.mask.sum() <= hi * 64 * 64
         assert not (tm.mask & ~fg).any()
         assert len(M._label(tm.mask, 8)[1]) == 2
+
+
+def test_resize_mask_and_image_take_height_width_in_their_own_orders():
+    m = np.zeros((4, 6), bool)
+    m[1, 4] = True
+    big = M.resize_mask(m, (8, 12))  # (H, W), nearest: each pixel becomes a 2x2 block
+    assert big.shape == (8, 12) and big.sum() == 4 and big[2:4, 8:10].all()
+    assert M.resize_mask(m, (4, 6)) is not m and np.array_equal(M.resize_mask(m, (4, 6)), m)
+    img = M.resize_image(Image.new("L", (6, 4), 7), (12, 8))  # PIL order (W, H), RGB out
+    assert img.size == (12, 8) and img.mode == "RGB"
+    with pytest.raises(TypeError, match="image"):
+        M.resize_image(np.zeros((4, 4, 3), np.uint8), 8)

@@ -218,7 +218,8 @@ def test_argument_errors(pipe, sample, targets):
         (dict(ref_mask=np.zeros((SIZE, SIZE), bool)), InputError, "empty"),
         (dict(ref_mask=np.ones((64, 64), bool)), InputError, "ref_mask is 64x64"),
         (dict(target_masks=[]), ValueError, "target_masks"),
-        (dict(reference="/no/such/file.png"), MissingInputError, "no such file"),
+        (dict(reference="/no/such/file.png"), MissingInputError, "reference: image not found"),
+        (dict(ref_mask="/no/such/mask.png"), MissingInputError, "ref_mask: mask not found"),
         (dict(size=100), ValueError, "multiple of 8"),
     ]:
         kw = {**ok, **bad}
@@ -287,3 +288,27 @@ def test_scheduler_never_clips_so_inversion_mirrors_denoising(pipe, make):
     for t in inv.timesteps:
         z = ddim_step(p.scheduler, eps, t, z)
     torch.testing.assert_close(z, z0, atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
+    # one reader for masks (o2mag.masks): a mask drawn as alpha on black and a 16-bit mask must mean
+    # the same to O2MAGPipeline as to the o2mag command, as a path or as an opened PIL image
+    from PIL import Image
+
+    from o2mag.masks import load_mask
+    from o2mag.pipeline import _mask_array
+
+    alpha = np.zeros((8, 8, 4), np.uint8)
+    alpha[2:5, 3:6, 3] = 255
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "alpha.png")
+    deep = np.zeros((8, 8), np.uint16)
+    deep[1:3, 1:3] = 65535
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    for name in ("alpha.png", "deep.png"):
+        path = tmp_path / name
+        expected = load_mask(path)
+        assert expected.any()
+        assert np.array_equal(_mask_array(str(path), "ref_mask"), expected)
+        with Image.open(path) as im:
+            assert np.array_equal(_mask_array(im, "ref_mask"), expected)
+    assert np.array_equal(_mask_array(torch.from_numpy(deep[None] > 0), "m"), deep > 0)  # (1, H, W)
