@@ -486,7 +486,8 @@ class O2MAGPipeline(DiffusionPipeline):
                     cache = self._new_source_cache(kv_cache_device)
                 latents = self._denoise(inv_r, inv_n, m_r, [masks[k] for k in idx], emb_u, emb_c, tokens,
                                         config=config, guidance_scale=guidance_scale, blend=blend_background,
-                                        with_sources=with_sources, cache=cache)
+                                        with_sources=with_sources, cache=cache,
+                                        desc=f"denoising batch {b + 1}/{len(batches)}")
                 images = self.decode_latents(latents)
                 for j, k in enumerate(idx):
                     self.stats.samples += 1
@@ -505,7 +506,7 @@ class O2MAGPipeline(DiffusionPipeline):
     def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
                  emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config,
                  guidance_scale: float,
-                 blend: bool, with_sources: bool = True, cache=None) -> torch.Tensor:
+                 blend: bool, with_sources: bool = True, cache=None, desc: str = "denoising") -> torch.Tensor:
         """Denoise one batch of targets; returns their final latents (b, C, h, w), float32.
 
         The reference and normal rows (when ``with_sources``) feed the inverted latents of the
@@ -533,7 +534,8 @@ class O2MAGPipeline(DiffusionPipeline):
         if not torch.equal(timesteps.cpu(), inv_n.timesteps.cpu()):
             raise RuntimeError("scheduler timesteps differ from the inversion's")
         with graft.installed(self.unet), torch.no_grad():
-            for i, t in enumerate(timesteps):
+            steps = tqdm(timesteps, desc=desc, unit="step", leave=False, disable=not self._show_progress)
+            for i, t in enumerate(steps):
                 graft.set_step(i, num_steps)
                 if with_sources:
                     inp = layout.assemble(reference=inv_r.before_step(i).to(dev),

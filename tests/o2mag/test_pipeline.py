@@ -312,3 +312,21 @@ def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
         with Image.open(path) as im:
             assert np.array_equal(_mask_array(im, "ref_mask"), expected)
     assert np.array_equal(_mask_array(torch.from_numpy(deep[None] > 0), "m"), deep > 0)  # (1, H, W)
+
+
+def test_progress_bars_show_each_phase_unless_disabled(pipe, sample, capsys):
+    m = np.zeros((SIZE, SIZE), dtype=bool)
+    m[50:60, 50:60] = True
+    pipe.clear_caches()  # so the inversions and AGO really run
+    pipe.progress = True
+    try:
+        _run(pipe, sample, [m, m, m], num_steps=2, ago_steps=1, batch_size=2, seed=5)
+        err = capsys.readouterr().err
+        for phase in ("AGO", "DDIM inversion", "denoising batch 1/2", "denoising batch 2/2", "generating"):
+            assert phase in err, phase
+        pipe.set_progress_bar_config(disable=True)
+        _run(pipe, sample, [m], num_steps=2, ago_steps=1, seed=6)
+        assert "denoising" not in capsys.readouterr().err
+    finally:
+        pipe.progress = False
+        pipe.set_progress_bar_config(disable=False)
