@@ -277,7 +277,10 @@ def _fit(inputs, size: int):
     if inputs["source"] == "embedded":
         from .sample import embedded_sample
 
-        s = embedded_sample(size)
+        try:
+            s = embedded_sample(size)
+        except ValueError as e:
+            raise UsageError(f"--size {size}: the embedded sample cannot be drawn at that size ({e})") from None
         inputs.update(reference=s.reference, ref_mask=s.ref_mask, normals=[("embedded:normal", s.normal)],
                       prompt=s.prompt, word=s.anomaly_word)
     from .masks import resize_image

@@ -192,6 +192,7 @@ def test_input_errors(files, capsys):
     ("--guidance", "nan", "--guidance must be >= 0"),
     ("--num", "many", "--num must be an integer"),
     ("--dtype", "fp64", "invalid choice"),
+    ("--size", "16", "--size 16"),  # the embedded sample is drawn at 32..1024 px only
 ])
 def test_impossible_options(opt, value, needle, tmp_path, capsys):
     _error(["generate", "--out", str(tmp_path), opt, value], capsys, needle)
