@@ -452,8 +452,10 @@ class O2MAGPipeline(DiffusionPipeline):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         size = int(size or self.default_size)
-        if size % self.vae_scale_factor:
-            raise ValueError(f"size must be a multiple of {self.vae_scale_factor}, got {size}")
+        if size % self.vae_scale_factor or size < 2 * self.vae_scale_factor:
+            # a 1-pixel latent breaks the UNet's GroupNorm (one value per group)
+            raise ValueError(f"size must be a multiple of {self.vae_scale_factor} and at least "
+                             f"{2 * self.vae_scale_factor}, got {size}")
         if anomaly_word is None and prompt.strip():
             anomaly_word = prompt.strip().split()[-1]
         tokens = token_indices(self.tokenizer, prompt, anomaly_word)

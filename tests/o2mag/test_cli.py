@@ -174,6 +174,7 @@ def test_input_errors(files, capsys):
     _error(base + good + ["--foreground", str(f / "nofg.png")], capsys, "--foreground")
     _error(base + good + ["--prompt", "a photo of a dent", "--anomaly-word", "crack"], capsys, "does not occur")
     _error(base + good + ["--device", "cpu", "--dtype", "fp16"], capsys, "fp16 needs CUDA")
+    _error(base + good + ["--size", "8"], capsys, "--size", "at least 16")  # a 1-pixel latent
     _error(base + ["--mvtec-root", str(f / "no_mvtec"), "--category", "bottle", "--defect", "crack"], capsys,
            "not found")
     _error(base + ["--mvtec-root", str(f)], capsys, "--category and --defect")

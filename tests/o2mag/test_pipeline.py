@@ -221,6 +221,7 @@ def test_argument_errors(pipe, sample, targets):
         (dict(reference="/no/such/file.png"), MissingInputError, "reference: image not found"),
         (dict(ref_mask="/no/such/mask.png"), MissingInputError, "ref_mask: mask not found"),
         (dict(size=100), ValueError, "multiple of 8"),
+        (dict(size=8), ValueError, "at least 16"),
     ]:
         kw = {**ok, **bad}
         pipe.stats.reset()
