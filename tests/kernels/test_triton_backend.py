@@ -17,6 +17,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from o2mag_kernels import tri_source_attention
 from o2mag_kernels import _triton_kernel as K
@@ -277,6 +279,30 @@ def test_custom_op_fake_and_schema(make_case):
     case = make_case(B=2, H=2, Lq=20, Lf=17, Lb=18, D=40, dtype=torch.float16)
     torch.library.opcheck(tb.tri_source_attention_op, (*case.args, 0.15, 1.4),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), H=st.integers(1, 2), Lq=st.integers(1, 90), Lf=st.integers(0, 70),
+       Lb=st.integers(1, 70), D=st.sampled_from([1, 8, 17, 33, 40, 48, 72, 96]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       qd=st.sampled_from([0.0, 0.1, 0.5, 1.0, "single"]),
+       fd=st.sampled_from([None, 0.0, 0.05, 0.5, 1.0, "single"]),
+       bd=st.sampled_from([None, 0.0, 0.3, 1.0, "single"]),
+       shared=st.booleans(), strided=st.booleans(), gain=st.sampled_from([1.0, 1 / 0.7, 4.0]),
+       tile=st.sampled_from([None, (16, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]))
+def test_random_shapes_and_masks(B, H, Lq, Lf, Lb, D, dtype, qd, fd, bd, shared, strided, gain,
+                                 tile, make_case, formula, lowp_bound):
+    """Odd head dims (padded or split), tiles smaller/larger than the lengths, mixed tiles."""
+    if dtype == torch.float32 and D > K.FP32_MAX_HEAD_DIM:
+        dtype = torch.float16
+    if Lf == 0 and fd == "single":
+        fd = None
+    one = 1 if shared else None
+    case = make_case(B=B, H=H, Lq=Lq, Lf=Lf, Lb=Lb, D=D, dtype=dtype, q_density=qd,
+                     fg_density=fd, bg_density=bd, Bf=one, Bb=one, q_mask_batch=one,
+                     strided=strided, seed=Lq * 7 + Lb)
+    check(case, formula, lowp_bound, fg_gain=gain, config=tile)
 
 
 def test_traces_under_torch_compile(make_case):
