@@ -368,6 +368,27 @@ def _reject_message(what: str, tries: int, reasons: dict[str, int]) -> str:
            "loosen the limits, use a larger foreground, or a smaller mask"
 
 
+def _rejection_sample(kind: str, what: str, idx: list[int], seed: int, max_tries: int,
+                      draw) -> list[TargetMask]:
+    """Seeded rejection sampling shared by the mask makers: for sample ``i`` the rng is
+    ``default_rng([seed, i])`` and ``draw(i, rng, tries)`` returns a :class:`TargetMask` or the
+    reason (str) it rejected this try; after ``max_tries`` rejections an ``InputError`` counts them."""
+    out: list[TargetMask] = []
+    for i in idx:
+        rng = _seed_rng(seed, i)
+        reasons: dict[str, int] = {}
+        for tries in range(1, max_tries + 1):
+            got = draw(i, rng, tries)
+            if isinstance(got, str):
+                reasons[got] = reasons.get(got, 0) + 1
+                continue
+            out.append(got)
+            break
+        else:
+            raise InputError(f"{kind} mask {i}: " + _reject_message(what, max_tries, reasons))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # affine copies of M_R
 
@@ -443,48 +464,39 @@ def affine_masks(ref_mask: Any, n: int | Sequence[int], *, foreground: Any = Non
     fgy, fgx = np.nonzero(fg)
     frame = _border_frame(shape, _frame_width(shape))
     h, w = shape
-    out: list[TargetMask] = []
-    for i in idx:
-        rng = _seed_rng(seed, i)
-        reasons: dict[str, int] = {}
-        for tries in range(1, max_tries + 1):
-            angle = float(rng.uniform(*rotation))
-            s = float(rng.uniform(*scale))
-            flipped = bool(flip and rng.random() < 0.5)
-            k = int(rng.integers(len(fgy)))
-            c_dst = np.array([fgy[k], fgx[k]], dtype=np.float64)
-            m, pts = _affine_render(ys, xs, ref, c_src, c_dst, angle, s, flipped)
-            area = int(m.sum())
-            if area == 0:
-                reasons["empty"] = reasons.get("empty", 0) + 1
-                continue
-            iy, ix = np.rint(pts[0]).astype(np.int64), np.rint(pts[1]).astype(np.int64)
-            off = (iy < 0) | (iy >= h) | (ix < 0) | (ix >= w)
-            near = np.zeros_like(off)
-            near[~off] = frame[iy[~off], ix[~off]]
-            # share of M_R's pixels mapped off the image or into the frame, and share of the
-            # drawn mask in the frame (they differ when enlarging adds pixels): the larger counts
-            touch = max(float((off | near).mean()), float((m & frame).sum()) / area)
-            if touch > max_border_touch:
-                reasons["touching the image border"] = reasons.get("touching the image border", 0) + 1
-                continue
-            inside = float((m & fg).sum()) / area
-            if inside < min_inside:
-                key = f"less than {min_inside:.0%} on the foreground"
-                reasons[key] = reasons.get(key, 0) + 1
-                continue
-            final = m & fg
-            out.append(TargetMask(final, {
-                "kind": "affine", "index": i, "seed": seed, "tries": tries,
-                "angle": round(angle, 4), "scale": round(s, 4), "flip": flipped,
-                "shift": [round(float(c_dst[0] - c_src[0]), 3), round(float(c_dst[1] - c_src[1]), 3)],
-                "center": [int(c_dst[0]), int(c_dst[1])], "area": int(final.sum()),
-                "inside_foreground": round(inside, 4), "border_touch": round(touch, 4),
-            }))
-            break
-        else:
-            raise InputError(f"affine mask {i}: " + _reject_message("placement", max_tries, reasons))
-    return out
+
+    def draw(i: int, rng: np.random.Generator, tries: int) -> TargetMask | str:
+        angle = float(rng.uniform(*rotation))
+        s = float(rng.uniform(*scale))
+        flipped = bool(flip and rng.random() < 0.5)
+        k = int(rng.integers(len(fgy)))
+        c_dst = np.array([fgy[k], fgx[k]], dtype=np.float64)
+        m, pts = _affine_render(ys, xs, ref, c_src, c_dst, angle, s, flipped)
+        area = int(m.sum())
+        if area == 0:
+            return "empty"
+        iy, ix = np.rint(pts[0]).astype(np.int64), np.rint(pts[1]).astype(np.int64)
+        off = (iy < 0) | (iy >= h) | (ix < 0) | (ix >= w)
+        near = np.zeros_like(off)
+        near[~off] = frame[iy[~off], ix[~off]]
+        # share of M_R's pixels mapped off the image or into the frame, and share of the
+        # drawn mask in the frame (they differ when enlarging adds pixels): the larger counts
+        touch = max(float((off | near).mean()), float((m & frame).sum()) / area)
+        if touch > max_border_touch:
+            return "touching the image border"
+        inside = float((m & fg).sum()) / area
+        if inside < min_inside:
+            return f"less than {min_inside:.0%} on the foreground"
+        final = m & fg
+        return TargetMask(final, {
+            "kind": "affine", "index": i, "seed": seed, "tries": tries,
+            "angle": round(angle, 4), "scale": round(s, 4), "flip": flipped,
+            "shift": [round(float(c_dst[0] - c_src[0]), 3), round(float(c_dst[1] - c_src[1]), 3)],
+            "center": [int(c_dst[0]), int(c_dst[1])], "area": int(final.sum()),
+            "inside_foreground": round(inside, 4), "border_touch": round(touch, 4),
+        })
+
+    return _rejection_sample("affine", "placement", idx, seed, max_tries, draw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,35 +576,28 @@ def perlin_masks(shape: tuple[int, int], n: int | Sequence[int], *, foreground: 
         raise InputError(f"foreground has {fg_px} pixels, fewer than the minimum Perlin mask area "
                          f"{min_px} ({a_lo:.1%} of the image); lower area[0] or use a larger foreground")
     frame = _border_frame(shape, _frame_width(shape))
-    out: list[TargetMask] = []
-    for i in idx:
-        rng = _seed_rng(seed, i)
-        reasons: dict[str, int] = {}
-        for tries in range(1, max_tries + 1):
-            cell = (int(rng.integers(c_lo, c_hi + 1)), int(rng.integers(c_lo, c_hi + 1)))
-            noise = perlin_noise(shape, cell, rng, octaves=octaves)
-            target = float(rng.uniform(a_lo, a_hi))
-            k = min(fg_px, max(1, int(round(target * total))))
-            vals = noise[fg]
-            thr = np.partition(vals, fg_px - k)[fg_px - k]
-            blob = _largest_component(fg & (noise >= thr))
-            a = int(blob.sum())
-            if not (min_px <= a <= max_px):
-                reasons["blob area out of range"] = reasons.get("blob area out of range", 0) + 1
-                continue
-            touch = float((blob & frame).sum()) / a
-            if touch > max_border_touch:
-                reasons["touching the image border"] = reasons.get("touching the image border", 0) + 1
-                continue
-            out.append(TargetMask(blob, {
-                "kind": "perlin", "index": i, "seed": seed, "tries": tries, "cells": list(cell),
-                "octaves": octaves, "target_area": round(target, 5), "threshold": round(float(thr), 5),
-                "area": a, "border_touch": round(touch, 4),
-            }))
-            break
-        else:
-            raise InputError(f"perlin mask {i}: " + _reject_message("mask", max_tries, reasons))
-    return out
+
+    def draw(i: int, rng: np.random.Generator, tries: int) -> TargetMask | str:
+        cell = (int(rng.integers(c_lo, c_hi + 1)), int(rng.integers(c_lo, c_hi + 1)))
+        noise = perlin_noise(shape, cell, rng, octaves=octaves)
+        target = float(rng.uniform(a_lo, a_hi))
+        k = min(fg_px, max(1, int(round(target * total))))
+        vals = noise[fg]
+        thr = np.partition(vals, fg_px - k)[fg_px - k]
+        blob = _largest_component(fg & (noise >= thr))
+        a = int(blob.sum())
+        if not (min_px <= a <= max_px):
+            return "blob area out of range"
+        touch = float((blob & frame).sum()) / a
+        if touch > max_border_touch:
+            return "touching the image border"
+        return TargetMask(blob, {
+            "kind": "perlin", "index": i, "seed": seed, "tries": tries, "cells": list(cell),
+            "octaves": octaves, "target_area": round(target, 5), "threshold": round(float(thr), 5),
+            "area": a, "border_touch": round(touch, 4),
+        })
+
+    return _rejection_sample("perlin", "mask", idx, seed, max_tries, draw)
 
 
 # ----------------------------------------------------------------------------------------------
