@@ -421,6 +421,8 @@ class O2MAGPipeline(DiffusionPipeline):
     ):
         """Yield ``(k, image, mask)`` for every target mask ``k`` as soon as its batch is decoded.
 
+        Arguments are checked (and inputs read) when this is called, not at the first ``next()``.
+
         reference, normal: PIL images, paths, uint8 (H, W, 3) arrays or [0, 1] float arrays.
         ref_mask: ``M_R`` at the reference's size (path, PIL, array); target_masks: a sequence of
         masks (arrays, PIL, paths or :class:`o2mag.masks.TargetMask`) or an (N, H, W) array; all
@@ -464,7 +466,19 @@ class O2MAGPipeline(DiffusionPipeline):
         from .config import GraftConfig
 
         config = graft_config if graft_config is not None else GraftConfig.paper()
+        if not isinstance(config, GraftConfig):
+            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, got {type(config).__name__}")
+        # everything above checks the arguments now; the work starts when the caller iterates
+        return self._generate_batches(
+            ref, m_r, nor, masks, prompt, tokens, config, num_steps=num_steps, guidance_scale=guidance_scale,
+            batch_size=batch_size, seed=seed, kv_cache=kv_cache, kv_cache_device=kv_cache_device,
+            blend_background=blend_background, ago_steps=ago_steps, ago_lr=ago_lr,
+            ago_mask_weight=ago_mask_weight, scheme=scheme, cache_inversions_to_disk=cache_inversions_to_disk)
 
+    def _generate_batches(self, ref, m_r, nor, masks, prompt, tokens, config, *, num_steps, guidance_scale,
+                          batch_size, seed, kv_cache, kv_cache_device, blend_background, ago_steps, ago_lr,
+                          ago_mask_weight, scheme, cache_inversions_to_disk):
+        """The work of :meth:`generate_iter` (a generator), on checked and prepared inputs."""
         emb_u = self.encode_prompt("")
         emb_c = self.optimize_embedding(ref, prompt, steps=ago_steps, lr=ago_lr,
                                         mask=m_r if ago_mask_weight else None, seed=seed)

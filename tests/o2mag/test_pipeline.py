@@ -222,12 +222,14 @@ def test_argument_errors(pipe, sample, targets):
         (dict(ref_mask="/no/such/mask.png"), MissingInputError, "ref_mask: mask not found"),
         (dict(size=100), ValueError, "multiple of 8"),
         (dict(size=8), ValueError, "at least 16"),
+        (dict(graft_config={"fg_gain": 2.0}), TypeError, "graft_config"),
     ]:
         kw = {**ok, **bad}
         pipe.stats.reset()
         with pytest.raises(kind, match=match):
-            pipe.generate(kw.pop("reference"), kw.pop("ref_mask"), kw.pop("normal"), kw.pop("target_masks"),
-                          "a photo of a scratch", **kw)
+            # generate_iter checks when called (a generator function would wait for next())
+            pipe.generate_iter(kw.pop("reference"), kw.pop("ref_mask"), kw.pop("normal"), kw.pop("target_masks"),
+                               "a photo of a scratch", **kw)
         assert pipe.stats.unet_calls == 0  # rejected before any work
 
 
