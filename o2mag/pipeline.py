@@ -453,6 +453,12 @@ class O2MAGPipeline(DiffusionPipeline):
                              "(the per-sample baseline re-runs everything)")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if kv_cache_device is not None:
+            try:
+                torch.device(kv_cache_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"kv_cache_device must be None or a torch device such as 'cpu', "
+                                 f"got {kv_cache_device!r}") from None
         size = int(size or self.default_size)
         if size % self.vae_scale_factor or size < 2 * self.vae_scale_factor:
             # a 1-pixel latent breaks the UNet's GroupNorm (one value per group)

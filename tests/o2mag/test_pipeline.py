@@ -223,6 +223,7 @@ def test_argument_errors(pipe, sample, targets):
         (dict(size=100), ValueError, "multiple of 8"),
         (dict(size=8), ValueError, "at least 16"),
         (dict(graft_config={"fg_gain": 2.0}), TypeError, "graft_config"),
+        (dict(kv_cache=True, kv_cache_device="nowhere"), ValueError, "kv_cache_device"),
     ]:
         kw = {**ok, **bad}
         pipe.stats.reset()
