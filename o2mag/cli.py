@@ -207,6 +207,9 @@ def _device_dtype(args):
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device!r}: only cpu and cuda are supported")
     name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")

@@ -181,6 +181,8 @@ def test_input_errors(files, capsys):
     _error(base + good + ["--mvtec-root", str(f), "--category", "a", "--defect", "b"], capsys, "do not also give")
     if not torch.cuda.is_available():
         _error(base + good + ["--device", "cuda"], capsys, "CUDA is not available")
+    else:
+        _error(base + good + ["--device", f"cuda:{torch.cuda.device_count()}"], capsys, "CUDA device(s)")
     assert not (f / "out").exists() or not any((f / "out").rglob("*.png"))  # nothing was generated
 
 
