@@ -548,3 +548,25 @@ def test_layer_indices_follow_execution_order_with_sd15_names(tiny_unet):
         for h in hooks:
             h.remove()
     assert ran == list(range(16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dae_half_precision_stays_finite_and_tracks_float32(dtype):
+    # DAE adds log(gain) to the anomaly tokens' logits instead of scaling probabilities by the gain
+    # and renormalising, so even a huge gain cannot overflow fp16 (100 * p summed over 77 tokens is
+    # fine, but 1e5 * p is not representable)
+    gen = torch.Generator().manual_seed(11)
+    layout = BranchLayout(2)
+    torch.manual_seed(6)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=40).eval()
+    x = torch.randn(layout.batch_size, 64, 32, generator=gen)
+    enc = torch.randn(layout.batch_size, 77, 16, generator=gen)
+    _, tgt = random_masks(2, 8, gen)
+    g = make_graft(GraftConfig.paper(dae_gain=1e5), layout, step=25, ref=torch.ones(8, 8), targets=tgt)
+    g.set_token_indices([3, 4])
+    proc = GraftCrossAttnProcessor(g, 4, "x.processor")
+    with torch.no_grad():
+        full = proc(attn, x, encoder_hidden_states=enc)
+        low = proc(attn.to(dtype), x.to(dtype), encoder_hidden_states=enc.to(dtype))
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), full, atol=3e-2, rtol=3e-2)
