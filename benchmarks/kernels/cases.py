@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from o2mag_kernels import tri_source_attention
+from o2mag_kernels._validate import validate
+from o2mag_kernels.flops import useful_flops as kernel_flops
 
 FG_GAIN = 1 / 0.7  # the paper preset's foreground sharpening
 
@@ -67,15 +69,9 @@ def make_inputs(case: Case, device, seed: int = 0):
 
 
 def useful_flops(case: Case, inputs) -> int:
-    """4·D·H·Σ_i |keys(i)|: only the keys each query really attends (DESIGN §3)."""
-    _, _, _, _, _, qm, fgm, bgm = inputs
-    n_fg = int(fgm.sum())
-    keys = 0
-    for b in range(qm.shape[0]):
-        n_q_fg = int(qm[b].sum()) if n_fg else 0
-        n_bg = int(bgm[b].sum()) or bgm.shape[1]
-        keys += n_q_fg * n_fg + (case.tokens - n_q_fg) * n_bg
-    return 4 * case.head_dim * case.heads * keys
+    """4·D·H·Σ_i |keys(i)|: only the keys each query really attends (o2mag_kernels.flops)."""
+    problem = validate(*inputs, None, FG_GAIN, "auto")
+    return kernel_flops(problem, *inputs[5:])
 
 
 def _backend(name):
