@@ -8,13 +8,6 @@ from o2mag.pipeline import O2MAGPipeline
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = O2MAGPipeline.tiny(0)
-    p.progress = False
-    return p
-
-
-@pytest.fixture(scope="module")
 def image():
     return (np.random.RandomState(0).rand(128, 128, 3) * 255).astype(np.uint8)
 

@@ -20,13 +20,6 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = O2MAGPipeline.tiny(0)
-    p.progress = False
-    return p
-
-
-@pytest.fixture(scope="module")
 def sample():
     return embedded_sample(SIZE)
 
