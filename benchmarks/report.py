@@ -60,6 +60,16 @@ def header(result: dict) -> str:
             f"{result['mode']} run of {result['timestamp']}.")
 
 
+def _save(fig, path_prefix: Path, suffix: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = path_prefix.with_name(f"{path_prefix.name}-{suffix}.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot(result: dict, path_prefix: Path) -> list:
     """Speedup vs mask density and seconds per sample vs N, as PNG next to the JSON."""
     import matplotlib
@@ -89,11 +99,7 @@ def plot(result: dict, path_prefix: Path) -> list:
         ax.set_title("tri-source attention: speedup over baselines")
         if len(series) <= 12:
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        out = path_prefix.with_name(path_prefix.name + "-speedup.png")
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(fig, path_prefix, "speedup"))
     e2e = result.get("e2e")
     if e2e:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -108,11 +114,7 @@ def plot(result: dict, path_prefix: Path) -> list:
         ax.set_ylabel("seconds per sample")
         ax.set_title(f"end-to-end generation ({e2e.get('model', 'tiny model')})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        out = path_prefix.with_name(path_prefix.name + "-e2e.png")
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(fig, path_prefix, "e2e"))
     return written
 
 
