@@ -1,0 +1,80 @@
+"""The benchmark harness itself: baselines compute the same op, reports and README update work.
+
+Timings are not asserted here (performance claims live in benchmarks/); this checks that what the
+runner times is the right computation and that its outputs are well formed.
+"""
+import json
+
+import pytest
+import torch
+
+from benchmarks.kernels.cases import Case, make_inputs, runner, useful_flops
+from benchmarks.kernels.suite import _reference_output, run_case
+from benchmarks.report import README_BEGIN, README_END, e2e_table, kernel_table, readme_section, update_readme
+
+SMALL = Case(tokens=77, heads=2, head_dim=40, density=0.2, targets=3, dtype="fp32")
+
+
+@pytest.mark.parametrize("method", ["torch", "reference", "sdpa_stitch"])
+def test_baselines_compute_the_op(method):
+    inputs = make_inputs(SMALL, "cpu")
+    expected = _reference_output(inputs)
+    out = runner(method, inputs)()
+    assert out.shape == expected.shape
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
+def test_masks_follow_the_case():
+    q, k_fg, v_fg, k_bg, v_bg, qm, fgm, bgm = make_inputs(SMALL, "cpu")
+    n = round(SMALL.density * SMALL.tokens)
+    assert qm.shape == (SMALL.targets, SMALL.tokens) and (qm.sum(1) == n).all()
+    assert int(fgm.sum()) == n and torch.equal(bgm, ~qm)
+    assert k_fg.shape[0] == 1 and v_bg.shape[0] == 1  # one source pair shared by the targets
+    for t in (q, k_fg, v_fg, k_bg, v_bg):
+        assert 0.8 < t.std().item() < 1.2  # seeded random normals, never zeros
+
+
+def test_useful_flops_counts_only_needed_keys():
+    inputs = make_inputs(SMALL, "cpu")
+    qm, fgm, bgm = inputs[5:]
+    visits = sum(int(qm[b].sum()) * int(fgm.sum()) + int((~qm[b]).sum()) * int(bgm[b].sum())
+                 for b in range(SMALL.targets))
+    assert useful_flops(SMALL, inputs) == 4 * SMALL.head_dim * SMALL.heads * visits
+
+
+def test_run_case_reports_checked_results_and_ratios():
+    rec = run_case(SMALL, torch.device("cpu"), ["torch", "reference", "sdpa_stitch", "sdpa_plain"],
+                   repeats=1)
+    res = rec["results"]
+    for m in ("torch", "reference", "sdpa_stitch"):
+        assert res[m]["ok"] and res[m]["max_err"] < 1e-4
+    assert "max_err" not in res["sdpa_plain"]  # a different computation: timed, never compared
+    assert res["torch"]["speedup_vs_reference"] == pytest.approx(
+        res["reference"]["median_ms"] / res["torch"]["median_ms"])
+    result = {"environment": {"device": "test cpu", "torch": "x", "triton": None}, "mode": "quick",
+              "timestamp": "now", "kernels": {"methods": ["torch", "reference", "sdpa_stitch",
+                                                          "sdpa_plain"], "cases": [rec]}}
+    table = kernel_table(result)
+    assert SMALL.name in table and table.count("\n") == 2
+
+
+def test_readme_section_and_update(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    row = {"scheme": "per_sample", "num": 1, "seconds_per_sample": 1.0, "unet_rows_per_sample": 8.0,
+           "unet_calls": 8}
+    result = {"environment": {"device": "Card X", "torch": "2", "triton": "3"}, "mode": "full",
+              "timestamp": "t", "e2e": {"rows": [row], "model": "tiny"}}
+    (results / "card-x.json").write_text(json.dumps(result))
+    assert "per_sample | 1 | 1.000" in e2e_table(result)
+    section = readme_section(results, tmp_path)
+    assert "Card X" in section and "benchmarks/results/card-x.json" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nafter\n")
+    assert update_readme(readme, section)
+    text = readme.read_text()
+    assert "old" not in text and "Card X" in text and text.endswith("after\n")
+    assert not update_readme(readme, section)  # already current
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, section)
