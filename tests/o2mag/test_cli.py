@@ -115,6 +115,23 @@ def test_user_files_with_kv_cache_and_folder_masks(files, capsys):
     assert m.shape == (128, 128) and m.any()  # folder mask reused in turn, at the working size
 
 
+def test_kv_cache_device_reaches_the_pipeline(tmp_path, capsys, monkeypatch):
+    from o2mag.pipeline import O2MAGPipeline
+
+    seen = {}
+    real = O2MAGPipeline.generate_iter
+
+    def spy(self, *a, **k):
+        seen.update(k)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(O2MAGPipeline, "generate_iter", spy)
+    args = ["generate", "--out", str(tmp_path), "--num", "3", "--batch-size", "2", *FAST]
+    _error(args + ["--kv-cache-device", "cpu"], capsys, "--kv-cache-device only applies with --kv-cache")
+    assert main(args + ["--kv-cache", "--kv-cache-device", "cpu"]) == 0
+    assert seen["kv_cache"] is True and seen["kv_cache_device"] == "cpu"
+
+
 def test_mvtec_inputs_and_several_normals(tmp_path, capsys):
     rng = np.random.RandomState(1)
     root = tmp_path / "mvtec"
