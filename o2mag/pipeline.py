@@ -275,12 +275,18 @@ class O2MAGPipeline(DiffusionPipeline):
             return None
         return os.path.join(self.cache_dir, kind, f"{key}.pt")
 
+    def _scheduler_settings(self) -> Dict[str, Any]:
+        """The scheduler config as a cache-key part: diffusers' private ``_...`` entries dropped
+        (``_use_default_values`` comes from a set, so its order changes between processes and
+        would make every on-disk cache key new in each run)."""
+        return {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+
     def invert(self, image: np.ndarray, num_steps: int, *, use_cache: bool = True,
                cache_to_disk: bool = False,
                desc: str = "DDIM inversion") -> Inversion:
         """DDIM-invert a uint8 (H, W, 3) image with the empty prompt; cached by content + settings."""
         key = _sha("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
-                   dict(self.scheduler.config))
+                   self._scheduler_settings())
         if use_cache and key in self._inversions:
             self.stats.inversion_cache_hits += 1
             return self._inversions[key].to(self.device)
@@ -310,7 +316,7 @@ class O2MAGPipeline(DiffusionPipeline):
         if steps == 0:  # AGO off: the plain prompt embedding
             return self.encode_prompt(prompt)
         key = _sha("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
-                   mask if mask is not None else None, dict(self.scheduler.config))
+                   mask if mask is not None else None, self._scheduler_settings())
         if key in self._embeddings:
             self.stats.ago_cache_hits += 1
             return self._embeddings[key].to(self.device)

@@ -237,3 +237,19 @@ def test_run_failures_the_user_can_fix_end_in_one_line(tmp_path, capsys, monkeyp
     assert main(["generate", "--out", str(tmp_path), *FAST]) == 1
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("o2mag: error:")
+
+
+def test_disk_cache_is_reused_by_a_later_process(tmp_path):
+    """A rerun in a NEW process (other hash seed) must find AGO and the inversions on disk."""
+    import os
+
+    def run(num, seed):
+        env = dict(os.environ, PYTHONHASHSEED=str(seed))
+        proc = subprocess.run([sys.executable, "-m", "o2mag.cli", "generate", "--out", str(tmp_path),
+                               "--num", str(num), *FAST], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "inversions 2, AGO runs 1" in run(1, 1)
+    assert "inversions 0, AGO runs 0" in run(2, 2)
