@@ -15,6 +15,11 @@ their running max, sum and accumulator unchanged; that is why one accumulator se
 Head dims that are not a power of two are split into two power-of-two dot pieces (80 = 64 + 16,
 160 = 128 + 32, 40 = 32 + 16) instead of padding to the next power of two.
 
+float32 above head dim 64 (3xTF32 dots; hi/lo operand halves of whole head-dim tiles spill
+registers) runs column-chunked instead: logits are summed over 32-column chunks of Q and K, and the
+output is produced 64 columns at a time, one pass over the keys per 64 columns (logits recomputed
+per pass). Registers then no longer grow with the head dim.
+
 This module does not import torch: the config tables and the kernel stand on triton alone.
 """
 from __future__ import annotations
@@ -64,9 +69,9 @@ def _only(*keep):
 # Which configs may run, per (SM family, dtype class, head-dim bucket). Every entry compiles with
 # no register spill (``o2mag-kernels aot-check`` proves it for sm_80 and sm_90 and fails if one
 # spills); configs that spilled were removed here. sm_80 (mma.sync keeps operands in registers) is
-# much tighter than sm_90 (wgmma reads them from shared memory). fp32 uses 3xTF32 dots, which need
-# about three times the registers: only head dims up to 64 fit without spilling, so fp32 with larger
-# head dims is left to the torch backend.
+# much tighter than sm_90 (wgmma reads them from shared memory). fp32 uses 3xTF32 dots (operands
+# split into hi/lo TF32 halves), which need about three times the registers: whole head-dim tiles
+# fit only up to 64, so larger fp32 head dims run the column-chunked path (see ``_tile_chunked``).
 ALLOWED = {
     (80, "half", 40): _ALL,
     (80, "half", 64): _but((64, 128, 4, 2)),
@@ -90,8 +95,28 @@ ALLOWED = {
     (80, "fp32", 64): _only((32, 32, 4, 2), (16, 32, 4, 2)),
     (90, "fp32", 40): _only((64, 32, 4, 1)),
     (90, "fp32", 64): _only((64, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
+    # fp32 above FP32_WHOLE_HEAD_DIM: the column-chunked path (registers do not grow with D)
+    (80, "fp32", 80): _only((64, 32, 4, 1), (64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 1),
+                            (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "fp32", 128): _only((64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 4, 2)),
+    (80, "fp32", 160): _only((64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2),
+                             (32, 32, 4, 2), (16, 32, 4, 2)),
+    (80, "fp32", 256): _only((64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 4, 2), (16, 32, 4, 2)),
+    (90, "fp32", 80): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
+                            (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
+                            (16, 32, 4, 2)),
+    (90, "fp32", 128): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
+                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
+                             (16, 32, 4, 2)),
+    (90, "fp32", 160): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
+                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (16, 32, 4, 2)),
+    (90, "fp32", 256): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
+                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
+                             (16, 32, 4, 2)),
 }
-FP32_MAX_HEAD_DIM = 64
+FP32_WHOLE_HEAD_DIM = 64  # fp32 above this runs column-chunked
+FP32_D_CHUNK = 64
+FP32_K_CHUNK = 32
 
 
 def _next_pow2(x: int) -> int:
@@ -117,6 +142,14 @@ def split_head_dim(head_dim: int) -> tuple:
     return lead, tail
 
 
+def chunking(head_dim: int, itemsize: int) -> tuple:
+    """(D_CHUNK, K_CHUNK) constexprs: (0, 0) runs the head dim whole (fp16/bf16, fp32 up to
+    FP32_WHOLE_HEAD_DIM); otherwise fp32 runs column-chunked (see ``_tile_chunked``)."""
+    if itemsize != 4 or head_dim <= FP32_WHOLE_HEAD_DIM:
+        return 0, 0
+    return FP32_D_CHUNK, FP32_K_CHUNK
+
+
 def head_dim_bucket(head_dim: int) -> int:
     """The tuned bucket whose dot width (BLOCK_D0 + BLOCK_D1) is the smallest covering head_dim's."""
     width = sum(split_head_dim(head_dim))
@@ -140,7 +173,7 @@ def allowed_configs(head_dim: int, itemsize: int = 2, arch: int = 80):
 
 
 def supported(head_dim: int, itemsize: int) -> bool:
-    """Whether some config covers this head dim and dtype size (fp32 stops at 64)."""
+    """Whether some config covers this head dim and dtype size on both sm_80 and sm_90."""
     return bool(allowed_configs(head_dim, itemsize, 80)) and bool(allowed_configs(head_dim, itemsize, 90))
 
 
@@ -223,6 +256,84 @@ def _attend_source(
 
 
 @triton.jit
+def _attend_source_chunked(
+    acc, m_i, l_i, q_rows, m_ok,
+    K, V, IDX, n_keys, sk_l, sv_l, row_ok, qk_scale, d_out,
+    HEAD_DIM: tl.constexpr, K_CHUNK: tl.constexpr, D_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 variant of :func:`_attend_source` for one output column chunk [d_out, d_out+D_CHUNK).
+
+    Nothing head-dim wide lives in registers: the logits are summed over K_CHUNK-wide column chunks
+    of Q (re-read from cache) and K, and only D_CHUNK columns of V and of the accumulator are held.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_c0 = tl.arange(0, K_CHUNK)
+    offs_o = d_out + tl.arange(0, D_CHUNK)
+    o_ok = offs_o < HEAD_DIM
+    for start_n in range(0, n_keys, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < n_keys
+        kj = tl.load(IDX + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k_rows = K + kj[:, None] * sk_l
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for dk in range(0, HEAD_DIM, K_CHUNK):
+            offs_c = dk + offs_c0
+            c_ok = offs_c < HEAD_DIM
+            qc = tl.load(q_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            kc = tl.load(k_rows + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=INPUT_PRECISION)
+        s = tl.where(row_ok[:, None] & n_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kj[:, None] * sv_l + offs_o[None, :],
+                    mask=n_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_chunked(
+    q_rows, m_ok, start_m, n_qfg,
+    KF, VF, FIDX, n_kf, skf_l, svf_l, qk_scale_fg,
+    KB, VB, BIDX, n_kb, skb_l, svb_l, qk_scale_bg,
+    o_rows, lse_ptrs,
+    HEAD_DIM: tl.constexpr, K_CHUNK: tl.constexpr, D_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One query tile, fp32, head dim above what fits in registers: one pass over the keys per
+    D_CHUNK output columns (the logits are recomputed per pass; 3xTF32 operands of a whole
+    head-dim row would spill). Every pass reaches the same running max and sum, so the lse of the
+    last pass is stored."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_fg = offs_m < n_qfg
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d_out in range(0, HEAD_DIM, D_CHUNK):
+        acc = tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32)
+        # Finite start for the running max: rows that see only -inf logits stay unchanged.
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if start_m < n_qfg:
+            acc, m_i, l_i = _attend_source_chunked(
+                acc, m_i, l_i, q_rows, m_ok, KF, VF, FIDX, n_kf, skf_l, svf_l, row_fg,
+                qk_scale_fg, d_out, HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        if start_m + BLOCK_M > n_qfg:
+            acc, m_i, l_i = _attend_source_chunked(
+                acc, m_i, l_i, q_rows, m_ok, KB, VB, BIDX, n_kb, skb_l, svb_l, offs_m >= n_qfg,
+                qk_scale_bg, d_out, HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        offs_o = d_out + tl.arange(0, D_CHUNK)
+        tl.store(o_rows + offs_o[None, :], (acc / l_safe[:, None]).to(o_rows.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_o < HEAD_DIM)[None, :])
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    tl.store(lse_ptrs, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
 def tri_source_fwd(
     Q, KF, VF, KB, VB, O, LSE,
     QPERM, FIDX, BIDX, COUNTS,
@@ -239,6 +350,7 @@ def tri_source_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_CHUNK: tl.constexpr = 0, K_CHUNK: tl.constexpr = 0,
 ):
     """One (query tile, batch·head) program. COUNTS is int32 (B, 3): [n_fg_queries, n_fg_keys,
     n_bg_keys]; QPERM/FIDX/BIDX are int32 permutations (batch stride 0 when shared by all)."""
@@ -254,43 +366,53 @@ def tri_source_fwd(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
     qi = tl.load(QPERM + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int64)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    d0_ok = offs_d0 < HEAD_DIM
     q_rows = Q + b * sq_b + h * sq_h + qi[:, None] * sq_l
-    q0 = tl.load(q_rows + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        d1_ok = offs_d1 < HEAD_DIM
-        q1 = tl.load(q_rows + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-    else:
-        q1 = q0
-        acc1 = acc0
-    # Finite start for the running max: rows that see only -inf logits in a loop stay unchanged.
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_fg = offs_m < n_qfg
-
-    if start_m < n_qfg:
-        acc0, acc1, m_i, l_i = _attend_source(
-            acc0, acc1, m_i, l_i, q0, q1,
+    if D_CHUNK > 0:  # fp32 with a large head dim: column-chunked, see _tile_chunked
+        _tile_chunked(
+            q_rows, m_ok, start_m, n_qfg,
             KF + b * skf_b + h * skf_h, VF + b * svf_b + h * svf_h, FIDX + b * sfi_b, n_kf,
-            skf_l, svf_l, row_fg, qk_scale_fg,
-            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
-    if start_m + BLOCK_M > n_qfg:
-        acc0, acc1, m_i, l_i = _attend_source(
-            acc0, acc1, m_i, l_i, q0, q1,
+            skf_l, svf_l, qk_scale_fg,
             KB + b * skb_b + h * skb_h, VB + b * svb_b + h * svb_h, BIDX + b * sbi_b, n_kb,
-            skb_l, svb_l, offs_m >= n_qfg, qk_scale_bg,
-            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
+            skb_l, svb_l, qk_scale_bg,
+            O + b * so_b + h * so_h + qi[:, None] * so_l, LSE + (b * H + h) * Lq + qi,
+            HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+    else:
+        offs_d0 = tl.arange(0, BLOCK_D0)
+        d0_ok = offs_d0 < HEAD_DIM
+        q0 = tl.load(q_rows + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+        if BLOCK_D1 > 0:
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            d1_ok = offs_d1 < HEAD_DIM
+            q1 = tl.load(q_rows + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        else:
+            q1 = q0
+            acc1 = acc0
+        # Finite start for the running max: rows that see only -inf logits in a loop stay unchanged.
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_fg = offs_m < n_qfg
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o_rows = O + b * so_b + h * so_h + qi[:, None] * so_l
-    tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d0_ok[None, :])
-    if BLOCK_D1 > 0:
-        tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
-                 mask=m_ok[:, None] & d1_ok[None, :])
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + (b * H + h) * Lq + qi, lse, mask=m_ok)
+        if start_m < n_qfg:
+            acc0, acc1, m_i, l_i = _attend_source(
+                acc0, acc1, m_i, l_i, q0, q1,
+                KF + b * skf_b + h * skf_h, VF + b * svf_b + h * svf_h, FIDX + b * sfi_b, n_kf,
+                skf_l, svf_l, row_fg, qk_scale_fg,
+                HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
+        if start_m + BLOCK_M > n_qfg:
+            acc0, acc1, m_i, l_i = _attend_source(
+                acc0, acc1, m_i, l_i, q0, q1,
+                KB + b * skb_b + h * skb_h, VB + b * svb_b + h * svb_h, BIDX + b * sbi_b, n_kb,
+                skb_l, svb_l, offs_m >= n_qfg, qk_scale_bg,
+                HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o_rows = O + b * so_b + h * so_h + qi[:, None] * so_l
+        tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d0_ok[None, :])
+        if BLOCK_D1 > 0:
+            tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
+                     mask=m_ok[:, None] & d1_ok[None, :])
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(LSE + (b * H + h) * Lq + qi, lse, mask=m_ok)

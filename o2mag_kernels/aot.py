@@ -2,8 +2,9 @@
 
 Variants = every (tile config the autotuner may pick) x (head-dim bucket) x (dtype) for each SM,
 i.e. exactly ``_triton_kernel.all_variants`` per dtype and arch (the ``ALLOWED`` table); ``--quick``
-keeps one config per head dim (fp16) plus one bf16 and one fp32 variant. Each variant is compiled
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; ``cuobjdump
+keeps one config per head dim (fp16) plus one bf16 and two fp32 variants (whole-tile and
+column-chunked). Each variant is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))``; ``cuobjdump
 -res-usage`` (bundled with triton) then reads registers, static shared memory and spill bytes (local
 memory + stack frame) from the cubin, and the PTX says whether the dots became ``wgmma`` (sm_90) or
 ``mma.sync`` (sm_80).
@@ -47,6 +48,7 @@ def variants(archs, quick: bool = False):
             picks = [("fp16", d, K.prune(d, 4096, 4096, 2, arch)[0]) for d in K.HEAD_DIMS]
             picks.append(("bf16", 80, K.prune(80, 64, 64, 2, arch)[0]))  # a small-tile variant
             picks.append(("fp32", 64, K.prune(64, 1024, 1024, 4, arch)[0]))
+            picks.append(("fp32", 160, K.prune(160, 1024, 1024, 4, arch)[0]))  # column-chunked
         else:
             picks = [(dt, d, cfg) for dt in DTYPES
                      for d, cfg in K.all_variants(itemsize=_ITEMSIZE[dt], arch=arch)]
@@ -76,8 +78,11 @@ def _compile_one(v):
     d = v["head_dim"]
     d0, d1 = K.split_head_dim(d)
     dt = v["dtype"]
+    # "chunks" [D_CHUNK, K_CHUNK] overrides the fp32 column chunking (for measuring alternatives)
+    dc, kc = v.get("chunks") or K.chunking(d, _ITEMSIZE[dt])
     consts = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=False,
-                  INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
+                  INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+                  D_CHUNK=dc, K_CHUNK=kc)
     sig = {}
     for n in names:
         if n in consts:

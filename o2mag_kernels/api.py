@@ -38,8 +38,7 @@ def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    d = q.shape[-1]  # what the Triton kernel covers: fp16/bf16 up to 256, fp32 up to 64
-    fused_ok = d <= (64 if q.dtype == torch.float32 else 256) and q.dtype != torch.float64
+    fused_ok = q.shape[-1] <= 256 and q.dtype != torch.float64  # what the Triton kernel covers
     if q.is_cuda and fused_ok and not needs_grad and _triton_status(q.device)[0]:
         return "triton"
     return "torch"

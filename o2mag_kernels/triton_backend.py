@@ -192,7 +192,9 @@ def _launch(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask
         problem.scale * problem.fg_gain * log2e, problem.scale * log2e,
         lq_bucket, lk_bucket,
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
+    d_chunk, k_chunk = K.chunking(D, q.element_size())
+    meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+                D_CHUNK=d_chunk, K_CHUNK=k_chunk)
     if config is None and is_interpreted():
         config = K.prune(D, lq_bucket, lk_bucket, q.element_size(), 80)[0]
     if config is None:
@@ -242,9 +244,8 @@ def triton_attention(
 ):
     """Fused tri-source attention (forward only). Arguments were validated by the caller.
 
-    Raises ``TypeError`` for float64 (no fp64 tensor-core path) and for float32 with head dims
-    above 64 (no spill-free tile), ``ValueError`` for head dims above 256, and ``RuntimeError``
-    when autograd would need a backward (use ``backend="torch"``).
+    Raises ``TypeError`` for float64 (no fp64 tensor-core path), ``ValueError`` for head dims
+    above 256, and ``RuntimeError`` when autograd would need a backward (use ``backend="torch"``).
     """
     if q.dtype == torch.float64:
         raise TypeError("q: the triton backend supports float16, bfloat16 and float32, not float64 "
@@ -252,10 +253,6 @@ def triton_attention(
     if problem.D > K.MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {problem.D} exceeds the triton backend's maximum "
                          f"{K.MAX_HEAD_DIM} (use backend='torch')")
-    if q.dtype == torch.float32 and problem.D > K.FP32_MAX_HEAD_DIM:
-        raise TypeError(f"q: float32 with head dim {problem.D} > {K.FP32_MAX_HEAD_DIM} is not "
-                        "supported by the triton backend (its 3xTF32 tiles would spill registers); "
-                        "use float16/bfloat16 or backend='torch'")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_fg, v_fg, k_bg, v_bg)):
         raise RuntimeError(
             "backend='triton' is forward-only and an input requires grad: use backend='torch' "

@@ -1,7 +1,7 @@
 """``o2mag-kernels aot-check``: GPU kernels compiled for sm_80/sm_90 on a machine without a GPU.
 
 CI runs the FULL check (every config the autotuner may pick x head-dim bucket x dtype, for sm_80 and
-sm_90: ~300 compiles, about 2.5 minutes on 2 cold cores) so that no variant that could be picked on
+sm_90: ~350 compiles, about 4 minutes on 2 cold cores) so that no variant that could be picked on
 a GPU is left uncompiled; the pass/fail rules are unit-tested on synthetic results.
 """
 from __future__ import annotations
@@ -39,7 +39,10 @@ def test_aot_check_is_green(full_report):
     assert rows and all(rows), "unparsable table rows:\n" + proc.stdout
     expected = aot.variants([80, 90], quick=False)
     assert len(rows) == len(expected)
-    assert {int(r["D"]) for r in rows} == set(K.HEAD_DIMS)
+    for arch in ("80", "90"):
+        for dtype in ("fp16", "bf16", "fp32"):
+            got = {int(r["D"]) for r in rows if r["arch"] == arch and r["dtype"] == dtype}
+            assert got == set(K.HEAD_DIMS), (arch, dtype, got)
     for r in rows:
         assert r["status"] == "OK", r.group(0)
         assert int(r["spill"]) == 0 and 0 < int(r["regs"]) <= 255
@@ -62,6 +65,17 @@ def test_full_variant_list_covers_everything_the_autotuner_can_pick():
                     for lk in lengths:
                         for cfg in K.prune(d, lq, lk, size, arch):
                             assert (arch, dtype, d, cfg) in listed
+
+
+def test_every_dtype_and_head_dim_up_to_256_has_a_config():
+    """The contract covers fp16, bf16 and fp32 up to head dim 256; ALLOWED lists only configs the
+    full check proves spill-free, so every head dim must keep one on both SM families."""
+    for arch in (80, 90):
+        for itemsize in (2, 4):
+            for d in range(1, K.MAX_HEAD_DIM + 1):
+                assert K.allowed_configs(d, itemsize, arch), (arch, itemsize, d)
+    # fp32 above 64 is compiled (and run) column-chunked; fp16/bf16 and small fp32 whole-tile
+    assert K.chunking(64, 4) == (0, 0) and K.chunking(65, 4)[0] > 0 and K.chunking(256, 2) == (0, 0)
 
 
 def _fake(**kw):

@@ -91,12 +91,23 @@ IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # ------------------------------------------------------------------------------- interpreter
 
 
-@pytest.mark.parametrize("D, dtype", [(d, t) for d in (40, 64, 80, 160) for t in ALL
-                                      if t != torch.float32 or d <= K.FP32_MAX_HEAD_DIM],
+@pytest.mark.parametrize("D, dtype", [(d, t) for d in (40, 64, 80, 160) for t in ALL],
                          ids=lambda x: IDS.get(x, str(x)))
 def test_head_dims(D, dtype, make_case, formula, lowp_bound):
     case = make_case(B=2, H=2, Lq=77, Lf=63, Lb=70, D=D, dtype=dtype, q_density=0.4)
     check(case, formula, lowp_bound, fg_gain=1 / 0.7)
+
+
+@pytest.mark.parametrize("D", [72, 80, 160, 200, 256])
+def test_fp32_column_chunked(D, make_case, formula, lowp_bound):
+    """fp32 above head dim 64 runs column-chunked (64 output columns per pass over the keys,
+    logits summed over 32-column chunks): odd tails of both chunkings, tiles wholly foreground,
+    wholly background and straddling, at fp32 accuracy (same bound as the whole-tile path)."""
+    assert K.chunking(D, 4) != (0, 0) and K.chunking(D, 2) == (0, 0)
+    case = make_case(B=2, H=1, Lq=50, Lf=37, Lb=45, D=D, dtype=torch.float32, q_density=0.4,
+                     q_magnitude=3.0)
+    for tile in ((16, 32, 4, 2), (32, 64, 4, 2)):
+        check(case, formula, lowp_bound, fg_gain=1 / 0.7, config=tile)
 
 
 def test_head_dim_256_and_odd_tail(make_case, formula, lowp_bound):
@@ -210,6 +221,12 @@ def test_every_tile_config(make_case, formula, lowp_bound):
     tiles = sorted({(bm, bn) for bm, bn, _, _ in K.CONFIGS})
     for bm, bn in tiles:
         check(case, formula, lowp_bound, config=(bm, bn, 4, 2))
+    # fp32 column-chunked path: every tile it may run with (any head-dim bucket above 64, any SM)
+    case = case.to(torch.float32)
+    fp32_tiles = sorted({(bm, bn) for d in (80, 128, 160, 256) for arch in (80, 90)
+                         for bm, bn, _, _ in K.allowed_configs(d, 4, arch)})
+    for bm, bn in fp32_tiles:
+        check(case, formula, lowp_bound, config=(bm, bn, 4, 2))
 
 
 def test_empty_sources_and_queries(make_case, formula, lowp_bound):
@@ -244,16 +261,12 @@ def test_useful_flops_counts_needed_keys(make_case):
     assert tb.useful_flops(problem, *case.args[5:]) == 4 * 40 * 2 * want
 
 
-def test_float64_and_large_head_dim_rejected(make_case):
+def test_float64_and_too_large_head_dim_rejected(make_case):
     case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=16, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         tri_source_attention(*case.args, backend="triton")
     case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=272)
     with pytest.raises(ValueError, match="head dim"):
-        tri_source_attention(*case.args, backend="triton")
-    # fp32 stops at head dim 64 (larger 3xTF32 tiles spill registers, see aot-check)
-    case = make_case(B=1, H=1, Lq=8, Lf=8, Lb=8, D=80)
-    with pytest.raises(TypeError, match="float32 with head dim 80"):
         tri_source_attention(*case.args, backend="triton")
 
 
@@ -294,8 +307,6 @@ def test_custom_op_fake_and_schema(make_case):
 def test_random_shapes_and_masks(B, H, Lq, Lf, Lb, D, dtype, qd, fd, bd, shared, strided, gain,
                                  tile, make_case, formula, lowp_bound):
     """Odd head dims (padded or split), tiles smaller/larger than the lengths, mixed tiles."""
-    if dtype == torch.float32 and D > K.FP32_MAX_HEAD_DIM:
-        dtype = torch.float16
     if Lf == 0 and fd == "single":
         fd = None
     one = 1 if shared else None
@@ -333,8 +344,7 @@ GPU_CASES = [
 
 @pytest.mark.cuda
 @cuda_only
-@pytest.mark.parametrize("spec, dtype", [(s, t) for s in GPU_CASES for t in ALL
-                                         if t != torch.float32 or s["D"] <= K.FP32_MAX_HEAD_DIM],
+@pytest.mark.parametrize("spec, dtype", [(s, t) for s in GPU_CASES for t in ALL],
                          ids=lambda x: f"D{x['D']}-L{x['Lq']}-B{x['B']}" if isinstance(x, dict) else IDS[x])
 def test_gpu_parity(spec, dtype, make_case, formula, lowp_bound):
     assert not tb.is_interpreted(), "unset TRITON_INTERPRET to test the kernel on the GPU"
@@ -375,8 +385,9 @@ def test_gpu_cuda_graph_and_compile(make_case):
 @pytest.mark.cuda
 @cuda_only
 def test_gpu_auto_picks_triton(make_case):
-    case = on(make_case(B=1, H=2, Lq=64, Lf=64, Lb=64, D=64, dtype=torch.float16), "cuda")
-    ok, why = tb.status(case.q.device)
-    assert ok, why
-    a = tri_source_attention(*case.args, backend="auto")
-    assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
+    for D, dtype in ((64, torch.float16), (160, torch.float32)):  # fp32 > 64: column-chunked
+        case = on(make_case(B=1, H=2, Lq=64, Lf=64, Lb=64, D=D, dtype=dtype), "cuda")
+        ok, why = tb.status(case.q.device)
+        assert ok, why
+        a = tri_source_attention(*case.args, backend="auto")
+        assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
