@@ -6,7 +6,11 @@ gave (a path, an image, a mask, settings), not a bug in o2mag.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError"]
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError", "existing_path"]
 
 
 class InputError(ValueError):
@@ -23,3 +27,17 @@ class SettingsConflictError(InputError):
 
 class SampleExistsError(InputError, FileExistsError):
     """A complete sample is already on disk and overwriting was not asked for."""
+
+
+def existing_path(path: Any, what: str, *, folder: bool = False) -> Path:
+    """``path`` as a Path that exists and is a file (or a folder); else an error naming ``what``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError(f"{what} not found: {p}")
+    if folder and not p.is_dir():
+        raise InputError(f"{what} is not a folder: {p}")
+    if not folder and not p.is_file():
+        raise InputError(f"{what} is not a file: {p}")
+    return p

@@ -8,7 +8,7 @@ timestep, so "invert, then denoise with the same noise predictions" returns the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError, MissingInputError
+from .errors import InputError, MissingInputError, existing_path
 
 __all__ = [
     "TargetMask",
@@ -604,17 +604,6 @@ def perlin_masks(shape: tuple[int, int], n: int | Sequence[int], *, foreground: 
 # files
 
 
-def _check_file(path: Any, what: str) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{what} path must be a str or os.PathLike, got {type(path).__name__}")
-    p = Path(path)
-    if not p.exists():
-        raise MissingInputError(f"{what} not found: {p}")
-    if not p.is_file():
-        raise InputError(f"{what} is not a file: {p}")
-    return p
-
-
 def _open_image(p: Path, what: str) -> Image.Image:
     try:
         with Image.open(p) as img:
@@ -656,7 +645,7 @@ def resize_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None) -> Image.Image:
     """Open an image file as RGB; ``size`` (int or (width, height)) resizes it with bicubic."""
-    p = _check_file(path, "image")
+    p = existing_path(path, "image")
     img = _open_image(p, "image").convert("RGB")
     return img if size is None else resize_image(img, size)
 
@@ -679,7 +668,7 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None, *, 
     the file has another size (e.g. a mask that does not belong to the image). An empty mask
     raises ``InputError`` unless ``allow_empty``.
     """
-    p = _check_file(path, "mask")
+    p = existing_path(path, "mask")
     img = _open_image(p, "mask")
     if shape is not None:
         h, w = _check_shape("shape", shape)

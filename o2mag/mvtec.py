@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InputError, MissingInputError
+from .errors import InputError, MissingInputError, existing_path
 from .masks import MASK_EXTENSIONS
 
 __all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects"]
@@ -32,14 +32,7 @@ def _shown(names: list[str]) -> str:
 
 
 def _root(root: str | os.PathLike) -> Path:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a str or os.PathLike, got {type(root).__name__}")
-    r = Path(root)
-    if not r.exists():
-        raise MissingInputError(f"MVTec root not found: {r}")
-    if not r.is_dir():
-        raise InputError(f"MVTec root is not a folder: {r}")
-    return r
+    return existing_path(root, "MVTec root", folder=True)
 
 
 def mvtec_categories(root: str | os.PathLike) -> list[str]:

@@ -13,7 +13,6 @@ casts and stores still run. The bf16 dot path itself is covered by the ``cuda`` 
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from hypothesis import strategies as st
 from o2mag_kernels import tri_source_attention
 from o2mag_kernels import _triton_kernel as K
 from o2mag_kernels import triton_backend as tb
-from o2mag_kernels.reference import reference_attention
 
 from conftest import max_abs_err  # noqa: E402  (tests/kernels is on sys.path; see conftest.py)
 

@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-import o2mag.graft as graft_mod
 from o2mag import AttentionGraft, BranchLayout, GraftConfig
 from o2mag.graft import GraftCrossAttnProcessor, GraftSelfAttnProcessor, SourceCache, transformer_layers
 
