@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from o2mag import AttentionGraft, BranchLayout, GraftConfig
 from o2mag.graft import GraftCrossAttnProcessor, GraftSelfAttnProcessor, SourceCache, transformer_layers
+from o2mag_kernels.api import _triton_status
 
 ATOL = 1e-5
 
@@ -137,7 +138,13 @@ def test_disabled_unet_head_dim_64(tiny_unet_hd64):
 # ---------------------------------------------------------------------------------------------
 # hand-computed rows on one layer
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+_TRITON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
+    not _triton_status(torch.device("cpu"))[0],
+    reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 (the README's test "
+           "command and CI set it)"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", _TRITON_CPU])
 @pytest.mark.parametrize("num_targets", [1, 3])
 @pytest.mark.parametrize("heads, dim_head", [(2, 40), (1, 64)])
 def test_graft_rows_get_the_right_sources(backend, num_targets, heads, dim_head):
