@@ -54,7 +54,7 @@ def _setups(quick: bool):
     compared with plain one-to-more at the SAME batch size (4, and 8 where N > 8)."""
     for n in (1, 8, 32):
         yield "per_sample", n, dict(scheme="per_sample", batch_size=1)
-        yield f"one_to_more (batch {min(n, 8)})", n, dict(batch_size=min(n, 8))
+        yield "one_to_more (batch min(N, 8))", n, dict(batch_size=min(n, 8))
         if n > 4:
             yield "one_to_more (batch 4)", n, dict(batch_size=4)
             yield "one_to_more+kv_cache (batch 4)", n, dict(batch_size=4, kv_cache=True)
