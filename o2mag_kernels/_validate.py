@@ -13,6 +13,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32: the accumulator and log-sum-exp dtype of every
+    non-fused backend (one rule, so the backends cannot drift apart)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class Problem:
     """Sizes of one call after validation (one place derives them for every backend)."""

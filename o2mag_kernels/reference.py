@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import Problem, effective_key_masks
+from ._validate import Problem, accumulate_dtype, effective_key_masks
 
 
 def _masked_softmax_attention(q, k, v, key_mask, logit_scale, compute_dtype):
@@ -30,7 +30,7 @@ def reference_attention(
     in float16/bfloat16 to measure how much error plain low-precision arithmetic makes.
     """
     if compute_dtype is None:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute_dtype = accumulate_dtype(q.dtype)
     fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)
     # Rows with no usable foreground key never take the foreground result; give them a dummy key
     # set so their (unused) softmax stays finite.
@@ -47,4 +47,4 @@ def reference_attention(
     if not return_lse:
         return out
     lse = torch.where(use_fg, lse_fg, lse_bg)
-    return out, lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+    return out, lse.to(accumulate_dtype(compute_dtype))

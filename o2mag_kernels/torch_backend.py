@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import Problem, effective_key_masks
+from ._validate import Problem, accumulate_dtype, effective_key_masks
 
 # Elements of one float32 score chunk on the LSE path (about 64 MiB).
 _LSE_CHUNK_ELEMENTS = 1 << 24
@@ -48,7 +48,7 @@ def _attend(q, k, v, scale: float, want_lse: bool):
     # SDPA does not expose the log-sum-exp publicly, so this path streams over query chunks with
     # fp32 (or fp64) accumulation and never holds more than one chunk of scores. With a shared
     # source, q's batch is folded into its rows so matmul never broadcasts (copies) k or v.
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(q.dtype)
     fold = k.shape[0] == 1 and B > 1
     L = k.shape[2]
     rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, B * H * L))
@@ -81,7 +81,7 @@ def _indices(mask_row: torch.Tensor):
 def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem, want_lse):
     """Attention for a group of batch rows that share one query routing and one pair of key sets."""
     B, H, Lq, D = q.shape
-    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = accumulate_dtype(q.dtype)
     n_fg = int(use_fg_row.sum())
     parts = []  # (query indices or None, out, lse)
     if n_fg > 0:
@@ -116,7 +116,7 @@ def torch_attention(
     B, Lq = problem.B, problem.Lq
     if Lq == 0:
         out = q.clone()  # empty; a clone (not new_empty) keeps the result in q's autograd graph
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse_dtype = accumulate_dtype(q.dtype)
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
     fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)
     use_fg = query_mask.expand(B, Lq) & fg_any[:, None]
