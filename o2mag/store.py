@@ -28,7 +28,7 @@ import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -365,9 +365,4 @@ class OutputStore:
         self._last[index] = line
         self._written.add(index)
         return line
-
-    def write_many(self, items: Iterable[tuple[int, Any, Any, dict[str, Any] | None]]
-                   ) -> list[dict[str, Any]]:
-        """``write`` for each ``(index, image, mask, record)``; stops at the first error."""
-        return [self.write(i, img, m, rec) for i, img, m, rec in items]
 
