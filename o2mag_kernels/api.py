@@ -34,7 +34,13 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
 
 
 def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
-    """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward."""
+    """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward.
+    An explicit 'triton' that cannot run here raises ``RuntimeError``."""
+    if backend == "triton":
+        ok, why = _triton_status(q.device)
+        if not ok:
+            raise RuntimeError(f"backend='triton' is not usable here: {why}")
+        return backend
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -74,9 +80,6 @@ def tri_source_attention(
         return reference_attention(*args, return_lse=return_lse)
     if chosen == "torch":
         return torch_attention(*args, return_lse=return_lse)
-    ok, why = _triton_status(q.device)
-    if not ok:
-        raise RuntimeError(f"backend='triton' is not usable here: {why}")
     from .triton_backend import triton_attention
 
     return triton_attention(*args, return_lse=return_lse)
