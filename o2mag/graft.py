@@ -338,6 +338,7 @@ class AttentionGraft:
         self._ref: Optional[torch.Tensor] = None
         self._targets: Optional[torch.Tensor] = None
         self._pyramid: Dict[tuple, torch.Tensor] = {}
+        self._dae_bias: Dict[tuple, torch.Tensor] = {}
         self._plan: Optional[StepPlan] = None
         self._tokens: Tuple[int, ...] = ()
         self._unet = None
@@ -354,6 +355,7 @@ class AttentionGraft:
                              f"{self.layout.num_targets} targets")
         self._ref, self._targets = ref, tgt
         self._pyramid = {}
+        self._dae_bias = {}
 
     def set_step(self, step: int, num_steps: int) -> None:
         """Select the phases of denoising step ``step`` (0-based) of ``num_steps``."""
@@ -370,6 +372,7 @@ class AttentionGraft:
                 raise ValueError(f"indices must hold non-negative ints, got {i!r}")
             out.append(i)
         self._tokens = tuple(sorted(set(out)))
+        self._dae_bias = {}
 
     @property
     def plan(self) -> Optional[StepPlan]:
@@ -518,10 +521,16 @@ class AttentionGraft:
         if bad:
             raise ValueError(f"token indices {bad} are out of range for {T} text tokens")
         inside = self._mask("tgt", cfg.dae_mask_mode, q.shape[2], hw, q.device)  # (N, L)
-        col = torch.zeros(T, dtype=torch.bool, device=q.device)
-        col[list(self._tokens)] = True
-        # multiplying probabilities by g and renormalising == adding log(g) to those logits
-        bias = (inside[:, None, :, None] & col).to(q.dtype) * math.log(cfg.dae_gain)  # (N, 1, L, T)
+        # The bias depends only on the masks, tokens, resolution and dtype: build it once per
+        # layer size, not on every cross-attention call of every step.
+        key = (q.shape[2], hw, T, q.dtype, str(q.device))
+        bias = self._dae_bias.get(key)
+        if bias is None:
+            col = torch.zeros(T, dtype=torch.bool, device=q.device)
+            col[list(self._tokens)] = True
+            # multiplying probabilities by g and renormalising == adding log(g) to those logits
+            bias = (inside[:, None, :, None] & col).to(q.dtype) * math.log(cfg.dae_gain)  # (N, 1, L, T)
+            self._dae_bias[key] = bias
         halves = [lay.cond_half] if cfg.dae_cond_only else range(lay.num_halves)
         for h in halves:
             tsl = lay.target_slice(h)
