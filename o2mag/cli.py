@@ -361,9 +361,10 @@ def _generate(args) -> int:
     pipe = pipe.to(device)
     pipe.progress = not args.quiet
     size = args.size or pipe.default_size
-    if size % pipe.vae_scale_factor or size < 2 * pipe.vae_scale_factor:
-        raise UsageError(f"--size must be a multiple of {pipe.vae_scale_factor} and at least "
-                         f"{2 * pipe.vae_scale_factor}, got {size}")
+    try:
+        pipe._check_size(size)  # one rule, shared with the pipeline
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     inputs = _fit(inputs, size)
     prompt = args.prompt or inputs["prompt"]
     if not prompt:

@@ -218,6 +218,14 @@ class O2MAGPipeline(DiffusionPipeline):
         s = s[0] if isinstance(s, (tuple, list)) else s
         return int(s) * self.vae_scale_factor
 
+    def _check_size(self, size: int) -> None:
+        """Raise ``ValueError`` unless ``size`` can be the working image side: a multiple of the
+        VAE factor and at least two latent pixels (a 1-pixel latent breaks the UNet's GroupNorm,
+        one value per group). The CLI asks the same question, so the rule lives here once."""
+        f = self.vae_scale_factor
+        if size % f or size < 2 * f:
+            raise ValueError(f"size must be a multiple of {f} and at least {2 * f}, got {size}")
+
     def _identity(self) -> str:
         """Model identity for cache keys: name plus a cheap weight fingerprint."""
         fp = []
@@ -466,10 +474,7 @@ class O2MAGPipeline(DiffusionPipeline):
                 raise ValueError(f"kv_cache_device must be None or a torch device such as 'cpu', "
                                  f"got {kv_cache_device!r}") from None
         size = int(size or self.default_size)
-        if size % self.vae_scale_factor or size < 2 * self.vae_scale_factor:
-            # a 1-pixel latent breaks the UNet's GroupNorm (one value per group)
-            raise ValueError(f"size must be a multiple of {self.vae_scale_factor} and at least "
-                             f"{2 * self.vae_scale_factor}, got {size}")
+        self._check_size(size)
         if anomaly_word is None and prompt.strip():
             anomaly_word = prompt.strip().split()[-1]
         tokens = token_indices(self.tokenizer, prompt, anomaly_word)
