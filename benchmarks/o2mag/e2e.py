@@ -49,7 +49,7 @@ def sd15_shaped_pipeline(device, dtype=torch.float16, seed: int = 0) -> O2MAGPip
     return pipe.to(device=device, dtype=dtype)
 
 
-def _setups(quick: bool):
+def _setups():
     """(label, N, generate kwargs). The K/V cache only helps from the second batch on, so it is
     compared with plain one-to-more at the SAME batch size (4, and 8 where N > 8)."""
     for n in (1, 8, 32):
@@ -62,7 +62,7 @@ def _setups(quick: bool):
             yield "one_to_more+kv_cache (batch 8)", n, dict(batch_size=8, kv_cache=True)
 
 
-def run_e2e_suite(device: torch.device, *, quick: bool, repeats: int = 1, steps: int = None):
+def run_e2e_suite(device: torch.device, *, quick: bool, steps: int = None):
     """Seconds and UNet rows per generated sample for each scheme and N (one timed run each)."""
     if device.type == "cuda":
         pipe = sd15_shaped_pipeline(device)
@@ -79,7 +79,7 @@ def run_e2e_suite(device: torch.device, *, quick: bool, repeats: int = 1, steps:
     targets = [t.mask for t in affine_masks(np.asarray(sample.ref_mask), max_n, seed=0)]
     rows = []
     per_sample_time = {}
-    for label, n, kwargs in _setups(quick):
+    for label, n, kwargs in _setups():
         pipe.clear_caches()
         pipe.stats.reset()
         t0 = time.perf_counter()
