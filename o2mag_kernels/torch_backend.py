@@ -82,16 +82,16 @@ def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem,
     """Attention for a group of batch rows that share one query routing and one pair of key sets."""
     B, H, Lq, D = q.shape
     out_dtype = accumulate_dtype(q.dtype)
-    n_fg = int(use_fg_row.sum())
+    n_fg = int(use_fg_row.sum())  # the count also says when a query set is all rows (no 2nd sync)
     parts = []  # (query indices or None, out, lse)
     if n_fg > 0:
-        qi = _indices(use_fg_row)
+        qi = None if n_fg == Lq else use_fg_row.nonzero().squeeze(1)
         kf = _indices(fg_row)
         o, l = _attend(_gather(q, qi), _gather(k_fg, kf), _gather(v_fg, kf),
                        problem.scale * problem.fg_gain, want_lse)
         parts.append((qi, o, l))
     if n_fg < Lq:
-        qi = _indices(~use_fg_row)
+        qi = None if n_fg == 0 else (~use_fg_row).nonzero().squeeze(1)
         kb = _indices(bg_row)
         o, l = _attend(_gather(q, qi), _gather(k_bg, kb), _gather(v_bg, kb), problem.scale, want_lse)
         parts.append((qi, o, l))
@@ -106,7 +106,7 @@ def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem,
             out.index_copy_(2, qi, o)
             if want_lse:
                 lse.index_copy_(2, qi, l)
-    return out, (lse.to(out_dtype) if want_lse else None)
+    return out, lse  # lse (when asked) is already out_dtype: _attend accumulates in it
 
 
 def torch_attention(
