@@ -115,15 +115,22 @@ def validate(
     return Problem(B=B, H=H, Lq=Lq, Lf=Lf, Lb=Lb, D=D, Bf=Bf, Bb=Bb, scale=scale, fg_gain=fg_gain)
 
 
-def effective_key_masks(problem: Problem, fg_key_mask, bg_key_mask, device):
-    """Per-target-batch key masks after the contract's rules, shape (B, L) bool (views where possible).
+def key_mask_sets(problem: Problem, fg_key_mask, bg_key_mask, device):
+    """The contract's key sets, batch 1 or B as given: (fg, bg, fg_any).
 
-    ``fg_any[b]`` says whether batch ``b`` has any usable foreground key; ``bg`` has the fallback
-    (an empty background set means *all* background keys) already applied.
+    ``None`` means every key is usable; an empty background set means *all* background keys;
+    ``fg_any[b]`` says whether batch ``b`` has any usable foreground key.
     """
-    B, Lf, Lb = problem.B, problem.Lf, problem.Lb
-    fg = (torch.ones(1, Lf, dtype=torch.bool, device=device) if fg_key_mask is None else fg_key_mask)
-    bg = (torch.ones(1, Lb, dtype=torch.bool, device=device) if bg_key_mask is None else bg_key_mask)
+    fg = (torch.ones(1, problem.Lf, dtype=torch.bool, device=device) if fg_key_mask is None
+          else fg_key_mask)
+    bg = (torch.ones(1, problem.Lb, dtype=torch.bool, device=device) if bg_key_mask is None
+          else bg_key_mask)
     bg = bg | ~bg.any(dim=1, keepdim=True)
-    fg_any = fg.any(dim=1)
-    return fg.expand(B, Lf), bg.expand(B, Lb), fg_any.expand(B)
+    return fg, bg, fg.any(dim=1)
+
+
+def effective_key_masks(problem: Problem, fg_key_mask, bg_key_mask, device):
+    """:func:`key_mask_sets` expanded to the target batch: (B, Lf), (B, Lb), (B,) bool views."""
+    fg, bg, fg_any = key_mask_sets(problem, fg_key_mask, bg_key_mask, device)
+    B = problem.B
+    return fg.expand(B, problem.Lf), bg.expand(B, problem.Lb), fg_any.expand(B)

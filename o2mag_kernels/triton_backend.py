@@ -18,7 +18,7 @@ import torch
 import triton
 
 from . import _triton_kernel as K
-from ._validate import Problem
+from ._validate import Problem, key_mask_sets
 from .flops import useful_flops, useful_key_visits  # noqa: F401  (re-exported for benchmarks)
 
 __all__ = ["status", "triton_attention", "useful_flops", "useful_key_visits", "is_interpreted"]
@@ -89,12 +89,8 @@ def _true_first(mask: torch.Tensor):
 def routing_tables(problem: Problem, query_mask, fg_key_mask, bg_key_mask):
     """(qperm, fidx, bidx, counts): tables the kernel reads. Tables stay batch-1 when every batch
     shares a mask (the kernel then uses batch stride 0); counts is int32 (B, 3)."""
-    B, Lf, Lb = problem.B, problem.Lf, problem.Lb
-    dev = query_mask.device
-    fg = torch.ones(1, Lf, dtype=torch.bool, device=dev) if fg_key_mask is None else fg_key_mask
-    bg = torch.ones(1, Lb, dtype=torch.bool, device=dev) if bg_key_mask is None else bg_key_mask
-    bg = bg | ~bg.any(dim=1, keepdim=True)          # no usable background key -> all of them
-    fg_any = fg.any(dim=1)                          # (1|B,)
+    B = problem.B
+    fg, bg, fg_any = key_mask_sets(problem, fg_key_mask, bg_key_mask, query_mask.device)  # 1|B rows
     use_fg = query_mask & fg_any[:, None]           # (1|B, Lq): query in M_T and a usable fg key
     qperm, n_q = _true_first(use_fg)
     fidx, n_f = _true_first(fg)
