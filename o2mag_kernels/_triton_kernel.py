@@ -1,24 +1,29 @@
-"""The fused tri-source attention kernel (Triton), its tile configs and head-dim split.
+"""The fused tri-source attention kernel (Triton): tile configs, head-dim padding and the kernel.
 
-One launch covers every batch, head and query tile: grid = (cdiv(Lq, BLOCK_M), B·H). The wrapper
-hands over, per target batch, a stable permutation of the queries with the foreground-routed ones
-first (and their count), and the usable keys of each source first (and their counts). A query tile
-reads its rows through that permutation, so a tile lies wholly in the foreground part (runs only the
-foreground key loop), wholly in the background part (only the background loop), or straddles the
-boundary (at most one tile per batch and head: both loops, each row masked to its own source). Keys
-are gathered through the index lists up to the loaded counts, so unusable keys cost nothing.
+One launch covers every batch, head and query tile: grid = (cdiv(Lq, BLOCK_M), B·H). The routing
+tables come from a :class:`o2mag_kernels.TriSourceMask` (built once per mask set):
 
-Online softmax in base 2 with float32 accumulators; ``fg_gain`` is folded into the foreground loop's
-logit scale. Rows of a source they do not use see only ``-inf`` logits in that loop, which leaves
-their running max, sum and accumulator unchanged; that is why one accumulator serves both loops.
+* queries are read through a per-batch permutation with the foreground-routed ones first, so a
+  query tile is wholly foreground, wholly background, or the one tile per (batch, head) that
+  straddles the boundary. Pure tiles run one source's loop with no per-row masking; the straddling
+  tile runs both loops, each row masked to its own source (rows of the other source see ``-inf``
+  logits, which leaves their running max, sum and accumulator unchanged, so one accumulator serves
+  both loops);
+* the foreground source (the reference defect, a small region) is read through the compacted list
+  of its usable keys: masked keys cost nothing;
+* the background source (the normal image, mostly usable) is read in contiguous key tiles from two
+  per-batch tile lists: *full* tiles (every key usable: no masking at all) and *partial* tiles
+  (masked per key with a byte mask); tiles with no usable key are skipped. Without a background key
+  mask every tile is full but the tail.
 
-Head dims that are not a power of two are split into two power-of-two dot pieces (80 = 64 + 16,
-160 = 128 + 32, 40 = 32 + 16) instead of padding to the next power of two.
+Head dims are padded with masked loads so that every ``tl.dot`` is at least 64 wide in each
+dimension (40 -> 64, 80 -> 128, 160 -> 128 + 64, ...): Triton >= 3.6 miscompiles narrow (<= 32)
+dots on Hopper (out-of-range shared-memory accesses), and tensor cores gain nothing from them.
 
-float32 above head dim 64 (3xTF32 dots; hi/lo operand halves of whole head-dim tiles spill
-registers) runs column-chunked instead: logits are summed over 32-column chunks of Q and K, and the
-output is produced 64 columns at a time, one pass over the keys per 64 columns (logits recomputed
-per pass). Registers then no longer grow with the head dim.
+Online softmax in base 2 with float32 accumulators; ``fg_gain`` is folded into the foreground
+loop's logit scale. float32 inputs use 3xTF32 dots; above head dim 64 they run column-chunked
+(logits over 64-column chunks of Q and K, the output 64 columns per pass over the keys) so that
+nothing spills.
 
 This module does not import torch: the config tables and the kernel stand on triton alone.
 """
@@ -28,95 +33,33 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 256
+MIN_DOT = 64  # no dot narrower than this, in any dimension
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
-# Every tile shape the autotuner may pick: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Every tile shape the autotuner may pick: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N is
+# also the background tile size, so it must be one of TILE_SIZES (the mask object holds tile
+# lists for each).
 CONFIGS = (
-    (128, 64, 8, 2),
+    (128, 128, 8, 3),
     (128, 64, 8, 3),
+    (128, 64, 8, 4),
     (128, 128, 8, 2),
-    (128, 32, 8, 2),
-    (64, 64, 4, 2),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
     (64, 64, 4, 3),
-    (64, 128, 4, 2),
-    (64, 32, 4, 2),
-    (64, 32, 4, 1),
-    (64, 64, 8, 2),   # 8 warps on 64 rows: large head dims (registers spread over 256 threads)
-    (64, 32, 8, 2),
-    (64, 32, 8, 1),
-    (128, 32, 8, 1),
-    (32, 64, 4, 2),   # small layers (64-256 tokens): more programs, less padding
-    (32, 32, 4, 2),
-    (16, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 8, 2),
 )
+TILE_SIZES = (64, 128)
 
-# Head-dim buckets the product is tuned and AOT-checked for (SD 1.x/2.x use 40, 64, 80, 160). A
-# head dim uses the configs of the smallest bucket whose dot width (see split_head_dim) covers it.
+# Head-dim buckets the configs are checked for (SD 1.x/2.x use 40, 64, 80, 160). A head dim uses
+# the configs of the bucket with the same padded dot widths (see ``split_head_dim``).
 HEAD_DIMS = (40, 64, 80, 128, 160, 256)
 
-_ALL = frozenset(CONFIGS)
-
-
-def _but(*drop):
-    return frozenset(c for c in CONFIGS if c not in drop)
-
-
-def _only(*keep):
-    return frozenset(keep)
-
-
-# Which configs may run, per (SM family, dtype class, head-dim bucket). Every entry compiles with
-# no register spill (``o2mag-kernels aot-check`` proves it for sm_80 and sm_90 and fails if one
-# spills); configs that spilled were removed here. sm_80 (mma.sync keeps operands in registers) is
-# much tighter than sm_90 (wgmma reads them from shared memory). fp32 uses 3xTF32 dots (operands
-# split into hi/lo TF32 halves), which need about three times the registers: whole head-dim tiles
-# fit only up to 64, so larger fp32 head dims run the column-chunked path (see ``_tile_chunked``).
-ALLOWED = {
-    (80, "half", 40): _ALL,
-    (80, "half", 64): _but((64, 128, 4, 2)),
-    (80, "half", 80): _but((64, 128, 4, 2), (128, 64, 8, 3)),
-    (80, "half", 128): _only((128, 32, 8, 2), (128, 32, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2),
-                             (64, 32, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1), (32, 64, 4, 2),
-                             (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "half", 160): _only((128, 32, 8, 1), (64, 32, 8, 2), (64, 32, 8, 1), (64, 32, 4, 1),
-                             (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "half", 256): _only((64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (90, "half", 40): _ALL,
-    (90, "half", 64): _ALL,
-    (90, "half", 80): _but((32, 64, 4, 2)),
-    (90, "half", 128): _but((64, 128, 4, 2), (128, 128, 8, 2)),
-    (90, "half", 160): _only((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 1), (64, 64, 8, 2),
-                             (64, 32, 8, 2), (64, 32, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
-                             (32, 32, 4, 2), (16, 32, 4, 2)),
-    (90, "half", 256): _only((128, 32, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1),
-                             (64, 32, 4, 1), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "fp32", 40): _only((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "fp32", 64): _only((32, 32, 4, 2), (16, 32, 4, 2)),
-    (90, "fp32", 40): _only((64, 32, 4, 1)),
-    (90, "fp32", 64): _only((64, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)),
-    # fp32 above FP32_WHOLE_HEAD_DIM: the column-chunked path (registers do not grow with D)
-    (80, "fp32", 80): _only((64, 32, 4, 1), (64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 1),
-                            (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "fp32", 128): _only((64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 4, 2)),
-    (80, "fp32", 160): _only((64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2),
-                             (32, 32, 4, 2), (16, 32, 4, 2)),
-    (80, "fp32", 256): _only((64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 4, 2), (16, 32, 4, 2)),
-    (90, "fp32", 80): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
-                            (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
-                            (16, 32, 4, 2)),
-    (90, "fp32", 128): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
-                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
-                             (16, 32, 4, 2)),
-    (90, "fp32", 160): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
-                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (16, 32, 4, 2)),
-    (90, "fp32", 256): _only((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 32, 8, 2),
-                             (64, 32, 8, 1), (128, 32, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2),
-                             (16, 32, 4, 2)),
-}
 FP32_WHOLE_HEAD_DIM = 64  # fp32 above this runs column-chunked
 FP32_D_CHUNK = 64
-FP32_K_CHUNK = 32
+FP32_K_CHUNK = 64
 
 
 def _next_pow2(x: int) -> int:
@@ -124,295 +67,361 @@ def _next_pow2(x: int) -> int:
 
 
 def split_head_dim(head_dim: int) -> tuple:
-    """(BLOCK_D0, BLOCK_D1): power-of-two dot widths covering ``head_dim`` (BLOCK_D1 = 0: no tail).
+    """(BLOCK_D0, BLOCK_D1): padded dot widths covering ``head_dim`` (BLOCK_D1 = 0: one piece).
 
-    A dot needs a reduction width of at least 16; the tail is used only when it saves work over
-    padding the whole head dim to the next power of two.
+    Each piece is a power of two of at least ``MIN_DOT``; a second piece is used only when it
+    saves work over padding to the next power of two (160 = 128 + 64 rather than 256).
     """
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    if head_dim <= 16:
-        return 16, 0
+    if head_dim <= MIN_DOT:
+        return MIN_DOT, 0
     lead = 1 << (head_dim.bit_length() - 1)
     if lead == head_dim:
         return head_dim, 0
-    tail = max(16, _next_pow2(head_dim - lead))
+    tail = max(MIN_DOT, _next_pow2(head_dim - lead))
     if tail >= lead:
         return 2 * lead, 0
     return lead, tail
 
 
 def chunking(head_dim: int, itemsize: int) -> tuple:
-    """(D_CHUNK, K_CHUNK) constexprs: (0, 0) runs the head dim whole (fp16/bf16, fp32 up to
-    FP32_WHOLE_HEAD_DIM); otherwise fp32 runs column-chunked (see ``_tile_chunked``)."""
+    """(D_CHUNK, K_CHUNK) constexprs: (0, 0) holds the head dim whole (fp16/bf16, fp32 up to
+    FP32_WHOLE_HEAD_DIM); otherwise fp32 runs column-chunked."""
     if itemsize != 4 or head_dim <= FP32_WHOLE_HEAD_DIM:
         return 0, 0
     return FP32_D_CHUNK, FP32_K_CHUNK
 
 
 def head_dim_bucket(head_dim: int) -> int:
-    """The tuned bucket whose dot width (BLOCK_D0 + BLOCK_D1) is the smallest covering head_dim's."""
-    width = sum(split_head_dim(head_dim))
+    """The checked bucket with the same dot widths as ``head_dim`` (the smallest covering it)."""
+    width = split_head_dim(head_dim)
     for b in HEAD_DIMS:
-        if sum(split_head_dim(b)) >= width:
+        if split_head_dim(b) == width:
+            return b
+    for b in HEAD_DIMS:
+        if sum(split_head_dim(b)) >= sum(width):
             return b
     raise ValueError(f"head dim {head_dim} is above {MAX_HEAD_DIM}")
 
 
 def length_bucket(n: int) -> int:
-    """Autotune key for a length: next power of two, clamped to [16, 16384]."""
-    return min(16384, max(16, _next_pow2(max(1, n))))
+    """Autotune key for a length: next power of two, clamped to [64, 16384]."""
+    return min(16384, max(64, _next_pow2(max(1, n))))
 
 
-def allowed_configs(head_dim: int, itemsize: int = 2, arch: int = 80):
-    """Configs (in CONFIGS order) that compile without spills for this head dim, dtype and SM."""
-    family = 90 if arch >= 90 else 80
-    kind = "fp32" if itemsize == 4 else "half"
-    ok = ALLOWED.get((family, kind, head_dim_bucket(head_dim)), frozenset())
-    return [c for c in CONFIGS if c in ok]
+FP32_PRECISION = "tf32x3"
 
 
-def supported(head_dim: int, itemsize: int) -> bool:
-    """Whether some config covers this head dim and dtype size on both sm_80 and sm_90."""
-    return bool(allowed_configs(head_dim, itemsize, 80)) and bool(allowed_configs(head_dim, itemsize, 90))
+def precision(itemsize: int) -> str:
+    """The ``tl.dot`` input precision for a dtype size: fp32 uses FP32_PRECISION; fp16/bf16 dots
+    are exact products in fp32 whatever it says."""
+    return FP32_PRECISION if itemsize == 4 else "tf32"
 
 
-def prune(head_dim: int, lq: int, lk: int, itemsize: int = 2, arch: int = 80):
-    """The configs worth timing for one call: no spill for the head dim and SM, and no tile much
-    larger than the problem. ``lq``/``lk`` are (bucketed) query and key lengths. Small layers keep
-    small tiles, large ones drop the smallest (they only add programs and repeated K/V reads)."""
-    fits = allowed_configs(head_dim, itemsize, arch)
-    out = []
-    for cfg in fits:
-        bm, bn, _, _ = cfg
-        if bm > max(32, _next_pow2(lq)) or bn > max(32, _next_pow2(lk)):
-            continue
-        if lq >= 1024 and bm < 64 and any(c[0] >= 64 for c in fits):
-            continue
-        if lq > 64 and bm == 16 and any(c[0] > 16 for c in fits):
-            continue
-        out.append(cfg)
-    return out or fits[-1:]  # always leave something runnable
-
-
-def all_variants(head_dims=HEAD_DIMS, itemsize: int = 2, arch: int = 80):
-    """Every (head_dim bucket, config) pair the autotuner can ever pick on this SM family."""
-    return [(d, cfg) for d in head_dims for cfg in allowed_configs(d, itemsize, arch)]
+def dtype_class(itemsize: int) -> str:
+    return "fp32" if itemsize == 4 else "half"
 
 
 @triton.jit
-def _attend_source(
-    acc0, acc1, m_i, l_i, q0, q1,
-    K, V, IDX, n_keys, sk_l, sv_l, row_ok, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _load_rows(ptr, rows, stride, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr,
+               MASK_D: tl.constexpr):
+    """Load a (len(rows), len(offs_d)) tile, masking only what can be out of range."""
+    p = ptr + rows[:, None] * stride + offs_d[None, :]
+    if MASK_ROWS:
+        if MASK_D:
+            return tl.load(p, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            return tl.load(p, mask=rows_ok[:, None], other=0.0)
+    else:
+        if MASK_D:
+            return tl.load(p, mask=d_ok[None, :], other=0.0)
+        else:
+            return tl.load(p)
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _block(
+    acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out,
+    K, V, kj, in_b, usable, sk_l, sv_l, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+    KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Stream one source's usable keys (gathered through IDX) into the running softmax state."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    d0_ok = offs_d0 < HEAD_DIM
+    """One key block (rows ``kj`` of K and V) into the running softmax state.
+
+    With KEY_MASK, ``in_b`` masks the loads (keys in range) and ``usable`` the logits (keys that
+    count); without it (full background tiles) nothing is masked at all.
+    """
+    if D_CHUNK > 0:
+        # fp32, large head dim: logits summed over K_CHUNK-column chunks (Q re-read from cache),
+        # output columns [d_out, d_out + D_CHUNK) only.
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for dk in range(0, HEAD_DIM, K_CHUNK):
+            offs_c = dk + tl.arange(0, K_CHUNK)
+            c_ok = offs_c < HEAD_DIM
+            qc = _load_rows(q_rows, tl.zeros([BLOCK_M], dtype=tl.int64), 0, offs_c, m_ok, c_ok,
+                            True, True)
+            kc = _load_rows(K, kj, sk_l, offs_c, in_b, c_ok, KEY_MASK, True)
+            s = _mm(qc, tl.trans(kc), s, DOT_FP32, PREC)
+    else:
+        offs_d0 = tl.arange(0, BLOCK_D0)
+        k0 = _load_rows(K, kj, sk_l, offs_d0, in_b, offs_d0 < HEAD_DIM, KEY_MASK,
+                        BLOCK_D0 > HEAD_DIM)
+        s = _mm(q0, tl.trans(k0), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            k1 = _load_rows(K, kj, sk_l, offs_d1, in_b, offs_d1 < HEAD_DIM, KEY_MASK,
+                            BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            s = _mm(q1, tl.trans(k1), s, DOT_FP32, PREC)
+    if KEY_MASK:
+        s = tl.where(usable[None, :], s, float("-inf"))
+    # Base-2 online softmax; the logit scale (log2(e) folded in) is applied in the same FMA as the
+    # max subtraction. m_i starts finite, so a row with only -inf logits keeps its state.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if D_CHUNK > 0:
+        offs_o = d_out + tl.arange(0, D_CHUNK)
+        v = _load_rows(V, kj, sv_l, offs_o, in_b, offs_o < HEAD_DIM, KEY_MASK, True)
+        acc0 = _mm(p, v, acc0 * alpha[:, None], DOT_FP32, PREC)
+    else:
+        v0 = _load_rows(V, kj, sv_l, offs_d0, in_b, offs_d0 < HEAD_DIM, KEY_MASK,
+                        BLOCK_D0 > HEAD_DIM)
+        acc0 = _mm(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            v1 = _load_rows(V, kj, sv_l, offs_d1, in_b, offs_d1 < HEAD_DIM, KEY_MASK,
+                            BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            acc1 = _mm(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_FP32, PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _foreground(
+    acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out,
+    K, V, IDX, n_keys, sk_l, sv_l, qk_scale,
+    FG_ALL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    """The foreground source: its usable keys, gathered through the compacted index list
+    (FG_ALL: all keys in order, no list)."""
     for start_n in range(0, n_keys, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < n_keys
-        kj = tl.load(IDX + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k0 = tl.load(K + kj[:, None] * sk_l + offs_d0[None, :],
-                     mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
-        if DOT_FP32:
-            s = tl.dot(q0.to(tl.float32), tl.trans(k0.to(tl.float32)), input_precision="ieee")
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_b = offs_n < n_keys
+        if FG_ALL:
+            kj = offs_n.to(tl.int64)
         else:
-            s = tl.dot(q0, tl.trans(k0), input_precision=INPUT_PRECISION)
-        if BLOCK_D1 > 0:
-            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-            d1_ok = offs_d1 < HEAD_DIM
-            k1 = tl.load(K + kj[:, None] * sk_l + offs_d1[None, :],
-                         mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-            if DOT_FP32:
-                s += tl.dot(q1.to(tl.float32), tl.trans(k1.to(tl.float32)), input_precision="ieee")
-            else:
-                s += tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
-        s = tl.where(row_ok[:, None] & n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = tl.load(V + kj[:, None] * sv_l + offs_d0[None, :],
-                     mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
-        if DOT_FP32:
-            acc0 = acc0 * alpha[:, None] + tl.dot(p, v0.to(tl.float32), input_precision="ieee")
-        else:
-            acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=INPUT_PRECISION)
-        if BLOCK_D1 > 0:
-            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-            d1_ok = offs_d1 < HEAD_DIM
-            v1 = tl.load(V + kj[:, None] * sv_l + offs_d1[None, :],
-                         mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
-            else:
-                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1,
-                                                      input_precision=INPUT_PRECISION)
-        m_i = m_new
+            kj = tl.load(IDX + offs_n, mask=in_b, other=0).to(tl.int64)
+        acc0, acc1, m_i, l_i = _block(
+            acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, K, V, kj, in_b, in_b,
+            sk_l, sv_l, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK, K_CHUNK,
+            True, DOT_FP32, PREC)
     return acc0, acc1, m_i, l_i
 
 
 @triton.jit
-def _attend_source_chunked(
-    acc, m_i, l_i, q_rows, m_ok,
-    K, V, IDX, n_keys, sk_l, sv_l, row_ok, qk_scale, d_out,
-    HEAD_DIM: tl.constexpr, K_CHUNK: tl.constexpr, D_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _background(
+    acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out,
+    K, V, TILES, n_tiles, MASK, n_full, n_part, Lb, sk_l, sv_l, qk_scale,
+    BG_ALL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """fp32 variant of :func:`_attend_source` for one output column chunk [d_out, d_out+D_CHUNK).
-
-    Nothing head-dim wide lives in registers: the logits are summed over K_CHUNK-wide column chunks
-    of Q (re-read from cache) and K, and only D_CHUNK columns of V and of the accumulator are held.
-    """
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_c0 = tl.arange(0, K_CHUNK)
-    offs_o = d_out + tl.arange(0, D_CHUNK)
-    o_ok = offs_o < HEAD_DIM
-    for start_n in range(0, n_keys, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < n_keys
-        kj = tl.load(IDX + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k_rows = K + kj[:, None] * sk_l
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for dk in range(0, HEAD_DIM, K_CHUNK):
-            offs_c = dk + offs_c0
-            c_ok = offs_c < HEAD_DIM
-            qc = tl.load(q_rows + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            kc = tl.load(k_rows + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            s = tl.dot(qc, tl.trans(kc), s, input_precision=INPUT_PRECISION)
-        s = tl.where(row_ok[:, None] & n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kj[:, None] * sv_l + offs_o[None, :],
-                    mask=n_ok[:, None] & o_ok[None, :], other=0.0)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    """The background source in contiguous BLOCK_N-key tiles: full tiles with no masking, then
+    partial tiles masked per key; tiles without a usable key never come up. TILES holds the full
+    tiles' indices in its first row and the partial ones' in its second (``n_tiles`` wide).
+    BG_ALL (no mask): every tile is full but a short tail."""
+    offs = tl.arange(0, BLOCK_N)
+    if BG_ALL:
+        n_full = Lb // BLOCK_N
+    for i in range(0, n_full):
+        if BG_ALL:
+            t = i
+        else:
+            t = tl.load(TILES + i)
+        kj = offs.to(tl.int64) + t * BLOCK_N
+        acc0, acc1, m_i, l_i = _block(
+            acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, K, V, kj, offs < BLOCK_N,
+            offs < BLOCK_N, sk_l, sv_l, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+            D_CHUNK, K_CHUNK, False, DOT_FP32, PREC)
+    if BG_ALL:
+        if Lb % BLOCK_N != 0:  # the tail tile
+            kj = offs.to(tl.int64) + n_full * BLOCK_N
+            in_b = kj < Lb
+            acc0, acc1, m_i, l_i = _block(
+                acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, K, V, kj, in_b, in_b,
+                sk_l, sv_l, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK,
+                K_CHUNK, True, DOT_FP32, PREC)
+    else:
+        for i in range(0, n_part):
+            t = tl.load(TILES + n_tiles + i)
+            kj = offs.to(tl.int64) + t * BLOCK_N
+            in_b = kj < Lb
+            usable = tl.load(MASK + kj, mask=in_b, other=0) != 0
+            acc0, acc1, m_i, l_i = _block(
+                acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, K, V, kj, in_b, usable,
+                sk_l, sv_l, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK,
+                K_CHUNK, True, DOT_FP32, PREC)
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
-def _tile_chunked(
-    q_rows, m_ok, start_m, n_qfg,
+def _sources(
+    acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, is_fg,
     KF, VF, FIDX, n_kf, skf_l, svf_l, qk_scale_fg,
-    KB, VB, BIDX, n_kb, skb_l, svb_l, qk_scale_bg,
-    o_rows, lse_ptrs,
-    HEAD_DIM: tl.constexpr, K_CHUNK: tl.constexpr, D_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KB, VB, TILES, n_tiles, BMASK, n_full, n_part, Lb, skb_l, svb_l, qk_scale_bg,
+    FG_ALL: tl.constexpr, BG_ALL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One query tile, fp32, head dim above what fits in registers: one pass over the keys per
-    D_CHUNK output columns (the logits are recomputed per pass; 3xTF32 operands of a whole
-    head-dim row would spill). Every pass reaches the same running max and sum, so the lse of the
-    last pass is stored."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_fg = offs_m < n_qfg
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d_out in range(0, HEAD_DIM, D_CHUNK):
-        acc = tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32)
-        # Finite start for the running max: rows that see only -inf logits stay unchanged.
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if start_m < n_qfg:
-            acc, m_i, l_i = _attend_source_chunked(
-                acc, m_i, l_i, q_rows, m_ok, KF, VF, FIDX, n_kf, skf_l, svf_l, row_fg,
-                qk_scale_fg, d_out, HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
-        if start_m + BLOCK_M > n_qfg:
-            acc, m_i, l_i = _attend_source_chunked(
-                acc, m_i, l_i, q_rows, m_ok, KB, VB, BIDX, n_kb, skb_l, svb_l, offs_m >= n_qfg,
-                qk_scale_bg, d_out, HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        offs_o = d_out + tl.arange(0, D_CHUNK)
-        tl.store(o_rows + offs_o[None, :], (acc / l_safe[:, None]).to(o_rows.dtype.element_ty),
-                 mask=m_ok[:, None] & (offs_o < HEAD_DIM)[None, :])
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    tl.store(lse_ptrs, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=m_ok)
+    """The one source a (pure) query tile reads."""
+    if is_fg:
+        acc0, acc1, m_i, l_i = _foreground(
+            acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, KF, VF, FIDX, n_kf, skf_l, svf_l,
+            qk_scale_fg, FG_ALL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK,
+            K_CHUNK, DOT_FP32, PREC)
+    else:
+        acc0, acc1, m_i, l_i = _background(
+            acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, d_out, KB, VB, TILES, n_tiles, BMASK,
+            n_full, n_part, Lb, skb_l, svb_l, qk_scale_bg, BG_ALL, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, D_CHUNK, K_CHUNK, DOT_FP32, PREC)
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
 def tri_source_fwd(
     Q, KF, VF, KB, VB, O, LSE,
-    QPERM, FIDX, BIDX, COUNTS,
+    QPERM, FIDX, TILES64, TILES128, BMASK, COUNTS,
     sq_b, sq_h, sq_l,
     skf_b, skf_h, skf_l,
     svf_b, svf_h, svf_l,
     skb_b, skb_h, skb_l,
     svb_b, svb_h, svb_l,
     so_b, so_h, so_l,
-    sqp_b, sfi_b, sbi_b,
-    H, Lq,
+    sqp_b, sfi_b, st64_b, st128_b, sbm_b, sc_b,
+    div_f, div_b, H, Lq, Lf, Lb, n_t64, n_t128,
     qk_scale_fg, qk_scale_bg,
     LQ_BUCKET, LK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FG_ALL: tl.constexpr, BG_ALL: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D_CHUNK: tl.constexpr = 0, K_CHUNK: tl.constexpr = 0,
 ):
-    """One (query tile, batch·head) program. COUNTS is int32 (B, 3): [n_fg_queries, n_fg_keys,
-    n_bg_keys]; QPERM/FIDX/BIDX are int32 permutations (batch stride 0 when shared by all)."""
+    """One (query tile, batch·head) program; grid = (cdiv(Lq, BLOCK_M) + 1, B·H).
+
+    The first cdiv(n_fg, BLOCK_M) tiles hold foreground-routed queries, the rest background ones,
+    so no tile mixes sources (the spare program of the grid covers the split; programs past the
+    end do nothing). COUNTS rows (int32): [foreground-routed queries, usable foreground keys, full
+    64-key tiles, partial 64-key tiles, full 128-key tiles, partial 128-key tiles]. A table's batch
+    stride is 0 when one table serves every target; target ``b`` reads source row ``b // div``.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    n_qfg = tl.load(COUNTS + b * 3)
-    n_kf = tl.load(COUNTS + b * 3 + 1)
-    n_kb = tl.load(COUNTS + b * 3 + 2)
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Lq
-    qi = tl.load(QPERM + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int64)
-    q_rows = Q + b * sq_b + h * sq_h + qi[:, None] * sq_l
-    if D_CHUNK > 0:  # fp32 with a large head dim: column-chunked, see _tile_chunked
-        _tile_chunked(
-            q_rows, m_ok, start_m, n_qfg,
-            KF + b * skf_b + h * skf_h, VF + b * svf_b + h * svf_h, FIDX + b * sfi_b, n_kf,
-            skf_l, svf_l, qk_scale_fg,
-            KB + b * skb_b + h * skb_h, VB + b * svb_b + h * svb_h, BIDX + b * sbi_b, n_kb,
-            skb_l, svb_l, qk_scale_bg,
-            O + b * so_b + h * so_h + qi[:, None] * so_l, LSE + (b * H + h) * Lq + qi,
-            HEAD_DIM, K_CHUNK, D_CHUNK, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+    c = COUNTS + b * sc_b
+    # the mask object routes no query to the foreground when it has no usable key
+    n_qfg = tl.load(c)
+    n_fg_tiles = (n_qfg + BLOCK_M - 1) // BLOCK_M
+    is_fg = pid_m < n_fg_tiles
+    if is_fg:
+        row_start = pid_m * BLOCK_M
+        row_end = n_qfg
     else:
-        offs_d0 = tl.arange(0, BLOCK_D0)
-        d0_ok = offs_d0 < HEAD_DIM
-        q0 = tl.load(q_rows + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
-        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-        if BLOCK_D1 > 0:
-            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-            d1_ok = offs_d1 < HEAD_DIM
-            q1 = tl.load(q_rows + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
-            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        row_start = n_qfg + (pid_m - n_fg_tiles) * BLOCK_M
+        row_end = Lq
+    if row_start < row_end:
+        if FG_ALL:
+            n_kf = Lf
         else:
-            q1 = q0
-            acc1 = acc0
-        # Finite start for the running max: rows that see only -inf logits in a loop stay unchanged.
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        row_fg = offs_m < n_qfg
-
-        if start_m < n_qfg:
-            acc0, acc1, m_i, l_i = _attend_source(
-                acc0, acc1, m_i, l_i, q0, q1,
-                KF + b * skf_b + h * skf_h, VF + b * svf_b + h * svf_h, FIDX + b * sfi_b, n_kf,
-                skf_l, svf_l, row_fg, qk_scale_fg,
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
-        if start_m + BLOCK_M > n_qfg:
-            acc0, acc1, m_i, l_i = _attend_source(
-                acc0, acc1, m_i, l_i, q0, q1,
-                KB + b * skb_b + h * skb_h, VB + b * svb_b + h * svb_h, BIDX + b * sbi_b, n_kb,
-                skb_l, svb_l, offs_m >= n_qfg, qk_scale_bg,
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, DOT_FP32, INPUT_PRECISION)
-
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            n_kf = tl.load(c + 1)
+        if BLOCK_N == 64:
+            TILES = TILES64 + b * st64_b
+            n_tiles = n_t64
+            n_full = tl.load(c + 2)
+            n_part = tl.load(c + 3)
+        else:
+            TILES = TILES128 + b * st128_b
+            n_tiles = n_t128
+            n_full = tl.load(c + 4)
+            n_part = tl.load(c + 5)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < row_end
+        qi = tl.load(QPERM + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int64)
+        q_rows = Q + b * sq_b + h * sq_h + qi[:, None] * sq_l
         o_rows = O + b * so_b + h * so_h + qi[:, None] * so_l
-        tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-                 mask=m_ok[:, None] & d0_ok[None, :])
-        if BLOCK_D1 > 0:
-            tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
-                     mask=m_ok[:, None] & d1_ok[None, :])
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-        tl.store(LSE + (b * H + h) * Lq + qi, lse, mask=m_ok)
+        bf = b // div_f
+        bb = b // div_b
+        KF = KF + bf * skf_b + h * skf_h
+        VF = VF + bf * svf_b + h * svf_h
+        KB = KB + bb * skb_b + h * skb_h
+        VB = VB + bb * svb_b + h * svb_h
+        FIDX = FIDX + b * sfi_b
+        BMASK = BMASK + b * sbm_b
+        zero_rows = tl.zeros([BLOCK_M], dtype=tl.int64)
+
+        if D_CHUNK > 0:
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for d_out in range(0, HEAD_DIM, D_CHUNK):
+                acc = tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32)
+                # every pass reaches the same running max and sum: restart them per pass
+                m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc, _unused, m_i, l_i = _sources(
+                    acc, acc, m_i, l_i, acc, acc, q_rows, m_ok, d_out, is_fg,
+                    KF, VF, FIDX, n_kf, skf_l, svf_l, qk_scale_fg,
+                    KB, VB, TILES, n_tiles, BMASK, n_full, n_part, Lb, skb_l, svb_l, qk_scale_bg,
+                    FG_ALL, BG_ALL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK,
+                    K_CHUNK, DOT_FP32, PREC)
+                l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+                offs_o = d_out + tl.arange(0, D_CHUNK)
+                tl.store(o_rows + offs_o[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                         mask=m_ok[:, None] & (offs_o < HEAD_DIM)[None, :])
+        else:
+            offs_d0 = tl.arange(0, BLOCK_D0)
+            q0 = _load_rows(q_rows, zero_rows, 0, offs_d0, m_ok, offs_d0 < HEAD_DIM, True,
+                            BLOCK_D0 > HEAD_DIM)
+            acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+            if BLOCK_D1 > 0:
+                offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+                q1 = _load_rows(q_rows, zero_rows, 0, offs_d1, m_ok, offs_d1 < HEAD_DIM, True,
+                                BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+                acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+            else:
+                q1 = q0
+                acc1 = acc0
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc0, acc1, m_i, l_i = _sources(
+                acc0, acc1, m_i, l_i, q0, q1, q_rows, m_ok, 0, is_fg,
+                KF, VF, FIDX, n_kf, skf_l, svf_l, qk_scale_fg,
+                KB, VB, TILES, n_tiles, BMASK, n_full, n_part, Lb, skb_l, svb_l, qk_scale_bg,
+                FG_ALL, BG_ALL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, D_CHUNK, K_CHUNK,
+                DOT_FP32, PREC)
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            if BLOCK_D0 > HEAD_DIM:
+                tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+                         mask=m_ok[:, None] & (offs_d0 < HEAD_DIM)[None, :])
+            else:
+                tl.store(o_rows + offs_d0[None, :], (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+                         mask=m_ok[:, None])
+            if BLOCK_D1 > 0:
+                tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
+                         mask=m_ok[:, None] & (offs_d1 < HEAD_DIM)[None, :])
+        if STORE_LSE:
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            tl.store(LSE + (b * H + h) * Lq + qi, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                     mask=m_ok)

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 import torch
 
+from .mask import TriSourceMask, tri_source_mask
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -73,7 +75,11 @@ def _check_number(name: str, x, *, allow_zero: bool = False) -> float:
 def validate(
     q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask, scale, fg_gain, backend
 ) -> Problem:
-    """Check every argument; return the call's sizes. Raises ``TypeError``/``ValueError``."""
+    """Check every argument; return the call's sizes. Raises ``TypeError``/``ValueError``.
+
+    ``query_mask`` may be a prebuilt :class:`~o2mag_kernels.TriSourceMask`; the key masks must
+    then be ``None`` (the mask object holds them).
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     names = ("q", "k_fg", "v_fg", "k_bg", "v_bg")
@@ -105,32 +111,34 @@ def validate(
     Bb, Lb = k_bg.shape[0], k_bg.shape[2]
     if Lb == 0:
         raise ValueError("k_bg must hold at least one key: background is every query's fallback")
-    _check_mask("query_mask", query_mask, (1, B), Lq, q.device)
-    if fg_key_mask is not None:
-        _check_mask("fg_key_mask", fg_key_mask, (1, B), Lf, q.device)
-    if bg_key_mask is not None:
-        _check_mask("bg_key_mask", bg_key_mask, (1, B), Lb, q.device)
+    if isinstance(query_mask, TriSourceMask):
+        for name, m in (("fg_key_mask", fg_key_mask), ("bg_key_mask", bg_key_mask)):
+            if m is not None:
+                raise ValueError(f"{name} must be None when query_mask is a TriSourceMask "
+                                 "(the mask object already holds the key masks)")
+        query_mask.check(B, Lq, Lf, Lb, q.device)
+    else:
+        _check_mask("query_mask", query_mask, (1, B), Lq, q.device)
+        if fg_key_mask is not None:
+            _check_mask("fg_key_mask", fg_key_mask, (1, B), Lf, q.device)
+        if bg_key_mask is not None:
+            _check_mask("bg_key_mask", bg_key_mask, (1, B), Lb, q.device)
     scale = D ** -0.5 if scale is None else _check_number("scale", scale)
     fg_gain = _check_number("fg_gain", fg_gain)
     return Problem(B=B, H=H, Lq=Lq, Lf=Lf, Lb=Lb, D=D, Bf=Bf, Bb=Bb, scale=scale, fg_gain=fg_gain)
 
 
-def key_mask_sets(problem: Problem, fg_key_mask, bg_key_mask, device):
-    """The contract's key sets, batch 1 or B as given: (fg, bg, fg_any).
-
-    ``None`` means every key is usable; an empty background set means *all* background keys;
-    ``fg_any[b]`` says whether batch ``b`` has any usable foreground key.
-    """
-    fg = (torch.ones(1, problem.Lf, dtype=torch.bool, device=device) if fg_key_mask is None
-          else fg_key_mask)
-    bg = (torch.ones(1, problem.Lb, dtype=torch.bool, device=device) if bg_key_mask is None
-          else bg_key_mask)
-    bg = bg | ~bg.any(dim=1, keepdim=True)
-    return fg, bg, fg.any(dim=1)
+def as_mask(problem: Problem, query_mask, fg_key_mask, bg_key_mask) -> TriSourceMask:
+    """The call's :class:`TriSourceMask` (the prebuilt one, or built now from the three masks),
+    adjusted for an empty foreground source. Arguments were validated."""
+    m = query_mask if isinstance(query_mask, TriSourceMask) else \
+        tri_source_mask(query_mask, fg_key_mask, bg_key_mask)
+    return m.for_lengths(problem.Lf, problem.Lb)
 
 
-def effective_key_masks(problem: Problem, fg_key_mask, bg_key_mask, device):
-    """:func:`key_mask_sets` expanded to the target batch: (B, Lf), (B, Lb), (B,) bool views."""
-    fg, bg, fg_any = key_mask_sets(problem, fg_key_mask, bg_key_mask, device)
-    B = problem.B
-    return fg.expand(B, problem.Lf), bg.expand(B, problem.Lb), fg_any.expand(B)
+def effective_key_masks(problem: Problem, query_mask, fg_key_mask, bg_key_mask):
+    """(use_fg (B, Lq), fg keys (B, Lf), bg keys (B, Lb)) bool views: the contract's sets with
+    ``None`` = all usable and the empty-background fallback applied; ``use_fg`` says which queries
+    take the foreground (inside the query mask, and their batch has a usable foreground key)."""
+    m = as_mask(problem, query_mask, fg_key_mask, bg_key_mask)
+    return m.effective(problem.B, problem.Lf, problem.Lb)

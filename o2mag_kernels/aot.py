@@ -36,22 +36,33 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 DTYPES = ("fp16", "bf16", "fp32")
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# operand shapes of every tensor-core dot in the TTGIR: "(M)x(K)x<type> * (K)x(N)x<type>"
+_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x[^*]*"
+                  r"\* (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x")
+MIN_DOT = 64  # narrower dots miscompile on Hopper with Triton >= 3.6; the kernel pads instead
+
+
+def min_dot_dim(ttgir: str):
+    """Smallest M, N or K of any dot in a TTGIR listing (None when it has no dot)."""
+    dims = [min(map(int, m.groups())) for m in _DOT.finditer(ttgir)]
+    return min(dims) if dims else None
 
 
 def variants(archs, quick: bool = False):
     """List of dicts (arch, dtype, head_dim, config) to compile."""
     from . import _triton_kernel as K
+    from . import tuning
 
     out = []
     for arch in archs:
         if quick:
-            picks = [("fp16", d, K.prune(d, 4096, 4096, 2, arch)[0]) for d in K.HEAD_DIMS]
-            picks.append(("bf16", 80, K.prune(80, 64, 64, 2, arch)[0]))  # a small-tile variant
-            picks.append(("fp32", 64, K.prune(64, 1024, 1024, 4, arch)[0]))
-            picks.append(("fp32", 160, K.prune(160, 1024, 1024, 4, arch)[0]))  # column-chunked
+            picks = [("fp16", d, tuning.spill_free(d, 2, arch)[0]) for d in K.HEAD_DIMS]
+            picks.append(("bf16", 80, tuning.spill_free(80, 2, arch)[-1]))
+            picks.append(("fp32", 64, tuning.spill_free(64, 4, arch)[0]))
+            picks.append(("fp32", 160, tuning.spill_free(160, 4, arch)[0]))  # column-chunked
         else:
             picks = [(dt, d, cfg) for dt in DTYPES
-                     for d, cfg in K.all_variants(itemsize=_ITEMSIZE[dt], arch=arch)]
+                     for d, cfg in tuning.all_variants(itemsize=_ITEMSIZE[dt], arch=arch)]
         for dt, d, cfg in picks:
             out.append({"arch": int(arch), "dtype": dt, "head_dim": d, "config": list(cfg)})
     return out
@@ -80,9 +91,9 @@ def _compile_one(v):
     dt = v["dtype"]
     # "chunks" [D_CHUNK, K_CHUNK] overrides the fp32 column chunking (for measuring alternatives)
     dc, kc = v.get("chunks") or K.chunking(d, _ITEMSIZE[dt])
-    consts = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=False,
-                  INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
-                  D_CHUNK=dc, K_CHUNK=kc)
+    consts = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, FG_ALL=False, BG_ALL=False,
+                  STORE_LSE=False, DOT_FP32=False, PREC=v.get("prec") or K.precision(_ITEMSIZE[dt]),
+                  BLOCK_M=bm, BLOCK_N=bn, D_CHUNK=dc, K_CHUNK=kc)
     sig = {}
     for n in names:
         if n in consts:
@@ -90,8 +101,10 @@ def _compile_one(v):
         elif n in ("Q", "KF", "VF", "KB", "VB", "O"):
             sig[n] = "*" + dt
         elif n == "LSE":
-            sig[n] = "*fp32"
-        elif n in ("QPERM", "FIDX", "BIDX", "COUNTS"):
+            sig[n] = "*i32"  # STORE_LSE=False: a dummy pointer, as at run time
+        elif n == "BMASK":
+            sig[n] = "*u8"
+        elif n in ("QPERM", "FIDX", "TILES64", "TILES128", "COUNTS"):
             sig[n] = "*i32"
         elif n.startswith("qk_scale"):
             sig[n] = "fp32"
@@ -115,6 +128,7 @@ def _compile_one(v):
     res["wgmma"] = "wgmma" in ptx
     res["mma"] = "mma.sync" in ptx
     res["dyn_smem"] = int(kern.metadata.shared)
+    res["min_dot"] = min_dot_dim(kern.asm["ttgir"])
     tool = cuobjdump_path()
     if tool is None:
         res.update(ok=False, error="cuobjdump not found (neither bundled with triton nor on PATH)")
@@ -141,6 +155,8 @@ def judge(r) -> str:
     if not r.get("ok"):
         return r.get("error") or "compile failed"
     bm, _, warps, _ = r["config"]
+    if r.get("min_dot") is None or r["min_dot"] < MIN_DOT:
+        return f"a dot is {r.get('min_dot')} wide (< {MIN_DOT}: the Hopper miscompile class)"
     if r["local"] > 0 or r["stack"] > 0:
         return f"spills: {r['local']} local bytes, {r['stack']} stack bytes"
     limit = SMEM_LIMIT.get(r["arch"])
@@ -203,7 +219,7 @@ def compile_all(todo, jobs=None):
 
 def format_table(results) -> str:
     head = (f"{'arch':>6} {'dtype':>5} {'D':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} "
-            f"{'regs':>5} {'smem_B':>7} {'spill_B':>7} {'mma':>6} {'secs':>5}  status")
+            f"{'regs':>5} {'smem_B':>7} {'spill_B':>7} {'dot':>4} {'mma':>6} {'secs':>5}  status")
     lines = [head]
     for r in results:
         bm, bn, w, s = r["config"]
@@ -211,9 +227,9 @@ def format_table(results) -> str:
         if r.get("ok"):
             mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "none")
             cols = (f"{r['regs']:>5} {r['dyn_smem'] + r['static_smem']:>7} {r['local'] + r['stack']:>7} "
-                    f"{mma:>6} {r['seconds']:>5.1f}")
+                    f"{r.get('min_dot') or 0:>4} {mma:>6} {r['seconds']:>5.1f}")
         else:
-            cols = f"{'-':>5} {'-':>7} {'-':>7} {'-':>6} {r.get('seconds', 0):>5.1f}"
+            cols = f"{'-':>5} {'-':>7} {'-':>7} {'-':>4} {'-':>6} {r.get('seconds', 0):>5.1f}"
         lines.append(f"sm_{r['arch']:<3} {r['dtype']:>5} {r['head_dim']:>4} {bm:>4} {bn:>4} {w:>5} "
                      f"{s:>6} {cols}  {'OK' if not why else 'FAIL ' + why}")
     return "\n".join(lines)
@@ -230,6 +246,10 @@ def run(args) -> int:
     t0 = time.perf_counter()
     results = compile_all(todo, getattr(args, "jobs", None))
     print(format_table(results))
+    path = getattr(args, "json", None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
     bad = [r for r in results if judge(r)]
     print(f"aot-check: {len(results) - len(bad)}/{len(results)} variants OK, {len(bad)} failed "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -1,4 +1,4 @@
-"""Public entry point and backend dispatch for tri-source attention (DESIGN §3)."""
+"""Public entry point and backend dispatch for tri-source attention (contract: docs/architecture.md)."""
 from __future__ import annotations
 
 import os
@@ -24,13 +24,29 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     """Map each backend name to (usable here, reason). ``auto`` says what it would pick on CUDA."""
     ok_triton, why_triton = _triton_status()
     cuda = torch.cuda.is_available()
+    if cuda:
+        pick, why_auto = _auto_triton(torch.device("cuda"))
+        auto = ("picks 'triton' for CUDA tensors: " if pick else
+                "picks 'torch' for CUDA tensors, not 'triton': ") + why_auto
+    else:
+        auto = "picks 'torch' (no CUDA device here)"
     return {
         "reference": (True, "literal two-softmax formula, float32/float64; always available"),
-        "torch": (True, "routed SDPA in PyTorch; CPU and CUDA, differentiable"),
+        "torch": (True, "routed / compacted SDPA in PyTorch; CPU and CUDA, differentiable"),
         "triton": (ok_triton, why_triton),
-        "auto": (True, "picks 'triton' for CUDA tensors when Triton works, else 'torch'"
-                 + ("" if cuda else " (no CUDA device here: 'torch')")),
+        "auto": (True, auto),
     }
+
+
+def _auto_triton(device: torch.device) -> Tuple[bool, str]:
+    try:
+        from . import triton_backend
+    except ImportError as exc:
+        return False, f"triton is not importable: {exc}"
+    return triton_backend.auto_ok(device)
+
+
+_AUTO_CACHE: Dict[Tuple[str, int], bool] = {}
 
 
 def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
@@ -43,11 +59,15 @@ def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
         return backend
     if backend != "auto":
         return backend
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    fused_ok = q.shape[-1] <= 256 and q.dtype != torch.float64  # what the Triton kernel covers
-    if q.is_cuda and fused_ok and not needs_grad and _triton_status(q.device)[0]:
-        return "triton"
-    return "torch"
+    if not q.is_cuda or q.dtype == torch.float64 or q.shape[-1] > 256:
+        return "torch"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "torch"
+    key = (q.device.type, q.device.index if q.device.index is not None else torch.cuda.current_device())
+    pick = _AUTO_CACHE.get(key)
+    if pick is None:
+        pick = _AUTO_CACHE[key] = _auto_triton(q.device)[0]
+    return "triton" if pick else "torch"
 
 
 def tri_source_attention(
@@ -63,14 +83,17 @@ def tri_source_attention(
 
     Shapes: ``q`` (B, H, Lq, D); ``k_fg``/``v_fg`` (Bf, H, Lf, D); ``k_bg``/``v_bg`` (Bb, H, Lb, D)
     with Bf, Bb in {1, B} (size 1 broadcasts without a copy); ``query_mask`` bool (1 or B, Lq); key
-    masks bool (1 or B, L) or None for "all usable". Returns (B, H, Lq, D) in q's dtype, and with
-    ``return_lse`` also the natural-log sum-exp of the chosen row's scaled logits, (B, H, Lq),
-    float32 (float64 for float64 inputs).
+    masks bool (1 or B, L) or None for "all usable". ``query_mask`` may instead be a prebuilt
+    :class:`TriSourceMask` (from :func:`tri_source_mask`; the key masks are then None): reuse one
+    across heads, layers and steps and a call is argument checks plus one kernel launch. Returns
+    (B, H, Lq, D) in q's dtype, and with ``return_lse`` also the natural-log sum-exp of the chosen
+    row's scaled logits, (B, H, Lq), float32 (float64 for float64 inputs).
 
-    ``backend``: "auto" (Triton for CUDA tensors when it works and no grad is needed, else torch),
-    "triton" (one fused launch; CUDA, or CPU under ``TRITON_INTERPRET=1``), "torch" (routed SDPA,
-    differentiable), "reference" (two dense attentions and a stitch; slow, obviously right).
-    Bad arguments raise ``TypeError``/``ValueError`` naming the argument before any work.
+    ``backend``: "auto" (Triton for CUDA tensors when no grad is needed and the kernel is proven
+    on this GPU family, else torch), "triton" (one fused launch; CUDA, or CPU under
+    ``TRITON_INTERPRET=1``), "torch" (differentiable), "reference" (two dense attentions and a
+    stitch; slow, obviously right). Bad arguments raise ``TypeError``/``ValueError`` naming the
+    argument before any work.
     """
     problem = validate(q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
                        scale, fg_gain, backend)

@@ -3,7 +3,11 @@
 ``o2mag-kernels check``      parity of every usable backend against the float64 reference, and a
                              short timing against one plain SDPA call, on this machine.
 ``o2mag-kernels aot-check``  compile every Triton variant for sm_80/sm_90 without a GPU and report
-                             registers, shared memory and spills (non-zero exit on failure/spill).
+                             registers, shared memory, spills and dot widths (non-zero exit on a
+                             failure, spill or dot narrower than 64).
+``o2mag-kernels gpu-sweep``  run every config the autotuner may pick on this GPU, each in its own
+                             process, against the float64 reference; writes the table that decides
+                             which configs (and whether the kernel at all) run on this GPU family.
 """
 from __future__ import annotations
 
@@ -96,7 +100,23 @@ def main(argv=None) -> int:
     p = sub.add_parser("aot-check", help="compile Triton kernels for sm_80/sm_90 without a GPU")
     p.add_argument("--arch", nargs="+", type=int, default=[80, 90], help="SM versions (default 80 90)")
     p.add_argument("--quick", action="store_true", help="only one config per head dim")
+    p.add_argument("--jobs", type=int, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--json", help="also write every variant's measurements to this JSON file")
     p.set_defaults(func=lambda a: __import__("o2mag_kernels.aot", fromlist=["run"]).run(a))
+    p = sub.add_parser("gpu-sweep", help="run every kernel config on this GPU against the float64 "
+                                         "reference, one process per config; writes the JSON "
+                                         "table tuning reads")
+    p.add_argument("--out", help="result file (default: o2mag_kernels/sweeps/<card>.json)")
+    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"],
+                   choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[40, 64, 80, 128, 160, 256])
+    p.add_argument("--jobs", type=int, default=4, help="worker processes at a time (default 4)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per config (default 300)")
+    p.add_argument("--quick", action="store_true", help="two configs per head dim (smoke run)")
+    p.add_argument("--interpret", action="store_true",
+                   help="run on CPU under TRITON_INTERPRET=1 with tiny cases (tests the command; "
+                        "proves nothing about a GPU, and tuning ignores its file)")
+    p.set_defaults(func=lambda a: __import__("o2mag_kernels.sweep", fromlist=["run"]).run(a))
     args = parser.parse_args(argv)
     return args.func(args)
 

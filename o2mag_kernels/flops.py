@@ -14,13 +14,11 @@ from ._validate import Problem, effective_key_masks
 
 def useful_key_visits(problem: Problem, query_mask, fg_key_mask, bg_key_mask) -> int:
     """Σ over batches and queries of the number of keys the query's softmax runs over (one head)."""
-    B, Lq = problem.B, problem.Lq
-    fg, bg, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, query_mask.device)
+    use_fg, fg, bg = effective_key_masks(problem, query_mask, fg_key_mask, bg_key_mask)
     n_f = fg.sum(dim=1, dtype=torch.int64)                      # (B,)
     n_b = bg.sum(dim=1, dtype=torch.int64)                      # (B,)
-    use_fg = query_mask.expand(B, Lq) & fg_any[:, None]
     n_qf = use_fg.sum(dim=1, dtype=torch.int64)                 # (B,)
-    return int((n_qf * n_f + (Lq - n_qf) * n_b).sum())
+    return int((n_qf * n_f + (problem.Lq - n_qf) * n_b).sum())
 
 
 def useful_flops(problem: Problem, query_mask, fg_key_mask=None, bg_key_mask=None) -> int:

@@ -24,17 +24,17 @@ def reference_attention(
     problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
     *, compute_dtype=None, return_lse=False,
 ):
-    """Tri-source attention by the literal formula of DESIGN §3.
+    """Tri-source attention by the literal formula (docs/architecture.md, "The op").
 
     ``compute_dtype`` defaults to float64 for float64 inputs and float32 otherwise; tests also run it
     in float16/bfloat16 to measure how much error plain low-precision arithmetic makes.
     """
     if compute_dtype is None:
         compute_dtype = accumulate_dtype(q.dtype)
-    fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)
+    use_fg, fg_mask, bg_mask = effective_key_masks(problem, query_mask, fg_key_mask, bg_key_mask)
     # Rows with no usable foreground key never take the foreground result; give them a dummy key
     # set so their (unused) softmax stays finite.
-    fg_mask_safe = fg_mask | ~fg_any[:, None]
+    fg_mask_safe = fg_mask | ~fg_mask.any(dim=1, keepdim=True)
     if problem.Lf > 0:
         out_fg, lse_fg = _masked_softmax_attention(
             q, k_fg, v_fg, fg_mask_safe, problem.fg_gain * problem.scale, compute_dtype)
@@ -42,7 +42,7 @@ def reference_attention(
         out_fg = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
         lse_fg = torch.zeros(q.shape[:3], dtype=out_fg.real.dtype, device=q.device)
     out_bg, lse_bg = _masked_softmax_attention(q, k_bg, v_bg, bg_mask, problem.scale, compute_dtype)
-    use_fg = (query_mask.expand(problem.B, problem.Lq) & fg_any[:, None])[:, None, :]  # (B,1,Lq)
+    use_fg = use_fg[:, None, :]  # (B, 1, Lq)
     out = torch.where(use_fg[..., None], out_fg, out_bg).to(q.dtype)
     if not return_lse:
         return out

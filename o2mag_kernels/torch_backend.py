@@ -1,32 +1,58 @@
 """Efficient pure-PyTorch tri-source attention (CPU and CUDA, differentiable).
 
-Each query needs ONE source, so instead of two dense attentions and a stitch we route: gather the
-queries that take the foreground and those that take the background, gather only the usable keys of
-each source, run one ``scaled_dot_product_attention`` per (batch group, source), and scatter the rows
-back. Work is Σ_i |keys(i)| instead of 2·Lq·L, and no Lq×L score matrix is materialised (SDPA's
-fused kernels stream over keys).
+Each query needs ONE source. Two exact strategies, picked per device (``STRATEGY``):
 
-Batches are processed together when every mask is shared by the whole batch (the common
-"one reference, one normal image, many targets with the same mask" case is then a single call
-per source); otherwise one group per target batch row, which the grafting layer keeps small.
+* ``routed`` — gather the queries that take the foreground and those that take the background,
+  gather only the usable keys of each source, run one unmasked ``scaled_dot_product_attention``
+  per (batch group, source) and scatter the rows back. Work is Σ_i |keys(i)|; no Lq×L score matrix
+  is materialised. Fastest on a CPU, where gathers are cheap next to the attention.
+* ``stitch`` — every query attends the foreground's compacted usable keys (few: the defect) and
+  the background (its usable keys compacted when one mask serves the batch, else a boolean
+  ``attn_mask``), then one ``torch.where`` picks each row. No row gathers or scatters and no host
+  synchronisation after the mask's first use: on a GPU it does strictly less work than two masked
+  SDPA calls and a select, which it is built to beat.
+
+Index lists come from the :class:`~o2mag_kernels.TriSourceMask` (its host-side counts are read
+once per mask object), so a prebuilt mask costs no synchronisation per call. The log-sum-exp
+(``return_lse``) always takes the routed path with an explicit fp32/fp64 softmax, since SDPA does
+not return it.
+
+While ``torch.compile`` traces a call whose mask has not read its host-side counts yet (reading
+them would break the graph), the ``masked`` strategy runs instead: both sources with boolean
+``attn_mask`` and one select, data-independent and exact (``TriSourceMask.host()`` called once
+before compiling avoids it).
 """
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._validate import Problem, accumulate_dtype, effective_key_masks
+from ._validate import Problem, accumulate_dtype, as_mask
 
 # Elements of one float32 score chunk on the LSE path (about 64 MiB).
 _LSE_CHUNK_ELEMENTS = 1 << 24
 
+STRATEGIES = ("routed", "stitch", "masked")
+# Per device type; anything else uses "routed". ``O2MAG_TORCH_STRATEGY`` overrides (benchmarks).
+STRATEGY = {"cpu": "routed", "cuda": "stitch"}
 
-def _gather(x: torch.Tensor, idx, dim: int = 2):
-    """``x.index_select(dim, idx)`` that skips the copy when ``idx`` selects everything in order.
 
-    Sources are gathered before any batch broadcast, so a size-1 source is gathered once, not once
-    per target.
-    """
+def pick_strategy(device: torch.device) -> str:
+    """The strategy for tensors on ``device`` (the ``O2MAG_TORCH_STRATEGY`` variable overrides)."""
+    forced = os.environ.get("O2MAG_TORCH_STRATEGY")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"O2MAG_TORCH_STRATEGY must be one of {STRATEGIES}, got {forced!r}")
+        return forced
+    return STRATEGY.get(device.type, "routed")
+
+
+def _gather(x: torch.Tensor, idx: Optional[torch.Tensor], dim: int = 2):
+    """``x.index_select(dim, idx)``; ``None`` selects everything (no copy). Size-1 sources are
+    gathered before any broadcast, so once, not once per target."""
     return x if idx is None else x.index_select(dim, idx)
 
 
@@ -35,16 +61,13 @@ def _unbroadcast(x: torch.Tensor) -> torch.Tensor:
     return x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
 
 
-def _attend(q, k, v, scale: float, want_lse: bool):
-    """softmax(scale·q·kᵀ)·v over all keys given; returns (out, lse or None).
-
-    ``k``/``v`` have q's batch or batch 1 (shared by every row of q); a shared source is never
-    materialised per batch row.
-    """
+def _attend(q, k, v, scale: float, want_lse: bool, mask=None):
+    """softmax(scale·q·kᵀ)·v over the keys given (``mask``: bool, broadcastable, True = usable);
+    returns (out, lse or None). ``k``/``v`` have q's batch or batch 1 (never copied per row)."""
     B, H, Lq, D = q.shape
     if not want_lse:
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     # SDPA does not expose the log-sum-exp publicly, so this path streams over query chunks with
     # fp32 (or fp64) accumulation and never holds more than one chunk of scores. With a shared
     # source, q's batch is folded into its rows so matmul never broadcasts (copies) k or v.
@@ -71,72 +94,127 @@ def _attend(q, k, v, scale: float, want_lse: bool):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _indices(mask_row: torch.Tensor):
-    """Positions of True entries, or None when all are True (so callers can skip a gather)."""
-    if bool(mask_row.all()):
+def _keys(host: dict, which: str, row: int, L: int):
+    """Index list of one mask row's usable keys, or None when every key is usable."""
+    rows = host[which]
+    if rows is None:
         return None
-    return mask_row.nonzero().squeeze(1)
+    idx, n = rows[min(row, len(rows) - 1)]
+    return None if n == L else idx[:n]
 
 
-def _route_group(q, k_fg, v_fg, k_bg, v_bg, use_fg_row, fg_row, bg_row, problem, want_lse):
-    """Attention for a group of batch rows that share one query routing and one pair of key sets."""
+def _route_group(q, k_fg, v_fg, k_bg, v_bg, mask, row: int, problem: Problem, want_lse: bool):
+    """Routed attention for batch rows that share mask row ``row`` (one routing, one key set)."""
     B, H, Lq, D = q.shape
-    out_dtype = accumulate_dtype(q.dtype)
-    n_fg = int(use_fg_row.sum())  # the count also says when a query set is all rows (no 2nd sync)
+    host = mask.host()
+    n_fg = host["n_qfg"][min(row, len(host["n_qfg"]) - 1)] if problem.Lf > 0 else 0
+    perm = host["qperm"][min(row, host["qperm"].shape[0] - 1)]
     parts = []  # (query indices or None, out, lse)
     if n_fg > 0:
-        qi = None if n_fg == Lq else use_fg_row.nonzero().squeeze(1)
-        kf = _indices(fg_row)
+        qi = None if n_fg == Lq else perm[:n_fg]
+        kf = _keys(host, "fidx", row, problem.Lf)
         o, l = _attend(_gather(q, qi), _gather(k_fg, kf), _gather(v_fg, kf),
                        problem.scale * problem.fg_gain, want_lse)
         parts.append((qi, o, l))
     if n_fg < Lq:
-        qi = None if n_fg == 0 else (~use_fg_row).nonzero().squeeze(1)
-        kb = _indices(bg_row)
+        qi = None if n_fg == 0 else perm[n_fg:]
+        kb = _keys(host, "bidx", row, problem.Lb)
         o, l = _attend(_gather(q, qi), _gather(k_bg, kb), _gather(v_bg, kb), problem.scale, want_lse)
         parts.append((qi, o, l))
     if len(parts) == 1 and parts[0][0] is None:
         _, out, lse = parts[0]
-    else:
-        # The two query sets partition the rows, so every row of the fresh buffer is written once
-        # (in place: no zero fill, no full clone per part; autograd flows to o and l).
-        out = q.new_empty(B, H, Lq, D)
-        lse = q.new_empty(B, H, Lq, dtype=out_dtype) if want_lse else None
-        for qi, o, l in parts:
-            out.index_copy_(2, qi, o)
-            if want_lse:
-                lse.index_copy_(2, qi, l)
-    return out, lse  # lse (when asked) is already out_dtype: _attend accumulates in it
+        return out, lse
+    # The two query sets partition the rows, so every row of the fresh buffer is written once
+    # (in place: no zero fill, no full clone per part; autograd flows to o and l).
+    out = q.new_empty(B, H, Lq, D)
+    lse = q.new_empty(B, H, Lq, dtype=accumulate_dtype(q.dtype)) if want_lse else None
+    for qi, o, l in parts:
+        out.index_copy_(2, qi, o)
+        if want_lse:
+            lse.index_copy_(2, qi, l)
+    return out, lse
+
+
+def _routed(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask, want_lse: bool):
+    B = problem.B
+    if mask.batch == 1 or B == 1:
+        # One routing for the whole batch: size-1 sources are gathered once, then expanded (a view).
+        k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
+        return _route_group(q, k_fg, v_fg, k_bg, v_bg, mask, 0, problem, want_lse)
+    outs, lses = [], []
+    for b in range(B):
+        bf = b if problem.Bf == B else 0
+        bb = b if problem.Bb == B else 0
+        o, l = _route_group(q[b:b + 1], k_fg[bf:bf + 1], v_fg[bf:bf + 1], k_bg[bb:bb + 1],
+                            v_bg[bb:bb + 1], mask, b, problem, want_lse)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=0), (torch.cat(lses, dim=0) if want_lse else None)
+
+
+def _stitch(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask):
+    """Both sources for every query, foreground keys compacted, one select (see module doc)."""
+    B, Lq, Lf, Lb = problem.B, problem.Lq, problem.Lf, problem.Lb
+    host = mask.host()
+    n_qfg = host["n_qfg"] if Lf > 0 else [0]
+    use_fg, fg, bg = mask.effective(B, Lf, Lb)
+    k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
+    out_fg = out_bg = None
+    if max(n_qfg) > 0:
+        if host["fidx"] is None or len(host["fidx"]) == 1:
+            kf = _keys(host, "fidx", 0, Lf)
+            out_fg, _ = _attend(q, _gather(k_fg, kf), _gather(v_fg, kf),
+                                problem.scale * problem.fg_gain, False)
+        else:  # per-target foreground masks; rows without a usable key are never selected
+            safe = fg | ~fg.any(dim=1, keepdim=True)
+            out_fg, _ = _attend(q, k_fg, v_fg, problem.scale * problem.fg_gain, False,
+                                safe[:, None, None, :])
+    if min(n_qfg) < Lq:
+        if host["bidx"] is None or len(host["bidx"]) == 1:
+            kb = _keys(host, "bidx", 0, Lb)
+            out_bg, _ = _attend(q, _gather(k_bg, kb), _gather(v_bg, kb), problem.scale, False)
+        else:
+            out_bg, _ = _attend(q, k_bg, v_bg, problem.scale, False, bg[:, None, None, :])
+    if out_bg is None:
+        return out_fg
+    if out_fg is None:
+        return out_bg
+    return torch.where(use_fg[:, None, :, None], out_fg, out_bg)
+
+
+def _masked(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask):
+    """Both sources for every query through boolean ``attn_mask`` s, one select; no host value is
+    read, so it traces into one graph (see module doc)."""
+    B, Lf, Lb = problem.B, problem.Lf, problem.Lb
+    use_fg, fg, bg = mask.effective(B, Lf, Lb)
+    k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
+    out_bg, _ = _attend(q, k_bg, v_bg, problem.scale, False, bg[:, None, None, :])
+    if Lf == 0:
+        return out_bg
+    safe = fg | ~fg.any(dim=1, keepdim=True)  # rows with no usable key are never selected
+    out_fg, _ = _attend(q, k_fg, v_fg, problem.scale * problem.fg_gain, False, safe[:, None, None, :])
+    return torch.where(use_fg[:, None, :, None], out_fg, out_bg)
 
 
 def torch_attention(
     problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
-    *, return_lse: bool = False,
+    *, return_lse: bool = False, strategy: Optional[str] = None,
 ):
-    B, Lq = problem.B, problem.Lq
-    if Lq == 0:
+    """Tri-source attention in PyTorch. Arguments were validated; ``query_mask`` may be a
+    :class:`~o2mag_kernels.TriSourceMask`. ``strategy`` overrides :func:`pick_strategy`."""
+    if problem.Lq == 0:
         out = q.clone()  # empty; a clone (not new_empty) keeps the result in q's autograd graph
         lse_dtype = accumulate_dtype(q.dtype)
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
-    fg_mask, bg_mask, fg_any = effective_key_masks(problem, fg_key_mask, bg_key_mask, q.device)
-    use_fg = query_mask.expand(B, Lq) & fg_any[:, None]
-
-    shared = all(m is None or m.shape[0] == 1 for m in (query_mask, fg_key_mask, bg_key_mask))
-    if shared or B == 1:
-        # One routing for the whole batch: size-1 sources are gathered once, then expanded (a view).
-        k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
-        out, lse = _route_group(
-            q, k_fg, v_fg, k_bg, v_bg, use_fg[0], fg_mask[0], bg_mask[0], problem, return_lse)
-    else:
-        outs, lses = [], []
-        for b in range(B):
-            bf = b if problem.Bf == B else 0
-            bb = b if problem.Bb == B else 0
-            o, l = _route_group(
-                q[b:b + 1], k_fg[bf:bf + 1], v_fg[bf:bf + 1], k_bg[bb:bb + 1], v_bg[bb:bb + 1],
-                use_fg[b], fg_mask[b], bg_mask[b], problem, return_lse)
-            outs.append(o)
-            lses.append(l)
-        out = torch.cat(outs, dim=0)
-        lse = torch.cat(lses, dim=0) if return_lse else None
-    return (out, lse) if return_lse else out
+    mask = as_mask(problem, query_mask, fg_key_mask, bg_key_mask)
+    strategy = strategy or pick_strategy(q.device)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if mask._host is None and not return_lse and torch.compiler.is_compiling():
+        strategy = "masked"
+    if strategy == "masked" and not return_lse:
+        return _masked(problem, q, k_fg, v_fg, k_bg, v_bg, mask)
+    if return_lse or strategy == "routed":
+        out, lse = _routed(problem, q, k_fg, v_fg, k_bg, v_bg, mask, return_lse)
+        return (out, lse) if return_lse else out
+    return _stitch(problem, q, k_fg, v_fg, k_bg, v_bg, mask)

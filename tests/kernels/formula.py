@@ -1,4 +1,4 @@
-"""An independent statement of the tri-source attention formula (DESIGN §3), for cross-checking.
+"""An independent statement of the tri-source attention formula (docs/architecture.md, "The op"), for cross-checking.
 
 Written from the contract text alone: it imports nothing from ``o2mag_kernels``. Where the
 reference backend runs two dense attentions and stitches them, this walks the batch in Python,

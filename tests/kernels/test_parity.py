@@ -15,8 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from o2mag_kernels import tri_source_attention
+from o2mag_kernels.torch_backend import STRATEGIES, pick_strategy, torch_attention
 
-from conftest import max_abs_err  # noqa: E402  (tests/kernels is on sys.path; see conftest.py)
+from tests.kernels.helpers import max_abs_err
 
 BACKENDS = ("torch", "reference")
 # (out atol, lse relative tol) against the float64 formula.
@@ -128,6 +129,36 @@ def test_parity_tight(name, dtype, make_case, formula):
 def test_parity_low_precision(name, dtype, make_case, formula, lowp_bound):
     spec, op = CASES[name]
     check_low_precision(make_case(dtype=dtype, seed=len(name), **spec), formula, lowp_bound, **op)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_strategies(name, strategy, make_case, formula):
+    """Both exact strategies of the torch backend (the device picks one; the other must hold too),
+    float64, with and without a prebuilt mask."""
+    from o2mag_kernels import tri_source_mask
+
+    spec, op = CASES[name]
+    case = make_case(dtype=torch.float64, seed=zlib.crc32(name.encode()) % 997, **spec)
+    exact, _ = formula(*case.args, **op)
+    atol = TIGHT[torch.float64][0] + logit_error_allowance(case, op.get("scale"), op.get("fg_gain", 1.0))
+    problem = case.problem(op.get("scale"), op.get("fg_gain", 1.0), "torch")
+    for masks in (case.args[5:], (tri_source_mask(*case.args[5:]), None, None)):
+        out = torch_attention(problem, *case.tensors, *masks, strategy=strategy)
+        assert out.shape == case.q.shape and out.dtype == case.q.dtype
+        err = max_abs_err(out, exact)
+        assert err <= atol, f"{strategy}: max error {err:.3g} > {atol:g}"
+
+
+def test_strategy_choice(monkeypatch):
+    monkeypatch.delenv("O2MAG_TORCH_STRATEGY", raising=False)
+    assert pick_strategy(torch.device("cpu")) == "routed"
+    assert pick_strategy(torch.device("cuda")) == "stitch"
+    monkeypatch.setenv("O2MAG_TORCH_STRATEGY", "stitch")
+    assert pick_strategy(torch.device("cpu")) == "stitch"
+    monkeypatch.setenv("O2MAG_TORCH_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="O2MAG_TORCH_STRATEGY"):
+        pick_strategy(torch.device("cpu"))
 
 
 DENSITIES = [0.0, 1.0, "single", 0.01, 0.05, 0.5]

@@ -13,17 +13,17 @@ casts and stores still run. The bf16 dot path itself is covered by the ``cuda`` 
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from o2mag_kernels import tri_source_attention
+from o2mag_kernels import tri_source_attention, tri_source_mask
 from o2mag_kernels import _triton_kernel as K
 from o2mag_kernels import triton_backend as tb
-
-from conftest import max_abs_err  # noqa: E402  (tests/kernels is on sys.path; see conftest.py)
+from o2mag_kernels import tuning
+from o2mag_kernels.synthetic import mask_set
+from tests.kernels.helpers import max_abs_err
 
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -32,20 +32,25 @@ if not CUDA and not tb.is_interpreted():
     pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 (set before importing triton)",
                 allow_module_level=True)
 
-DEV = "cpu"
+# every (BLOCK_M, BLOCK_N) the configs use, with 4 warps / 2 stages (the interpreter ignores both)
+TILES = sorted({(bm, bn, 4, 2) for bm, bn, _, _ in K.CONFIGS})
 
 
-def run_triton(case, *, scale=None, fg_gain=1.0, config=None):
-    """(out, lse) from the fused kernel, with the output poisoned with NaN before the launch."""
-    problem = case.problem(scale, fg_gain, backend="triton")
+def run_triton(case, *, scale=None, fg_gain=1.0, config=None, prebuilt=False):
+    """(out, lse) from the fused kernel, with the outputs poisoned with NaN before the launch.
+    ``config`` forces a tile; ``prebuilt`` passes a TriSourceMask instead of the three masks."""
+    args = case.args
+    if prebuilt or config is not None:
+        args = (*case.args[:5], tri_source_mask(*case.args[5:]), None, None)
     old = tb.POISON_OUTPUT
     tb.POISON_OUTPUT = True
     try:
         if config is None:
-            out, lse = tri_source_attention(*case.args, scale=scale, fg_gain=fg_gain,
-                                            return_lse=True, backend="triton")
+            out, lse = tri_source_attention(*args, scale=scale, fg_gain=fg_gain, return_lse=True,
+                                            backend="triton")
         else:
-            out, lse = tb._launch(problem, *case.args, config=config)
+            problem = case.problem(scale, fg_gain, backend="triton")
+            out, lse = tb.run_op(problem, *case.tensors, args[5], store_lse=True, config=config)
     finally:
         tb.POISON_OUTPUT = old
     B, H, Lq, D = case.q.shape
@@ -56,19 +61,20 @@ def run_triton(case, *, scale=None, fg_gain=1.0, config=None):
     return out, lse
 
 
-def check(case, formula, lowp_bound, *, scale=None, fg_gain=1.0, config=None, fp32_atol=1e-5):
+def check(case, formula, lowp_bound, *, scale=None, fg_gain=1.0, config=None, fp32_atol=1e-5,
+          prebuilt=False):
     """Parity with the float64 formula. fp32: tight; fp16/bf16: at most twice the low-precision
     reference's own error (+ half an ulp of the output); lse fp32-accurate in every dtype (logits
     are accumulated in fp32 from the exactly representable inputs)."""
     exact, exact_lse = formula(*case.args, scale=scale, fg_gain=fg_gain)
-    out, lse = run_triton(case, scale=scale, fg_gain=fg_gain, config=config)
+    out, lse = run_triton(case, scale=scale, fg_gain=fg_gain, config=config, prebuilt=prebuilt)
     err = max_abs_err(out, exact)
     top = float(exact.abs().max()) if exact.numel() else 0.0
     if case.q.dtype == torch.float32:
         bound = fp32_atol * max(1.0, top)
     else:
         bound = lowp_bound(case, exact, scale=scale, fg_gain=fg_gain)
-    assert err <= bound, f"{case.q.dtype}: max error {err:.3g} > {bound:.3g}"
+    assert err <= bound, f"{case.q.dtype} {config}: max error {err:.3g} > {bound:.3g}"
     lse_err = max_abs_err(lse, exact_lse)
     lse_top = float(exact_lse.abs().max()) if exact_lse.numel() else 0.0
     lse_tol = (1e-5 if not CUDA or case.q.device.type == "cpu" else 1e-4) * max(1.0, lse_top)
@@ -79,6 +85,10 @@ def check(case, formula, lowp_bound, *, scale=None, fg_gain=1.0, config=None, fp
 def on(case, device):
     return case if device == "cpu" else type(case)(*(
         None if t is None else t.to(device) for t in case.args))
+
+
+def with_masks(case, q, fg, bg):
+    return type(case)(*case.tensors, q, fg, bg)
 
 
 LOWP = [torch.float16, torch.bfloat16]
@@ -102,14 +112,14 @@ def test_fp32_column_chunked(D, make_case, formula, lowp_bound):
     logits summed over 32-column chunks): odd tails of both chunkings, tiles wholly foreground,
     wholly background and straddling, at fp32 accuracy (same bound as the whole-tile path)."""
     assert K.chunking(D, 4) != (0, 0) and K.chunking(D, 2) == (0, 0)
-    case = make_case(B=2, H=1, Lq=50, Lf=37, Lb=45, D=D, dtype=torch.float32, q_density=0.4,
+    case = make_case(B=2, H=1, Lq=150, Lf=137, Lb=145, D=D, dtype=torch.float32, q_density=0.4,
                      q_magnitude=3.0)
-    for tile in ((16, 32, 4, 2), (32, 64, 4, 2)):
+    for tile in ((64, 64, 4, 2), (128, 128, 8, 3)):
         check(case, formula, lowp_bound, fg_gain=1 / 0.7, config=tile)
 
 
 def test_head_dim_256_and_odd_tail(make_case, formula, lowp_bound):
-    """256 (largest), and 200 / 24 / 8 whose tails are padded instead of split."""
+    """256 (largest), and 200 / 24 / 8, padded to dots of at least 64 columns."""
     for D in (256, 200, 24, 8):
         case = make_case(B=1, H=1, Lq=40, Lf=33, Lb=50, D=D, dtype=torch.float16)
         check(case, formula, lowp_bound, fg_gain=2.0)
@@ -177,7 +187,7 @@ def test_strided_views(make_case, formula, lowp_bound):
 def test_inputs_never_copied_per_target(make_case):
     """Size-1 sources broadcast through stride 0: no tensor of the sources' size is allocated."""
     case = make_case(B=4, H=2, Lq=64, Lf=64, Lb=64, D=40, Bf=1, Bb=1, strided=True)
-    tb.tri_source_attention_op(*case.args, 0.2, 1.0)  # warm (compile caches etc.)
+    run_triton(case)  # warm (compile caches etc.)
     big = case.k_fg.numel()
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -193,7 +203,8 @@ def test_inputs_never_copied_per_target(make_case):
 
     with Sizes() as mode:
         run_triton(case)
-    copies = [s for s in mode.sizes if s[1] >= big and s[1] != case.q.numel()]
+    # aten.set_ re-points a tensor at existing storage (the interpreter does it): no allocation
+    copies = [s for s in mode.sizes if s[1] >= big and s[1] != case.q.numel() and "set_" not in s[0]]
     assert not copies, f"unexpected full-size float tensors: {copies}"
 
 
@@ -212,19 +223,23 @@ def test_large_magnitudes_stay_finite(dtype, make_case, formula, lowp_bound):
     assert max_abs_err(out, exact) <= 5 * lowp_bound(case, exact, fg_gain=1 / 0.7) + 0.05
 
 
-def test_every_tile_config(make_case, formula, lowp_bound):
-    """Each (BLOCK_M, BLOCK_N) the autotuner may pick, on a case with fg, bg and mixed tiles."""
-    case = make_case(B=2, H=1, Lq=150, Lf=140, Lb=130, D=80, dtype=torch.float16,
-                     q_density=0.6, fg_density=0.4, bg_density=0.3)
-    tiles = sorted({(bm, bn) for bm, bn, _, _ in K.CONFIGS})
-    for bm, bn in tiles:
-        check(case, formula, lowp_bound, config=(bm, bn, 4, 2))
-    # fp32 column-chunked path: every tile it may run with (any head-dim bucket above 64, any SM)
-    case = case.to(torch.float32)
-    fp32_tiles = sorted({(bm, bn) for d in (80, 128, 160, 256) for arch in (80, 90)
-                         for bm, bn, _, _ in K.allowed_configs(d, 4, arch)})
-    for bm, bn in fp32_tiles:
-        check(case, formula, lowp_bound, config=(bm, bn, 4, 2))
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_every_tile_config(tile, make_case, formula, lowp_bound):
+    """Each (BLOCK_M, BLOCK_N) the autotuner may pick, on cases whose query tiles are foreground,
+    background and split between them, with full, partial and skipped key tiles (blob masks: most
+    tiles whole; scattered: most partial), fp16 and fp32 column-chunked."""
+    for kind, L, D in (("blob", 576, 40), ("scattered", 300, 80)):
+        case = make_case(B=2, H=1, Lq=L, Lf=L, Lb=L, D=D, dtype=torch.float16, seed=L)
+        q, fg, bg = mask_set(kind, 2, L, density=0.1, seed=1)
+        bg[:, :128] = False  # background keys excluded in bulk: whole tiles to skip
+        case = with_masks(case, q, fg, bg)
+        m = tri_source_mask(*case.args[5:])
+        full, part = (m.counts[:, 2], m.counts[:, 3]) if tile[1] == 64 else (m.counts[:, 4], m.counts[:, 5])
+        if kind == "blob":
+            assert (full > 0).all() and (part > 0).all(), "the case must have full and partial tiles"
+            assert (full + part < m.tiles[tile[1]].shape[-1]).all(), "and skipped ones"
+        check(case, formula, lowp_bound, config=tile, fg_gain=1 / 0.7)
+    check(case.to(torch.float32), formula, lowp_bound, config=tile)  # column-chunked (D=80 > 64)
 
 
 def test_empty_sources_and_queries(make_case, formula, lowp_bound):
@@ -233,18 +248,6 @@ def test_empty_sources_and_queries(make_case, formula, lowp_bound):
     empty_q = make_case(B=2, H=2, Lq=0, Lf=5, Lb=20, D=40)
     out, lse = tri_source_attention(*empty_q.args, return_lse=True, backend="triton")
     assert out.shape == (2, 2, 0, 40) and lse.shape == (2, 2, 0)
-
-
-def test_routing_tables_are_stable_true_first(make_case):
-    g = torch.Generator().manual_seed(3)
-    for L in (1, 7, 100):
-        for p in (0.0, 0.3, 1.0):
-            mask = torch.rand(3, L, generator=g) < p
-            perm, count = tb._true_first(mask)
-            assert perm.dtype == torch.int32 and count.tolist() == mask.sum(1).tolist()
-            for b in range(3):
-                want = torch.cat([mask[b].nonzero().squeeze(1), (~mask[b]).nonzero().squeeze(1)])
-                assert perm[b].tolist() == want.tolist()
 
 
 def test_useful_flops_counts_needed_keys(make_case):
@@ -288,8 +291,15 @@ def test_status_reports_interpreter():
 def test_custom_op_fake_and_schema(make_case):
     """register_fake matches the real op (shapes, dtypes, strides), as torch.compile needs."""
     case = make_case(B=2, H=2, Lq=20, Lf=17, Lb=18, D=40, dtype=torch.float16)
-    torch.library.opcheck(tb.tri_source_attention_op, (*case.args, 0.15, 1.4),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    m = tri_source_mask(*case.args[5:])
+    for lse in (True, False):
+        torch.library.opcheck(tb.tri_source_attention_op,
+                              (*case.tensors, *tb._tables(m), 0.15, 1.4, False, False, lse),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    none = tri_source_mask(case.query_mask)  # no key masks: dummy table pointers, dense walk
+    torch.library.opcheck(tb.tri_source_attention_op,
+                          (*case.tensors, *tb._tables(none), 0.15, 1.4, True, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
@@ -301,10 +311,10 @@ def test_custom_op_fake_and_schema(make_case):
        fd=st.sampled_from([None, 0.0, 0.05, 0.5, 1.0, "single"]),
        bd=st.sampled_from([None, 0.0, 0.3, 1.0, "single"]),
        shared=st.booleans(), strided=st.booleans(), gain=st.sampled_from([1.0, 1 / 0.7, 4.0]),
-       tile=st.sampled_from([None, (16, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]))
+       tile=st.sampled_from([None] + TILES))
 def test_random_shapes_and_masks(B, H, Lq, Lf, Lb, D, dtype, qd, fd, bd, shared, strided, gain,
                                  tile, make_case, formula, lowp_bound):
-    """Odd head dims (padded or split), tiles smaller/larger than the lengths, mixed tiles."""
+    """Odd head dims (padded), tiles smaller/larger than the lengths, split query tiles."""
     if Lf == 0 and fd == "single":
         fd = None
     one = 1 if shared else None

@@ -1,0 +1,242 @@
+"""``o2mag-kernels gpu-sweep``: every kernel config the autotuner may pick, run on the GPU at hand.
+
+Each (dtype, head dim, config) runs in its own worker process -- a kernel fault (an illegal
+memory access) poisons the CUDA context of the process it happens in, so one process per config
+keeps every other result clean. A worker runs the config on a set of cases (blob, scattered,
+empty and full masks, odd and SD-sized lengths, per-target and shared masks, diffusers-strided
+inputs) with the outputs poisoned with NaN first, and compares each with the float64 reference
+under the package's parity rule (:mod:`o2mag_kernels.parity`); it also times the config on the
+SD-sized blob case. A crash, a timeout, a non-finite or unwritten element, or an error above the
+bound marks the config failed for that dtype class and head-dim bucket.
+
+The result file (``o2mag_kernels/sweeps/<card>.json`` by default) records the card, versions, the
+kernel's source hash and every (config, case) result; committed, it is what
+:mod:`o2mag_kernels.tuning` allows on that GPU family (and what lets ``auto`` pick the kernel).
+``--interpret`` runs the same machinery on CPU under ``TRITON_INTERPRET=1`` with tiny cases (for
+tests of this command; the file it writes proves nothing about a GPU and is refused by tuning).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+DTYPES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (40, 64, 80, 128, 160, 256)
+# (name, mask kind, targets, tokens, shared masks): cases a config must pass
+CASES = (
+    ("blob-4096", "blob", 2, 4096, False),
+    ("scattered-1024", "scattered", 2, 1024, False),
+    ("empty-1024", "empty", 2, 1024, True),
+    ("full-1024", "full", 2, 1024, True),
+    ("blob-odd-77", "blob", 3, 77, False),
+    ("blob-256-shared", "blob", 4, 256, True),
+)
+INTERPRET_CASES = (
+    ("blob-130", "blob", 2, 130, False),
+    ("scattered-77", "scattered", 2, 77, False),
+    ("empty-64", "empty", 1, 64, True),
+    ("full-64", "full", 1, 64, True),
+)
+TIMED_CASE = "blob-4096"
+HEADS = 2
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _inputs(kind, B, L, D, dtype, shared, device, seed):
+    """Diffusers-like inputs: (B, L, H*D) projections viewed as (B, H, L, D); one reference and
+    one normal source (batch 1) serving B targets; masks from :mod:`o2mag_kernels.synthetic`."""
+    import torch
+
+    from .synthetic import mask_set
+
+    g = torch.Generator().manual_seed(seed)
+
+    def proj(b):
+        x = torch.randn(b, L, HEADS * D, generator=g, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype).view(b, L, HEADS, D).transpose(1, 2)
+
+    q = proj(B)
+    k_fg, v_fg, k_bg, v_bg = (proj(1) for _ in range(4))
+    qm, fm, bm = mask_set(kind, 1 if shared else B, L, density=0.05 if L >= 1024 else 0.2,
+                          seed=seed, device=device)
+    return (q, k_fg, v_fg, k_bg, v_bg), (qm, fm, bm)
+
+
+def run_item(item: dict, interpret: bool = False):
+    """Run one (dtype, head_dim, config) on every case; yields one result dict per case."""
+    import torch
+
+    from . import tri_source_mask
+    from . import triton_backend as tb
+    from ._validate import validate
+    from .parity import bound, max_abs_err
+    from .reference import reference_attention
+
+    device = "cpu" if interpret else "cuda"
+    dtype = _torch_dtype(item["dtype"])
+    D = int(item["head_dim"])
+    config = tuple(item["config"])
+    cases = INTERPRET_CASES if interpret else CASES
+    for name, kind, B, L, shared in cases:
+        res = {"case": name, "status": "running"}
+        print(json.dumps(dict(res, started=True)), flush=True)  # a crash names the case it hit
+        t0 = time.perf_counter()
+        tensors, masks = _inputs(kind, B, L, D, dtype, shared, device, seed=D + L)
+        args = (*tensors, *masks)
+        problem = validate(*args, None, 1 / 0.7, "triton")
+        mask = tri_source_mask(*masks)
+        tb.POISON_OUTPUT = True
+        with torch.no_grad():
+            out, lse = tb.run_op(problem, *tensors, mask, store_lse=True, config=config)
+        if not interpret:
+            torch.cuda.synchronize()
+        wide = tuple(t.double() for t in tensors)
+        exact = reference_attention(validate(*wide, *masks, None, 1 / 0.7, "reference"), *wide, *masks)
+        err = max_abs_err(out, exact)
+        limit = bound(problem, args, exact, dtype, fp32_atol=1e-4)
+        finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+        res.update(status="ok" if finite and err <= limit else "wrong", max_err=err, bound=limit,
+                   finite=finite, seconds=round(time.perf_counter() - t0, 3))
+        if name == TIMED_CASE and not interpret and res["status"] == "ok":
+            import triton.testing
+
+            tb.POISON_OUTPUT = False
+            res["ms"] = triton.testing.do_bench(
+                lambda: tb.run_op(problem, *tensors, mask, store_lse=False, config=config),
+                warmup=10, rep=40, return_mode="median")
+        yield res
+
+
+def _worker(interpret: bool) -> int:
+    item = json.load(sys.stdin)
+    for res in run_item(item, interpret):
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+def items(dtypes, head_dims, arch: int, quick: bool = False):
+    """The (dtype, head_dim, config) work list: every spill-free config per bucket (``quick``:
+    two per bucket, for a smoke run)."""
+    from . import tuning
+
+    out = []
+    for dt in dtypes:
+        size = 4 if dt == "fp32" else 2
+        for d in head_dims:
+            cfgs = tuning.spill_free(d, size, arch)
+            if quick:
+                cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
+            out += [{"dtype": dt, "head_dim": d, "config": list(c)} for c in cfgs]
+    return out
+
+
+def _run_one(item, interpret: bool, timeout: float):
+    """One worker process for one item; returns its case results (a crash or timeout included)."""
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "o2mag_kernels.sweep", "--worker"] + (["--interpret"] if interpret else [])
+    with tempfile.TemporaryFile("w+") as err:
+        try:
+            proc = subprocess.run(cmd, input=json.dumps(item), stdout=subprocess.PIPE, stderr=err,
+                                  text=True, env=env, timeout=timeout)
+            out, code = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            code = "timeout"
+        err.seek(0)
+        tail = [ln for ln in err.read().strip().splitlines() if ln.strip()][-3:]
+    results, current = [], None
+    for line in out.splitlines():
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        if r.pop("started", False):
+            current = r["case"]
+            continue
+        results.append(r)
+        current = None
+    if code != 0:
+        why = "timed out" if code == "timeout" else f"worker exited with {code}"
+        results.append({"case": current or "(startup)", "status": "crash",
+                        "error": f"{why}: {' | '.join(tail)[-400:]}"})
+    return [dict(item, **r) for r in results]
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run(args) -> int:
+    """CLI entry; returns the exit code (0: every config passed every case)."""
+    import torch
+    import triton
+
+    from . import tuning
+
+    interpret = bool(getattr(args, "interpret", False))
+    if not interpret and not torch.cuda.is_available():
+        print("gpu-sweep: no CUDA device here (use --interpret to exercise the command on CPU)",
+              file=sys.stderr)
+        return 2
+    if interpret:
+        cap, name = (0, 0), "triton-interpreter"
+    else:
+        cap, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    arch = 90 if interpret else 10 * cap[0] + cap[1]
+    todo = items(args.dtypes, args.head_dims, arch, args.quick)
+    out_path = args.out or os.path.join(tuning.SWEEP_DIR, card_slug(name) + ".json")
+    jobs = max(1, args.jobs)
+    print(f"gpu-sweep on {name} (sm_{arch}): {len(todo)} (dtype, head dim, config) items x "
+          f"{len(INTERPRET_CASES if interpret else CASES)} cases, {jobs} processes at a time",
+          flush=True)
+    t0 = time.perf_counter()
+    results = []
+    with ThreadPoolExecutor(jobs) as pool:
+        for got in pool.map(lambda it: _run_one(it, interpret, args.timeout), todo):
+            results += got
+            bad = [r for r in got if r["status"] != "ok"]
+            it = got[0] if got else {}
+            print(f"  {it.get('dtype')} D{it.get('head_dim')} {tuple(it.get('config', ()))}: "
+                  + ("ok" if not bad else f"FAIL {bad[0]['case']}: {bad[0]['status']} "
+                     f"{bad[0].get('error') or bad[0].get('max_err')}"), flush=True)
+    payload = {
+        "device": name, "capability": list(cap), "interpreted": interpret,
+        "torch": torch.__version__, "triton": triton.__version__,
+        "kernel_hash": tuning.kernel_hash(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cases": [c[0] for c in (INTERPRET_CASES if interpret else CASES)],
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(payload, f, indent=1)
+    failed = sorted({(r["dtype"], r["head_dim"], tuple(r["config"])) for r in results
+                     if r["status"] != "ok"})
+    print(f"gpu-sweep: {len(todo) - len(failed)}/{len(todo)} items passed every case "
+          f"({time.perf_counter() - t0:.0f} s); wrote {out_path}")
+    for f_ in failed:
+        print(f"  failed: {f_}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        sys.exit(_worker("--interpret" in sys.argv[1:]))
+    from .cli import main
+
+    sys.exit(main(["gpu-sweep", *sys.argv[1:]]))
