@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
-from o2mag_kernels._validate import BACKENDS  # the op's own list: a config cannot name a backend it lacks
+from o2mag_kernels import BACKENDS  # the op's own list: a config cannot name a backend it lacks
 
 Window = Optional[Union[Tuple[float, float], Tuple[int, int]]]
 MASK_MODES = ("max", "nearest")

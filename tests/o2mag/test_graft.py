@@ -111,9 +111,8 @@ def test_disabled_unet_equals_diffusers_and_restores_processors(tiny_unet):
         expected = tiny_unet(lat, 500, encoder_hidden_states=emb).sample
         g = AttentionGraft(GraftConfig.disabled(), layout)
         with g.installed(tiny_unet):
-            procs = tiny_unet.attn_processors
-            assert sum(isinstance(p, GraftSelfAttnProcessor) for p in procs.values()) == 16
-            assert sum(isinstance(p, GraftCrossAttnProcessor) for p in procs.values()) == 16
+            procs = tiny_unet.attn_processors  # nothing to graft: nothing installed
+            assert all(procs[k] is before[k] for k in before)
             got = tiny_unet(lat, 500, encoder_hidden_states=emb).sample  # no set_step needed
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
     after = tiny_unet.attn_processors
@@ -322,13 +321,13 @@ def test_layer_and_step_windows_follow_the_paper_preset(tiny_unet, monkeypatch):
     lat, emb = unet_inputs(layout, seed=3)
     index = {info.self_name: info.index for info in transformer_layers(tiny_unet)}
     dae_calls = []
-    real_dae = AttentionGraft._dae
+    real_dae = GraftCrossAttnProcessor._dae
 
     def spy(self, call, out, hw):
-        dae_calls.append(self.plan.step)
+        dae_calls.append(self.graft.plan.step)
         return real_dae(self, call, out, hw)
 
-    monkeypatch.setattr(AttentionGraft, "_dae", spy)
+    monkeypatch.setattr(GraftCrossAttnProcessor, "_dae", spy)
     cache = SourceCache()
     g = AttentionGraft(GraftConfig.paper(), layout, cache)
     m = torch.zeros(64, 64)
@@ -575,3 +574,118 @@ def test_dae_half_precision_stays_finite_and_tracks_float32(dtype):
         low = proc(attn.to(dtype), x.to(dtype), encoder_hidden_states=enc.to(dtype))
     assert low.dtype == dtype and torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), full, atol=3e-2, rtol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# coexistence with other processors, torch.compile
+# ---------------------------------------------------------------------------------------------
+class Recording(AttnProcessor2_0):
+    """A custom processor (as LoRA-style adapters install) that counts its calls."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        self.log.append(self.name)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_other_processors_keep_running_where_nothing_is_grafted(tiny_unet):
+    """Only the layers the config touches get a grafting processor; every other layer keeps its
+    own (custom) processor, and a grafting processor hands idle calls to the one it replaced."""
+    layout = BranchLayout(1)
+    lat, emb = unet_inputs(layout, seed=6)
+    before = dict(tiny_unet.attn_processors)
+    log = []
+    tiny_unet.set_attn_processor({name: Recording(log, name) for name in before})
+    try:
+        layers = transformer_layers(tiny_unet)
+        grafted = {info.self_name for info in layers if info.index >= 9}
+        cfg = GraftConfig.paper(qgraft_steps=None, dae_steps=None, graft_steps=(0.5, 1.0))
+        g = AttentionGraft(cfg, layout)
+        m = torch.zeros(64, 64)
+        m[10:30, 10:30] = 1
+        g.set_masks(m, m[None])
+        with torch.no_grad(), g.installed(tiny_unet):
+            procs = tiny_unet.attn_processors
+            assert {n for n, p in procs.items() if isinstance(p, GraftSelfAttnProcessor)} == grafted
+            assert not any(isinstance(p, GraftCrossAttnProcessor) for p in procs.values())
+            g.set_step(10, 50)  # outside the TriAG window: every call reaches the custom processors
+            tiny_unet(lat, 500, encoder_hidden_states=emb)
+            assert sorted(log) == sorted(before)
+            log.clear()
+            g.set_step(30, 50)  # TriAG on layers 9-15: those self-attentions are grafted instead
+            tiny_unet(lat, 500, encoder_hidden_states=emb)
+            assert sorted(log) == sorted(set(before) - grafted)
+        assert all(isinstance(p, Recording) for p in tiny_unet.attn_processors.values())
+    finally:
+        tiny_unet.set_attn_processor(before)
+
+
+def test_ip_adapter_style_input_on_a_grafted_layer_is_a_clear_error():
+    torch.manual_seed(3)
+    layout = BranchLayout(2)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=8).eval()
+    x = torch.randn(layout.batch_size, 16, 32)
+    enc = torch.randn(layout.batch_size, 77, 16)
+    g = make_graft(GraftConfig.paper(), layout, step=25, ref=torch.ones(4, 4),
+                   targets=torch.ones(2, 4, 4))
+    g.set_token_indices([2])
+    proc = GraftCrossAttnProcessor(g, 4, "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor")
+    with pytest.raises(ValueError, match=r"up_blocks\.1\.attentions\.0.*IP-Adapter"):
+        proc(attn, x, encoder_hidden_states=(enc, [torch.randn(layout.batch_size, 4, 16)]))
+    g.set_step(45, 50)  # DAE idle: the call goes to the original processor, whatever it takes
+    with pytest.raises(Exception) as info:
+        proc(attn, x, encoder_hidden_states=(enc, []))
+    assert "IP-Adapter" not in str(info.value)
+    self_proc = GraftSelfAttnProcessor(g, 12, "mid.attn1.processor")
+    g.set_step(25, 50)
+    with pytest.raises(ValueError, match="mid.attn1.processor.*extra arguments"):
+        self_proc(attn, x, scale=0.5)
+
+
+def test_torch_compile_traces_each_phase_once():
+    """A compiled UNet with grafting installed: no graph break, and one graph per phase of the
+    schedule (Q graft, TriAG, TriAG + DAE; the TriAG steps after DAE reuse the TriAG graph) rather
+    than one per layer or step. A 4-block UNet, the torch backend and Dynamo's eager backend keep
+    it CPU-cheap; the Triton backend is one opaque custom op in the same place."""
+    from torch._dynamo.utils import counters
+
+    from o2mag.tiny import tiny_unet
+
+    unet = tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                     layers_per_block=1)
+    assert len(transformer_layers(unet)) == 4
+    layout = BranchLayout(2)
+    lat, emb = unet_inputs(layout, size=16, seed=7)
+    m = torch.zeros(128, 128)
+    m[30:60, 40:80] = 1
+    cfg = GraftConfig.paper(backend="torch", graft_layers=(2, 3), qgraft_layers=(0, 1, 2, 3),
+                            dae_layers=(0, 1, 2, 3))
+    g = AttentionGraft(cfg, layout)
+    g.set_masks(m, torch.stack([m, m.flip(0)]))
+    g.set_token_indices([3])
+    steps = 10  # Q graft: step 0; TriAG: 1-3 and 8-9; TriAG + DAE: 4-7
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="eager")
+    eager = {}
+    try:
+        with torch.no_grad(), g.installed(unet):
+            g.prepare((16, 16), "cpu", dtype=lat.dtype)
+            for i in range(steps):
+                g.set_step(i, steps)
+                out = compiled(lat, 500, encoder_hidden_states=emb).sample
+                if i in (0, 5):
+                    eager[i] = (out, unet(lat, 500, encoder_hidden_states=emb).sample)
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert graphs == 3
+    for got, want in eager.values():
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
