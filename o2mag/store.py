@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from datetime import datetime, timezone
 from importlib import metadata
@@ -156,8 +156,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _new_temp_file(dest: Path) -> tuple[int, str]:
+    """Create a fresh temporary file beside ``dest``: ``(fd, path)``.
+
+    Opened with mode 0o666 so the process umask decides the final permissions, as for any other
+    file the user writes (``tempfile.mkstemp`` would force 0600 and make a shared dataset
+    unreadable to the rest of a team); ``O_EXCL`` keeps two writers from sharing one name.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(dest.parent / f"{_TMP_PREFIX}{dest.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+
+
 def _atomic_png(img: Image.Image, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TMP_PREFIX + dest.name + ".", suffix=_TMP_SUFFIX)
+    fd, tmp = _new_temp_file(dest)
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")

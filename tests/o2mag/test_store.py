@@ -286,3 +286,20 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="num"):
         st.missing_indices(2.0)
     assert st.existing_indices() == [] and not st.manifest_path.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    # a dataset written for a team must be readable the way the user's umask says (not 0600)
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        st = OutputStore(tmp_path, "c", "d", settings=SETTINGS)
+        st.write(0, _img(1), _mask())
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for path in (st.image_path(0), st.mask_path(0), st.manifest_path):
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path.name, oct(path.stat().st_mode))
