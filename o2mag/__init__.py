@@ -1,14 +1,18 @@
 """o2mag: training-free one-to-more anomaly generation (O2MAG, CVPR 2026) on diffusers."""
 __version__ = "0.1.0"
 
-# Public names load lazily so that `import o2mag` stays cheap (diffusers is imported only when a
-# name that needs it is used).
+# Public names load lazily so that `import o2mag` stays cheap: diffusers is imported only when a
+# name that needs it is used.
 _LAZY = {
     "GraftConfig": "o2mag.config",
     "BranchLayout": "o2mag.layout",
     "AttentionGraft": "o2mag.graft",
     "SourceCache": "o2mag.graft",
+    "O2MAGPipeline": "o2mag.pipeline",
+    "PipelineStats": "o2mag.pipeline",
 }
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
@@ -23,10 +27,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
-
-
-__all__ = sorted(_LAZY)
-
-# The pipeline (issue 5), also lazy: importing it pulls in diffusers.
-_LAZY.update(O2MAGPipeline="o2mag.pipeline", PipelineStats="o2mag.pipeline")
-__all__ = sorted(_LAZY)
