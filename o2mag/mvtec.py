@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import InputError, MissingInputError, existing_path
-from .masks import MASK_EXTENSIONS
+from .images import MASK_EXTENSIONS
 
 __all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from o2mag import O2MAGPipeline
-from o2mag.masks import affine_masks
+from o2mag.targets import affine_masks
 from o2mag.sample import embedded_sample
 
 

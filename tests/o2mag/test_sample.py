@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from o2mag.masks import _label, load_image, load_mask
+from o2mag.images import load_image, load_mask
+from o2mag.morphology import label
 from o2mag.sample import Sample, brushed_metal, embedded_sample
 
 
@@ -26,7 +27,7 @@ def test_sample_shapes_and_fields(size):
     assert s.normal.size == s.reference.size == (size, size)
     assert s.ref_mask.dtype == bool and s.ref_mask.shape == (size, size)
     assert 0.003 < s.ref_mask.mean() < 0.1
-    assert len(_label(s.ref_mask, 8)[1]) == 2  # one scratch
+    assert len(label(s.ref_mask, 8)[1]) == 2  # one scratch
     assert s.anomaly_word in s.prompt.split()
     assert s.category == "synthetic_surface" and s.defect == "scratch"
 
