@@ -357,7 +357,10 @@ def _generate(args) -> int:
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = O2MAGPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        from .loading import quiet_loading
+
+        with quiet_loading(args.quiet):
+            pipe = O2MAGPipeline.from_pretrained(args.model, dtype=dtype)
     pipe = pipe.to(device)
     pipe.progress = not args.quiet
     size = args.size or pipe.default_size

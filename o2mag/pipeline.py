@@ -22,8 +22,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .ago import dilate_mask, optimize_embedding
-from .errors import InputError, MissingInputError
+from .errors import InputError
 from .inversion import Inversion, ddim_invert, ddim_step
+from .loading import check_model_path, loading_kwargs
 from .masks import load_image, load_mask, resize_image, resize_mask, to_mask
 
 __all__ = ["O2MAGPipeline", "PipelineStats", "token_indices"]
@@ -175,29 +176,20 @@ class O2MAGPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local diffusers folder (e.g. stable-diffusion-v1-5) or a hub id.
 
-        A folder that is not a diffusers pipeline (no ``model_index.json``), a missing path, or a
-        model that cannot be loaded raises :class:`o2mag.errors.InputError`.
+        ``dtype`` (or its older name ``torch_dtype``) is passed under the name the installed
+        diffusers takes. A missing path, a folder that is not a diffusers pipeline, or a folder
+        diffusers cannot read (broken JSON, missing or corrupt weights: diffusers' ``OSError`` and
+        ``ValueError``) raises :class:`o2mag.errors.InputError`; anything else -- running out of
+        memory, a bug -- propagates as itself.
         """
-        name = os.fspath(pretrained_model_name_or_path)
-        expanded = os.path.expanduser(name)
-        if os.path.isdir(expanded):
-            if not os.path.isfile(os.path.join(expanded, "model_index.json")):
-                raise InputError(
-                    f"{name} is not a diffusers pipeline folder (no model_index.json); point --model at a "
-                    "folder such as stable-diffusion-v1-5 that holds model_index.json, unet/, vae/, "
-                    "text_encoder/, tokenizer/ and scheduler/"
-                )
-            name = expanded
-        elif os.path.exists(expanded):
-            raise InputError(f"{name} is a file, not a diffusers pipeline folder")
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
-            raise MissingInputError(f"model folder not found: {name}")
+        name = check_model_path(pretrained_model_name_or_path)
+        kwargs = loading_kwargs(kwargs)
         try:
             pipe = super().from_pretrained(name, **kwargs)
         except InputError:
             raise
-        except Exception as e:  # diffusers/hub raise OSError, ValueError, EnvironmentError, HTTP errors
-            raise InputError(f"could not load a diffusers pipeline from {name!r}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"could not load a diffusers pipeline from {name!r}: {e}") from e
         pipe.model_id = os.path.abspath(name) if os.path.isdir(name) else name
         return pipe
 

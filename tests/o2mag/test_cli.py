@@ -253,3 +253,51 @@ def test_disk_cache_is_reused_by_a_later_process(tmp_path):
 
     assert "inversions 2, AGO runs 1" in run(1, 1)
     assert "inversions 0, AGO runs 0" in run(2, 2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from o2mag.pipeline import O2MAGPipeline
+
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    O2MAGPipeline.tiny(0).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("exc, code, needle", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), 1, "out of GPU memory"),
+    (OSError("Error no file named diffusion_pytorch_model.safetensors"), 2, "could not load"),
+])
+def test_loading_errors_keep_their_kind(model_dir, tmp_path, capsys, monkeypatch, exc, code, needle):
+    # a broken folder is the user's input (exit 2); running out of memory while loading is not, and
+    # must reach the out-of-memory hint (exit 1)
+    from diffusers import DiffusionPipeline
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fail)
+    assert main(["generate", "--model", str(model_dir), "--out", str(tmp_path), *FAST]) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_bug_while_loading_surfaces_as_itself(model_dir, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    def fail(*a, **k):
+        raise RuntimeError("a bug, not a bad folder")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", "--model", str(model_dir), "--out", str(tmp_path), *FAST])
+
+
+def test_quiet_loading_of_a_model_folder_prints_only_o2mag_lines(model_dir, tmp_path):
+    # a new user's run: no torch_dtype deprecation, no accelerate advice, no loading bars
+    proc = subprocess.run([sys.executable, "-m", "o2mag.cli", "generate", "--model", str(model_dir), "--out",
+                           str(tmp_path), "--num", "1", *FAST], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("o2mag: ") for line in lines), proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,82 @@
+"""Model loading: the dtype argument's name, accelerate's absence, quiet libraries, path errors."""
+import warnings
+
+import pytest
+import torch
+
+from o2mag.errors import InputError, MissingInputError
+from o2mag.loading import check_model_path, dtype_keyword, loading_kwargs, quiet_loading
+from o2mag.pipeline import O2MAGPipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    O2MAGPipeline.tiny(0).save_pretrained(d)
+    return d
+
+
+def test_dtype_reaches_the_components_without_a_deprecation_warning(model_dir):
+    for name in ("dtype", "torch_dtype"):  # the older name is translated too
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            pipe = O2MAGPipeline.from_pretrained(model_dir, **{name: torch.bfloat16})
+        assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+        assert pipe.text_encoder.dtype == torch.bfloat16
+        assert not [w for w in seen if "torch_dtype" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_loading_kwargs():
+    from diffusers.utils import is_accelerate_available
+
+    key = dtype_keyword()
+    assert key in ("dtype", "torch_dtype")
+    assert loading_kwargs({"torch_dtype": torch.float16})[key] == torch.float16
+    assert loading_kwargs({"dtype": torch.float16})[key] == torch.float16
+    with pytest.raises(ValueError, match="not both"):
+        loading_kwargs({"dtype": torch.float16, "torch_dtype": torch.float16})
+    if not is_accelerate_available():  # diffusers would turn it off anyway, after a warning
+        assert loading_kwargs({})["low_cpu_mem_usage"] is False
+        assert loading_kwargs({"low_cpu_mem_usage": True})["low_cpu_mem_usage"] is True  # the user's choice
+    else:
+        assert "low_cpu_mem_usage" not in loading_kwargs({})
+
+
+def test_quiet_loading_restores_the_libraries_settings():
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    with quiet_loading():
+        assert all(lib.get_verbosity() == lib.ERROR and not lib.is_progress_bar_enabled() for lib in (dlog, tlog))
+    assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)] == before
+    with quiet_loading(False):
+        assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)] == before
+
+
+def test_model_path_errors(tmp_path, model_dir):
+    assert check_model_path(model_dir) == str(model_dir)
+    assert check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a diffusers pipeline"):
+        check_model_path(tmp_path / "empty")
+    with pytest.raises(MissingInputError, match="not found"):
+        check_model_path(str(tmp_path / "missing" / "model"))
+    with pytest.raises(TypeError, match="pretrained_model_name_or_path"):
+        check_model_path(3)
+
+
+@pytest.mark.parametrize("damage", ["model_index.json", "unet/config.json", "unet/weights", "no unet"])
+def test_a_damaged_folder_is_an_input_error(tmp_path, model_dir, damage):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(model_dir, d)
+    if damage == "no unet":
+        shutil.rmtree(d / "unet")
+    elif damage == "unet/weights":
+        next((d / "unet").glob("*.safetensors")).write_bytes(b"not weights")
+    else:
+        (d / damage).write_text("{not json")
+    with pytest.raises(InputError, match="could not load"):
+        O2MAGPipeline.from_pretrained(d)
