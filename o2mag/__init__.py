@@ -9,6 +9,7 @@ _LAZY = {
     "AttentionGraft": "o2mag.graft",
     "SourceCache": "o2mag.graft",
     "O2MAGPipeline": "o2mag.pipeline",
+    "O2MAGPipelineOutput": "o2mag.pipeline",
     "PipelineStats": "o2mag.pipeline",
 }
 

@@ -40,7 +40,7 @@ def optimize_embedding(
     lr: float = 3e-3,
     weight: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
-    progress: bool = True,
+    progress=True,
     on_forward=None,
 ) -> torch.Tensor:
     """Return the optimised embedding (float32, shape of ``init_embedding``).
@@ -48,7 +48,8 @@ def optimize_embedding(
     ``latent0``: clean float32 VAE latent (1, C, h, w) of the reference image. ``weight``: optional
     (h, w) loss weight (e.g. the dilated reference mask); None = plain MSE over the latent. The
     UNet's parameters are never updated (their ``requires_grad`` flags are restored on exit).
-    ``on_forward(rows)`` is called after each UNet call (statistics).
+    ``on_forward(rows)`` is called after each UNet call (statistics). ``progress``: show a tqdm bar
+    (bool), or a callable ``progress(iterable, desc)`` that wraps the steps in the caller's bar.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -74,7 +75,10 @@ def optimize_embedding(
     skipped = 0
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(steps), desc="AGO (embedding)", disable=not progress, leave=False):
+            desc = "AGO (embedding)"
+            bar = progress(range(steps), desc) if callable(progress) else \
+                tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+            for _ in bar:
                 t = int(torch.randint(0, num_train, (1,), generator=generator).item())
                 noise = torch.randn(latent0.shape, generator=generator, dtype=torch.float32).to(device)
                 a = ac[t]

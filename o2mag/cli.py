@@ -362,7 +362,7 @@ def _generate(args) -> int:
         with quiet_loading(args.quiet):
             pipe = O2MAGPipeline.from_pretrained(args.model, dtype=dtype)
     pipe = pipe.to(device)
-    pipe.progress = not args.quiet
+    pipe.set_progress_bar_config(disable=args.quiet)
     size = args.size or pipe.default_size
     try:
         pipe._check_size(size)  # one rule, shared with the pipeline

@@ -70,9 +70,14 @@ def to_epsilon(scheduler, model_output: torch.Tensor, sample: torch.Tensor, alph
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported")
 
 
-def ddim_step(scheduler, model_output: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
-    """One deterministic denoising step with the diffusers scheduler (eta=0)."""
-    return scheduler.step(model_output, t, sample, eta=0.0).prev_sample
+def ddim_step(scheduler, model_output: torch.Tensor, t, sample: torch.Tensor, *, eta: float = 0.0,
+              generator=None) -> torch.Tensor:
+    """One denoising step with the diffusers scheduler: deterministic with ``eta=0`` (the exact
+    mirror of an inversion step); ``eta > 0`` adds DDIM's noise, drawn from ``generator`` (one
+    generator, or a list with one per batch row)."""
+    if eta == 0.0:
+        return scheduler.step(model_output, t, sample, eta=0.0).prev_sample
+    return scheduler.step(model_output, t, sample, eta=eta, generator=generator).prev_sample
 
 
 @torch.no_grad()
@@ -82,13 +87,15 @@ def ddim_invert(
     latent0: torch.Tensor,
     num_steps: int,
     *,
-    progress: bool = True,
+    progress=True,
     desc: str = "DDIM inversion",
 ) -> Inversion:
     """Invert ``latent0`` (float32, (1, C, h, w)) over ``num_steps`` DDIM steps.
 
     ``predict(latent, t)`` returns the model output (float32) for the inversion prompt (the empty
     prompt, as in the authors' code). The scheduler's timesteps are set to ``num_steps``.
+    ``progress``: show a tqdm bar (bool), or a callable ``progress(iterable, desc)`` that wraps
+    the steps in the caller's own bar (the pipeline passes its ``progress_bar``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -96,7 +103,10 @@ def ddim_invert(
     timesteps = scheduler.timesteps.clone()
     z = latent0.float()
     latents = [z]
-    for t in tqdm(list(reversed(timesteps.tolist())), desc=desc, disable=not progress, leave=False):
+    steps = list(reversed(timesteps.tolist()))
+    bar = progress(steps, desc) if callable(progress) else tqdm(steps, desc=desc, disable=not progress,
+                                                                 leave=False)
+    for t in bar:
         a_t, a_prev = alpha_pair(scheduler, t, num_steps)
         eps = to_epsilon(scheduler, predict(z, t).float(), z, a_t)
         # mirror of the DDIM update x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, solved for x_t

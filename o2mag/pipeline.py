@@ -6,32 +6,52 @@ reference branch and ONE normal branch, which replay their inverted latents. Wit
 the source branches' self-attention keys/values are recorded on the first batch and later batches
 run target rows only. ``scheme="per_sample"`` emulates the authors' code (both inversions and
 three branches per sample) and exists as the baseline for benchmarks.
+
+``pipe(...)`` follows diffusers' pipeline conventions (output types, ``return_dict``, step-end
+callbacks, progress bars, model offloading); ``pipe.generate_iter(...)`` streams the samples as
+each batch finishes (what the command line uses). Input preparation lives in
+:mod:`o2mag.inputs`, the inversion/AGO caches in :mod:`o2mag.caches`, model loading helpers in
+:mod:`o2mag.loading`; see ``docs/architecture.md`` for how the pieces fit.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
-from PIL import Image
-from tqdm.auto import tqdm
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
 
 from .ago import dilate_mask, optimize_embedding
+from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
 from .errors import InputError
+from .inputs import ImageLike, prepare_sources, prepare_targets
 from .inversion import Inversion, ddim_invert, ddim_step
 from .loading import check_model_path, loading_kwargs
-from .masks import load_image, load_mask, resize_image, resize_mask, to_mask
 
-__all__ = ["O2MAGPipeline", "PipelineStats", "token_indices"]
-
-ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
+__all__ = ["O2MAGPipeline", "O2MAGPipelineOutput", "PipelineStats", "token_indices", "OUTPUT_TYPES"]
 
 SCHEMES = ("one_to_more", "per_sample")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class O2MAGPipelineOutput(BaseOutput):
+    """What ``pipe(...)`` returns: one image and one mask per target mask, in target order.
+
+    ``output_type="pil"``: lists of PIL images (RGB; masks mode "L", 0 or 255).
+    ``"np"``: float32 arrays in [0, 1], images (N, H, W, 3), masks (N, H, W, 1).
+    ``"pt"``: float32 tensors in [0, 1], images (N, 3, H, W), masks (N, 1, H, W).
+    ``"latent"``: images are the final latents (N, C, H/8, W/8), not decoded; masks as for "pt".
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    masks: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
 @dataclass
@@ -61,7 +81,10 @@ class PipelineStats:
 
 
 def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
-    """Positions (in the padded 77-token sequence, BOS at 0) of ``word``'s tokens inside ``prompt``."""
+    """Positions (in the padded 77-token sequence, BOS at 0) of ``word``'s tokens inside ``prompt``.
+
+    ``word`` may be several words ("broken large"): the phrase's tokens must occur in a row. An
+    empty word (or None) gives no position (DAE then amplifies nothing)."""
     if not word:
         return []
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
@@ -77,67 +100,50 @@ def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
     return sorted(set(found))
 
 
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str(p.shape).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()[:32]
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _named(what: str, fn, *args, **kwargs):
-    """Call a masks.py reader; its InputError says which argument the file was given for."""
-    try:
-        return fn(*args, **kwargs)
-    except InputError as e:
-        raise type(e)(f"{what}: {e}") from None
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _image_array(image: ImageLike, what: str) -> np.ndarray:
-    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.masks.load_image`."""
-    if isinstance(image, (str, os.PathLike)):
-        image = _named(what, load_image, image)
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, got {type(image).__name__}")
-    a = image
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.moveaxis(a, 0, -1)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3):
-        raise InputError(f"{what}: expected an (H, W, 3) image, got shape {a.shape}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    if a.dtype != np.uint8:
-        af = a.astype(np.float64)
-        if not np.isfinite(af).all():
-            raise InputError(f"{what}: image has non-finite values")
-        a = np.clip(np.round(af * 255.0 if af.max() <= 1.0 else af), 0, 255).astype(np.uint8)
-    return a
+@dataclass
+class _Job:
+    """One checked and prepared generation request (what ``__call__`` and ``generate_iter`` share)."""
 
+    ref: np.ndarray
+    m_r: np.ndarray
+    nor: np.ndarray
+    masks: List[np.ndarray]
+    prompt: str
+    tokens: List[int]
+    config: Any
+    num_steps: int
+    guidance_scale: float
+    eta: float
+    generator: Any
+    batch_size: int
+    seed: int
+    kv_cache: bool
+    kv_cache_device: Any
+    blend_background: bool
+    ago_steps: int
+    ago_lr: float
+    ago_mask_weight: bool
+    scheme: str
+    cache_inversions_to_disk: bool
+    callback: Optional[Callable]
+    callback_inputs: Tuple[str, ...]
 
-def _mask_array(mask: ImageLike, what: str) -> np.ndarray:
-    """Any mask input -> bool (H, W), read exactly as the command line reads masks
-    (:func:`o2mag.masks.load_mask` for files, :func:`o2mag.masks.to_mask` otherwise)."""
-    if isinstance(mask, (str, os.PathLike)):
-        return _named(what, load_mask, mask, allow_empty=True)
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    return to_mask(mask, what)
-
-
-def _resize_image(a: np.ndarray, size: int) -> np.ndarray:
-    if a.shape[:2] == (size, size):
-        return a
-    return np.asarray(resize_image(Image.fromarray(a), size), dtype=np.uint8)
+    def generator_for(self, idx: Sequence[int]):
+        """The generator(s) for the targets ``idx`` of one batch: the shared one, or theirs."""
+        if isinstance(self.generator, (list, tuple)):
+            return [self.generator[k] for k in idx]
+        return self.generator
 
 
 class O2MAGPipeline(DiffusionPipeline):
@@ -151,6 +157,7 @@ class O2MAGPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
         super().__init__()
@@ -164,12 +171,14 @@ class O2MAGPipeline(DiffusionPipeline):
         blocks = getattr(vcfg, "block_out_channels", None)
         blocks = blocks or getattr(vcfg, "decoder_block_out_channels", None)
         self.vae_scale_factor = 2 ** (len(blocks) - 1) if blocks else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
         self.stats = PipelineStats()
         self.cache_dir: Optional[str] = None
         self.model_id: Optional[str] = None
-        self.progress = True
-        self._inversions: Dict[str, Inversion] = {}
-        self._embeddings: Dict[str, torch.Tensor] = {}
+        self._inversions = ResultCache("inversions")
+        self._embeddings = ResultCache("embeddings")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -202,6 +211,28 @@ class O2MAGPipeline(DiffusionPipeline):
         pipe.model_id = f"o2mag-tiny-seed{seed}"
         return pipe
 
+    # ------------------------------------------------------------------ progress bars
+    def progress_bar(self, iterable=None, total=None, desc: Optional[str] = None, leave: bool = True):
+        """diffusers' bar (it honours :meth:`set_progress_bar_config`), with a per-phase label."""
+        user = dict(getattr(self, "_progress_bar_config", None) or {})
+        self._progress_bar_config = {**({"desc": desc} if desc else {}), "leave": leave, **user}
+        try:
+            return super().progress_bar(iterable=iterable, total=total)
+        finally:
+            self._progress_bar_config = user
+
+    @property
+    def progress(self) -> bool:
+        """False when bars are off; ``pipe.progress = False`` is ``set_progress_bar_config(disable=True)``."""
+        return not (getattr(self, "_progress_bar_config", None) or {}).get("disable", False)
+
+    @progress.setter
+    def progress(self, on: bool) -> None:
+        self._progress_bar_config = {**(getattr(self, "_progress_bar_config", None) or {}), "disable": not on}
+
+    def _phase_bar(self, iterable, desc: str):
+        return self.progress_bar(iterable, desc=desc, leave=False)
+
     # ------------------------------------------------------------------ helpers
     @property
     def default_size(self) -> int:
@@ -219,18 +250,8 @@ class O2MAGPipeline(DiffusionPipeline):
             raise ValueError(f"size must be a multiple of {f} and at least {2 * f}, got {size}")
 
     def _identity(self) -> str:
-        """Model identity for cache keys: name plus a cheap weight fingerprint."""
-        fp = []
-        for module in (self.unet, self.vae, self.text_encoder):
-            params = list(module.parameters())
-            fp += [type(module).__name__, float(params[0].detach().float().sum()),
-                   float(params[-1].detach().float().sum())]
-        return _sha(self.model_id or getattr(self.config, "_name_or_path", "") or "unnamed", fp)
-
-    @property
-    def _show_progress(self) -> bool:
-        """tqdm bars unless ``pipe.progress = False`` or ``set_progress_bar_config(disable=True)``."""
-        return bool(self.progress) and not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return model_fingerprint(self.model_id or getattr(self.config, "_name_or_path", ""),
+                                 (self.unet, self.vae, self.text_encoder))
 
     def _unet(self, latents: torch.Tensor, t, emb: torch.Tensor, generation: bool = False) -> torch.Tensor:
         rows = latents.shape[0]
@@ -244,12 +265,12 @@ class O2MAGPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text-encoder hidden states (1, 77, D), float32."""
+        """Text-encoder hidden states (1, 77, D), float32, on the execution device."""
         tok = self.tokenizer(
             [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         )
-        out = self.text_encoder(tok.input_ids.to(self.text_encoder.device))[0]
+        out = self.text_encoder(tok.input_ids.to(self._execution_device))[0]
         return out.float()
 
     @torch.no_grad()
@@ -258,71 +279,64 @@ class O2MAGPipeline(DiffusionPipeline):
 
         Works with ``AutoencoderKL`` (SD) and ``AutoencoderTiny`` (TAESD, fast previews)."""
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        x = x.to(device=self.vae.device, dtype=self.vae.dtype)
+        x = x.to(device=self._execution_device, dtype=self.vae.dtype)
         enc = self.vae.encode(x)
         # AutoencoderKL returns a distribution (its mode: deterministic); AutoencoderTiny the latents
         z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents
         return z.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> List[Image.Image]:
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in x]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float32 images in [-1, 1], (N, 3, H, W), on the CPU."""
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return x.float().cpu()
 
-    def _disk(self, kind: str, key: str) -> Optional[str]:
-        if not self.cache_dir:
-            return None
-        return os.path.join(self.cache_dir, kind, f"{key}.pt")
-
-    def _scheduler_settings(self) -> Dict[str, Any]:
-        """The scheduler config as a cache-key part: diffusers' private ``_...`` entries dropped
-        (``_use_default_values`` comes from a set, so its order changes between processes and
-        would make every on-disk cache key new in each run)."""
-        return {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+    def decode_latents(self, latents: torch.Tensor) -> List[PIL.Image.Image]:
+        """Latents -> RGB PIL images (as ``output_type="pil"`` gives them)."""
+        return self.image_processor.postprocess(self._decode(latents), output_type="pil")
 
     def invert(self, image: np.ndarray, num_steps: int, *, use_cache: bool = True,
-               cache_to_disk: bool = False,
-               desc: str = "DDIM inversion") -> Inversion:
-        """DDIM-invert a uint8 (H, W, 3) image with the empty prompt; cached by content + settings."""
-        key = _sha("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
-                   self._scheduler_settings())
+               cache_to_disk: bool = False, desc: str = "DDIM inversion") -> Inversion:
+        """DDIM-invert a uint8 (H, W, 3) image with the empty prompt; cached by content + settings
+        (in memory; also in ``<cache_dir>/inversions`` with ``cache_to_disk``)."""
+        device = self._execution_device
+        key = content_key("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
+                          scheduler_settings(self.scheduler))
         if use_cache and key in self._inversions:
             self.stats.inversion_cache_hits += 1
-            return self._inversions[key].to(self.device)
-        path = self._disk("inversions", key) if cache_to_disk else None
-        if use_cache and path and os.path.isfile(path):
-            data = torch.load(path, map_location="cpu")
-            inv = Inversion(list(data["latents"]), data["timesteps"]).to(self.device)
+            return self._inversions.get(key).to(device)
+        folder = self.cache_dir if cache_to_disk else None
+        data = self._inversions.load(folder, key) if use_cache else None
+        if data is not None:
+            inv = Inversion(list(data["latents"]), data["timesteps"]).to(device)
             self.stats.inversion_cache_hits += 1
         else:
             z0 = self.encode_image(image)
             empty = self.encode_prompt("")
             inv = ddim_invert(lambda z, t: self._unet(z, t, empty), self.scheduler, z0, num_steps,
-                              progress=self._show_progress, desc=desc)
+                              progress=self._phase_bar, desc=desc)
             self.stats.inversion_runs += 1
-            if path:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = path + ".tmp"
-                torch.save({"latents": [z.cpu() for z in inv.latents], "timesteps": inv.timesteps.cpu()}, tmp)
-                os.replace(tmp, path)
+            self._inversions.save(folder, key, {"latents": [z.cpu() for z in inv.latents],
+                                                "timesteps": inv.timesteps.cpu()})
         if use_cache:
-            self._inversions[key] = inv
+            self._inversions.remember(key, inv)
         return inv
 
     def optimize_embedding(self, image: np.ndarray, prompt: str, *, steps: int = 500, lr: float = 3e-3,
                            mask: Optional[np.ndarray] = None, seed: int = 0) -> torch.Tensor:
-        """AGO embedding for (reference image, prompt); memory + disk bank (``<cache_dir>/embeddings``)."""
+        """AGO embedding for (reference image, prompt), drawn with ``seed``; cached in memory and in
+        ``<cache_dir>/embeddings``."""
         if steps == 0:  # AGO off: the plain prompt embedding
             return self.encode_prompt(prompt)
-        key = _sha("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
-                   mask if mask is not None else None, self._scheduler_settings())
+        device = self._execution_device
+        key = content_key("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
+                          mask if mask is not None else None, scheduler_settings(self.scheduler))
         if key in self._embeddings:
             self.stats.ago_cache_hits += 1
-            return self._embeddings[key].to(self.device)
-        path = self._disk("embeddings", key)
-        if path and os.path.isfile(path):
-            emb = torch.load(path, map_location="cpu")["embedding"].to(self.device)
+            return self._embeddings.get(key).to(device)
+        data = self._embeddings.load(self.cache_dir, key)
+        if data is not None:
+            emb = data["embedding"].to(device)
             self.stats.ago_cache_hits += 1
         else:
             init = self.encode_prompt(prompt)
@@ -337,15 +351,11 @@ class O2MAGPipeline(DiffusionPipeline):
                 self.stats.unet_rows += rows
 
             emb = optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
-                                     generator=gen, progress=self._show_progress, on_forward=count)
+                                     generator=gen, progress=self._phase_bar, on_forward=count)
             self.stats.ago_runs += 1
-            if path:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = path + ".tmp"
-                record = {"embedding": emb.cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed}
-                torch.save(record, tmp)
-                os.replace(tmp, path)
-        self._embeddings[key] = emb
+            self._embeddings.save(self.cache_dir, key, {"embedding": emb.cpu(), "prompt": prompt,
+                                                        "steps": steps, "lr": lr, "seed": seed})
+        self._embeddings.remember(key, emb)
         return emb
 
     def clear_caches(self) -> None:
@@ -353,53 +363,197 @@ class O2MAGPipeline(DiffusionPipeline):
         self._inversions.clear()
         self._embeddings.clear()
 
+    # ------------------------------------------------------------------ checking
+    def check_inputs(self, prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator,
+                     output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, *, batch_size=4,
+                     seed=0, size=None, kv_cache=False, kv_cache_device=None, ago_steps=500, ago_lr=3e-3,
+                     graft_config=None, scheme="one_to_more") -> None:
+        """Raise ``TypeError``/``ValueError`` naming the first bad argument; touches no model."""
+        from .config import GraftConfig
+
+        if prompt is None:
+            raise ValueError("prompt is required: the text that describes the defect, e.g. "
+                             "'a photo of a crack on a bottle'")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if anomaly_word is None:
+            raise ValueError(
+                "anomaly_word is required: the word (or words) of the prompt whose cross-attention DAE "
+                "amplifies, e.g. anomaly_word='crack' for 'a photo of a crack on a bottle'; "
+                "anomaly_word='' amplifies no word")
+        if not isinstance(anomaly_word, str):
+            raise TypeError(f"anomaly_word must be a str, got {type(anomaly_word).__name__}")
+        for name, value, low in (("num_inference_steps", num_inference_steps, 1), ("batch_size", batch_size, 1),
+                                 ("ago_steps", ago_steps, 0), ("seed", seed, 0)):
+            _check_int(name, value, low)
+        if not _is_number(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if not _is_number(eta) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        if not _is_number(ago_lr) or not (np.isfinite(ago_lr) and ago_lr > 0):
+            raise ValueError(f"ago_lr must be > 0, got {ago_lr}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            if not isinstance(generator, (list, tuple)) or \
+                    not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator or a list of them (one per target mask), "
+                                f"got {type(generator).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        if isinstance(callback_on_step_end_tensor_inputs, str) or \
+                not hasattr(callback_on_step_end_tensor_inputs, "__iter__"):
+            raise TypeError("callback_on_step_end_tensor_inputs must be a list of names, got "
+                            f"{callback_on_step_end_tensor_inputs!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among "
+                             f"{self._callback_tensor_inputs}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if scheme == "per_sample" and kv_cache:
+            raise ValueError("kv_cache=True needs scheme='one_to_more' "
+                             "(the per-sample baseline re-runs everything)")
+        if kv_cache_device is not None:
+            try:
+                torch.device(kv_cache_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"kv_cache_device must be None or a torch device such as 'cpu', "
+                                 f"got {kv_cache_device!r}") from None
+        if size is not None:
+            _check_int("size", size, 1)
+            self._check_size(int(size))
+        if graft_config is not None and not isinstance(graft_config, GraftConfig):
+            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, got {type(graft_config).__name__}")
+
+    def _job(self, reference, ref_mask, normal, target_masks, prompt, anomaly_word, *, num_inference_steps,
+             guidance_scale, eta, generator, output_type="pil", callback_on_step_end=None,
+             callback_on_step_end_tensor_inputs=("latents",), batch_size, seed, size, kv_cache, kv_cache_device,
+             blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
+             cache_inversions_to_disk) -> _Job:
+        """Check every argument and read every input now, before any model work."""
+        from .config import GraftConfig
+
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator, output_type,
+                          callback_on_step_end, callback_on_step_end_tensor_inputs, batch_size=batch_size,
+                          seed=seed, size=size, kv_cache=kv_cache, kv_cache_device=kv_cache_device,
+                          ago_steps=ago_steps, ago_lr=ago_lr, graft_config=graft_config, scheme=scheme)
+        size = int(size or self.default_size)
+        self._check_size(size)
+        tokens = token_indices(self.tokenizer, prompt, anomaly_word)
+        ref, m_r, nor = prepare_sources(reference, ref_mask, normal, size)
+        masks = prepare_targets(target_masks, size)
+        if isinstance(generator, (list, tuple)) and len(generator) != len(masks):
+            raise ValueError(f"generator holds {len(generator)} generators but there are {len(masks)} target "
+                             "masks: give one generator, or one per target mask")
+        return _Job(ref=ref, m_r=m_r, nor=nor, masks=masks, prompt=prompt, tokens=tokens,
+                    config=graft_config if graft_config is not None else GraftConfig.paper(),
+                    num_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), eta=float(eta),
+                    generator=generator, batch_size=int(batch_size), seed=int(seed), kv_cache=bool(kv_cache),
+                    kv_cache_device=kv_cache_device, blend_background=bool(blend_background),
+                    ago_steps=int(ago_steps), ago_lr=float(ago_lr), ago_mask_weight=bool(ago_mask_weight),
+                    scheme=scheme, cache_inversions_to_disk=bool(cache_inversions_to_disk),
+                    callback=callback_on_step_end, callback_inputs=tuple(callback_on_step_end_tensor_inputs))
+
     # ------------------------------------------------------------------ generation
-    def _prepare(self, reference, ref_mask, normal, size):
-        ref = _image_array(reference, "reference")
-        m_r = _mask_array(ref_mask, "ref_mask")
-        if m_r.shape != ref.shape[:2]:
-            raise InputError(f"ref_mask is {m_r.shape[0]}x{m_r.shape[1]} (HxW) but the reference image is "
-                             f"{ref.shape[0]}x{ref.shape[1]}")
-        if not m_r.any():
-            raise InputError("ref_mask (M_R) is empty: the reference defect mask has no pixels")
-        nor = _image_array(normal, "normal")
-        ref, nor, m_r = _resize_image(ref, size), _resize_image(nor, size), resize_mask(m_r, (size, size))
-        if not m_r.any():
-            raise InputError("ref_mask (M_R) vanished when resized to the working size")
-        return ref, m_r, nor
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference: ImageLike,
+        ref_mask: ImageLike,
+        normal: ImageLike,
+        target_masks,
+        prompt: Optional[str] = None,
+        anomaly_word: Optional[str] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        *,
+        batch_size: int = 4,
+        seed: int = 0,
+        size: Optional[int] = None,
+        kv_cache: bool = False,
+        kv_cache_device=None,
+        blend_background: bool = True,
+        ago_steps: int = 500,
+        ago_lr: float = 3e-3,
+        ago_mask_weight: bool = False,
+        graft_config=None,
+        scheme: str = "one_to_more",
+        cache_inversions_to_disk: bool = False,
+    ):
+        """Generate one anomaly image per target mask.
 
-    def _targets(self, target_masks, size) -> List[np.ndarray]:
-        if isinstance(target_masks, (np.ndarray, torch.Tensor)):
-            arr = target_masks
-            if isinstance(arr, torch.Tensor):
-                arr = arr.detach().cpu().numpy()
-            if arr.ndim == 2:
-                arr = arr[None]
-            items = list(arr)
-        else:
-            items = list(target_masks)
-        out = []
-        for k, m in enumerate(items):
-            m = getattr(m, "mask", m)  # o2mag.masks.TargetMask
-            out.append(resize_mask(_mask_array(m, f"target_masks[{k}]"), (size, size)))
-        if not out:
-            raise ValueError("target_masks is empty: give at least one target mask")
-        return out
+        Args:
+            reference, normal: the reference anomaly image and a normal image (PIL, path, uint8
+                (H, W, 3) array, [0, 1] float array or tensor).
+            ref_mask: ``M_R``, the defect's mask at the reference's size (path, PIL, array, tensor).
+            target_masks: where the new defects go: a sequence of masks (arrays, PIL images, paths,
+                :class:`o2mag.targets.TargetMask`) or an (N, H, W) array; resized (nearest) to ``size``.
+            prompt: the conditional prompt, e.g. "a photo of a crack on a bottle". Required.
+            anomaly_word: the word(s) of ``prompt`` whose cross-attention DAE amplifies inside
+                ``M_T``, e.g. "crack". Required: it is never guessed, since the wrong guess (the
+                object) would amplify the object; ``""`` amplifies no word.
+            num_inference_steps: DDIM steps (also the inversion's). guidance_scale: CFG scale
+                (1 drops the unconditional half).
+            eta: DDIM's noise on the target branch: 0 (the paper) is deterministic; > 0 draws
+                noise from ``generator``.
+            generator: a ``torch.Generator``, or a list with one per target mask (each target's
+                noise then depends on its own generator only, whatever the batching). Used when
+                ``eta > 0``; AGO, which runs once per reference, is seeded by ``seed``.
+            output_type: "pil", "np", "pt" or "latent" (see :class:`O2MAGPipelineOutput`).
+            return_dict: return an :class:`O2MAGPipelineOutput`, else the tuple ``(images, masks)``.
+            callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict``,
+                called once per denoising step of every batch of targets, with the tensors named in
+                ``callback_on_step_end_tensor_inputs`` (any of ``pipe._callback_tensor_inputs``:
+                "latents" = the batch's target latents, "prompt_embeds" = the AGO embedding,
+                "negative_prompt_embeds" = the empty prompt's). Tensors it returns replace them.
+            batch_size: targets per UNet batch, each batch sharing one reference and one normal
+                branch. seed: AGO's random timesteps and noise. size: working image side (default:
+                the model's native size, 512 for SD v1.5).
+            kv_cache: record the source branches' K/V on the first batch and run only target rows
+                afterwards (SD v1.5 at 512 px, 50 steps: a few GB; ``kv_cache_device="cpu"`` keeps
+                it in host memory). blend_background: after every step, replace the target latent
+                outside ``M_T`` by the normal branch's.
+            ago_steps, ago_lr, ago_mask_weight: AGO settings (0 steps: the plain prompt embedding).
+            graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.paper()``).
+            scheme: "one_to_more", or "per_sample" (the authors' cost, the benchmark baseline).
+            cache_inversions_to_disk: also keep inversions in ``pipe.cache_dir``.
 
-    def generate(self, reference: ImageLike, ref_mask: ImageLike, normal: ImageLike, target_masks,
-                 prompt: str = "a photo of a defect", anomaly_word: Optional[str] = None,
-                 **kwargs) -> List[Tuple[Image.Image, Image.Image]]:
-        """Generate one image per target mask; returns ``[(image, mask), ...]`` in target order.
-
-        See :meth:`generate_iter` for the options; this collects its output.
+        Every argument is checked, and every input read, before any model work.
         """
-        out: List[Optional[Tuple[Image.Image, Image.Image]]] = []
-        for k, image, mask in self.generate_iter(reference, ref_mask, normal, target_masks, prompt,
-                                                 anomaly_word, **kwargs):
-            out.append((image, mask))
-        return out  # type: ignore[return-value]
-
-    __call__ = generate
+        job = self._job(reference, ref_mask, normal, target_masks, prompt, anomaly_word,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                        generator=generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                        batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
+                        kv_cache_device=kv_cache_device, blend_background=blend_background, ago_steps=ago_steps,
+                        ago_lr=ago_lr, ago_mask_weight=ago_mask_weight, graft_config=graft_config, scheme=scheme,
+                        cache_inversions_to_disk=cache_inversions_to_disk)
+        n = len(job.masks)
+        outputs: List[Optional[torch.Tensor]] = [None] * n
+        for idx, latents in self._batches(job):
+            done = latents if output_type == "latent" else self._decode(latents)
+            for j, k in enumerate(idx):
+                outputs[k] = done[j:j + 1].cpu()
+        stacked = torch.cat(outputs)  # type: ignore[arg-type]
+        mask_t = torch.from_numpy(np.stack(job.masks)).float()[:, None]
+        if output_type == "latent":
+            images, masks = stacked, mask_t
+        else:
+            images = self.image_processor.postprocess(stacked, output_type=output_type)
+            masks = self.mask_processor.postprocess(mask_t, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, masks
+        return O2MAGPipelineOutput(images=images, masks=masks)
 
     def generate_iter(
         self,
@@ -407,120 +561,105 @@ class O2MAGPipeline(DiffusionPipeline):
         ref_mask: ImageLike,
         normal: ImageLike,
         target_masks,
-        prompt: str = "a photo of a defect",
+        prompt: Optional[str] = None,
         anomaly_word: Optional[str] = None,
         *,
-        num_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
+        num_steps: Optional[int] = None,
         guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        generator=None,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         batch_size: int = 4,
         seed: int = 0,
+        size: Optional[int] = None,
         kv_cache: bool = False,
         kv_cache_device=None,
         blend_background: bool = True,
         ago_steps: int = 500,
         ago_lr: float = 3e-3,
         ago_mask_weight: bool = False,
-        size: Optional[int] = None,
         graft_config=None,
         scheme: str = "one_to_more",
         cache_inversions_to_disk: bool = False,
-    ):
-        """Yield ``(k, image, mask)`` for every target mask ``k`` as soon as its batch is decoded.
+    ) -> Iterator[Tuple[int, PIL.Image.Image, PIL.Image.Image]]:
+        """Yield ``(k, image, mask)`` (PIL RGB, PIL "L" 0/255) for every target mask ``k`` as soon as
+        its batch is decoded: streaming, for long runs that write samples as they come.
 
-        Arguments are checked (and inputs read) when this is called, not at the first ``next()``.
-
-        reference, normal: PIL images, paths, uint8 (H, W, 3) arrays or [0, 1] float arrays.
-        ref_mask: ``M_R`` at the reference's size (path, PIL, array); target_masks: a sequence of
-        masks (arrays, PIL, paths or :class:`o2mag.masks.TargetMask`) or an (N, H, W) array; all
-        are resized (nearest) to ``size`` (default: the model's native size, 512 for SD v1.5).
-        prompt/anomaly_word: the conditional prompt and the word whose cross-attention DAE
-        amplifies (default: the prompt's last word). ``kv_cache``: record the source branches'
-        K/V on the first batch and run only target rows afterwards (SD v1.5 at 512 px, 50 steps:
-        a few GB; ``kv_cache_device="cpu"`` keeps it in host memory). ``blend_background``: replace
-        the target latent outside ``M_T`` by the normal branch's latent after every step.
-        ``graft_config``: an :class:`o2mag.GraftConfig` (default ``GraftConfig.paper()``).
-        ``scheme="per_sample"`` is the authors' scheme (two inversions and three branches per
-        sample), kept as the benchmark baseline.
+        Takes the arguments of :meth:`__call__` except the output options; ``num_steps`` is the
+        older name of ``num_inference_steps`` (default 50). Arguments are checked, and inputs read,
+        when this is called, not at the first ``next()``.
         """
-        for name, value, low in (("num_steps", num_steps, 1), ("batch_size", batch_size, 1),
-                                 ("ago_steps", ago_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-        if not (np.isfinite(ago_lr) and ago_lr > 0):
-            raise ValueError(f"ago_lr must be > 0, got {ago_lr}")
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-        if scheme == "per_sample" and kv_cache:
-            raise ValueError("kv_cache=True needs scheme='one_to_more' "
-                             "(the per-sample baseline re-runs everything)")
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if kv_cache_device is not None:
-            try:
-                torch.device(kv_cache_device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"kv_cache_device must be None or a torch device such as 'cpu', "
-                                 f"got {kv_cache_device!r}") from None
-        size = int(size or self.default_size)
-        self._check_size(size)
-        if anomaly_word is None and prompt.strip():
-            anomaly_word = prompt.strip().split()[-1]
-        tokens = token_indices(self.tokenizer, prompt, anomaly_word)
-        ref, m_r, nor = self._prepare(reference, ref_mask, normal, size)
-        masks = self._targets(target_masks, size)
-        from .config import GraftConfig
-
-        config = graft_config if graft_config is not None else GraftConfig.paper()
-        if not isinstance(config, GraftConfig):
-            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, got {type(config).__name__}")
+        if num_steps is not None and num_inference_steps is not None:
+            raise ValueError("give num_inference_steps or num_steps (its older name), not both")
+        if num_steps is not None:
+            _check_int("num_steps", num_steps, 1)  # the error names the argument the caller used
+        steps = num_inference_steps if num_inference_steps is not None else num_steps
+        job = self._job(reference, ref_mask, normal, target_masks, prompt, anomaly_word,
+                        num_inference_steps=50 if steps is None else steps, guidance_scale=guidance_scale,
+                        eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                        batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
+                        kv_cache_device=kv_cache_device, blend_background=blend_background, ago_steps=ago_steps,
+                        ago_lr=ago_lr, ago_mask_weight=ago_mask_weight, graft_config=graft_config, scheme=scheme,
+                        cache_inversions_to_disk=cache_inversions_to_disk)
         # everything above checks the arguments now; the work starts when the caller iterates
-        return self._generate_batches(
-            ref, m_r, nor, masks, prompt, tokens, config, num_steps=num_steps, guidance_scale=guidance_scale,
-            batch_size=batch_size, seed=seed, kv_cache=kv_cache, kv_cache_device=kv_cache_device,
-            blend_background=blend_background, ago_steps=ago_steps, ago_lr=ago_lr,
-            ago_mask_weight=ago_mask_weight, scheme=scheme, cache_inversions_to_disk=cache_inversions_to_disk)
+        return self._stream(job)
 
-    def _generate_batches(self, ref, m_r, nor, masks, prompt, tokens, config, *, num_steps, guidance_scale,
-                          batch_size, seed, kv_cache, kv_cache_device, blend_background, ago_steps, ago_lr,
-                          ago_mask_weight, scheme, cache_inversions_to_disk):
-        """The work of :meth:`generate_iter` (a generator), on checked and prepared inputs."""
-        emb_u = self.encode_prompt("")
-        emb_c = self.optimize_embedding(ref, prompt, steps=ago_steps, lr=ago_lr,
-                                        mask=m_r if ago_mask_weight else None, seed=seed)
-        if scheme == "one_to_more":
-            disk = cache_inversions_to_disk
-            inv_r = self.invert(ref, num_steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
-            inv_n = self.invert(nor, num_steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
-            n = len(masks)
-            batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        else:
-            batches = [[k] for k in range(len(masks))]
-        cache = None
-        bar = tqdm(total=len(masks), desc="generating", unit="img", disable=not self._show_progress)
+    def _stream(self, job: _Job):
+        bar = self.progress_bar(total=len(job.masks), desc="generating")
         try:
-            for b, idx in enumerate(batches):
-                if scheme == "per_sample":
-                    inv_r = self.invert(ref, num_steps, use_cache=False, desc="DDIM inversion (reference)")
-                    inv_n = self.invert(nor, num_steps, use_cache=False, desc="DDIM inversion (normal)")
-                with_sources = not (kv_cache and b > 0)
-                if kv_cache and b == 0:
-                    cache = self._new_source_cache(kv_cache_device)
-                latents = self._denoise(inv_r, inv_n, m_r, [masks[k] for k in idx], emb_u, emb_c, tokens,
-                                        config=config, guidance_scale=guidance_scale, blend=blend_background,
-                                        with_sources=with_sources, cache=cache,
-                                        desc=f"denoising batch {b + 1}/{len(batches)}")
+            for idx, latents in self._batches(job):
                 images = self.decode_latents(latents)
                 for j, k in enumerate(idx):
-                    self.stats.samples += 1
-                    mask_img = Image.fromarray(masks[k].astype(np.uint8) * 255)
+                    mask = self.mask_processor.postprocess(
+                        torch.from_numpy(job.masks[k]).float()[None, None], output_type="pil")[0]
                     bar.update(1)
-                    yield k, images[j], mask_img
+                    yield k, images[j], mask
         finally:
             bar.close()
+            self.maybe_free_model_hooks()
+
+    def generate(self, reference: ImageLike, ref_mask: ImageLike, normal: ImageLike, target_masks,
+                 prompt: Optional[str] = None, anomaly_word: Optional[str] = None,
+                 **kwargs) -> List[Tuple[PIL.Image.Image, PIL.Image.Image]]:
+        """``[(image, mask), ...]`` in target order: :meth:`generate_iter` collected (same arguments).
+
+        Kept for code written before ``pipe(...)`` followed diffusers; new code calls the pipeline."""
+        return [(image, mask) for _, image, mask in
+                self.generate_iter(reference, ref_mask, normal, target_masks, prompt, anomaly_word, **kwargs)]
+
+    def _batches(self, job: _Job) -> Iterator[Tuple[List[int], torch.Tensor]]:
+        """The work shared by ``__call__`` and ``generate_iter``: AGO, the inversions, and the
+        denoising of each batch; yields ``(target indices, their final latents)``."""
+        emb_u = self.encode_prompt("")
+        emb_c = self.optimize_embedding(job.ref, job.prompt, steps=job.ago_steps, lr=job.ago_lr,
+                                        mask=job.m_r if job.ago_mask_weight else None, seed=job.seed)
+        n = len(job.masks)
+        if job.scheme == "one_to_more":
+            disk = job.cache_inversions_to_disk
+            inv_r = self.invert(job.ref, job.num_steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
+            inv_n = self.invert(job.nor, job.num_steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
+            batches = [list(range(s, min(s + job.batch_size, n))) for s in range(0, n, job.batch_size)]
+        else:
+            batches = [[k] for k in range(n)]
+        cache = None
+        for b, idx in enumerate(batches):
+            if job.scheme == "per_sample":
+                inv_r = self.invert(job.ref, job.num_steps, use_cache=False, desc="DDIM inversion (reference)")
+                inv_n = self.invert(job.nor, job.num_steps, use_cache=False, desc="DDIM inversion (normal)")
+            with_sources = not (job.kv_cache and b > 0)
+            if job.kv_cache and b == 0:
+                cache = self._new_source_cache(job.kv_cache_device)
+            latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c, job.tokens,
+                                    config=job.config, guidance_scale=job.guidance_scale, blend=job.blend_background,
+                                    with_sources=with_sources, cache=cache, eta=job.eta,
+                                    generator=job.generator_for(idx), callback=job.callback,
+                                    callback_inputs=job.callback_inputs,
+                                    desc=f"denoising batch {b + 1}/{len(batches)}")
+            self.stats.samples += len(idx)
+            yield idx, latents
 
     # ------------------------------------------------------------------ the denoising loop
     def _new_source_cache(self, device=None):
@@ -530,8 +669,9 @@ class O2MAGPipeline(DiffusionPipeline):
 
     def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
                  emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config,
-                 guidance_scale: float,
-                 blend: bool, with_sources: bool = True, cache=None, desc: str = "denoising") -> torch.Tensor:
+                 guidance_scale: float, blend: bool, with_sources: bool = True, cache=None, eta: float = 0.0,
+                 generator=None, callback=None, callback_inputs: Sequence[str] = (),
+                 desc: str = "denoising") -> torch.Tensor:
         """Denoise one batch of targets; returns their final latents (b, C, h, w), float32.
 
         The reference and normal rows (when ``with_sources``) feed the inverted latents of the
@@ -547,9 +687,13 @@ class O2MAGPipeline(DiffusionPipeline):
         graft = AttentionGraft(config, layout, source_cache=cache)
         graft.set_masks(torch.from_numpy(m_r), torch.from_numpy(np.stack(masks)))
         graft.set_token_indices(tokens)
-        dev = self.device
-        halves = [emb_u, emb_c] if cfg else [emb_c]
-        emb = torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
+        dev = self._execution_device
+
+        def stack(emb_u, emb_c):
+            halves = [emb_u, emb_c] if cfg else [emb_c]
+            return torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
+
+        emb = stack(emb_u, emb_c)
         x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
         h, w = x.shape[-2:]
         m_t = graft.stitch_masks((h, w), dev)
@@ -559,8 +703,7 @@ class O2MAGPipeline(DiffusionPipeline):
         if not torch.equal(timesteps.cpu(), inv_n.timesteps.cpu()):
             raise RuntimeError("scheduler timesteps differ from the inversion's")
         with graft.installed(self.unet), torch.no_grad():
-            steps = tqdm(timesteps, desc=desc, unit="step", leave=False, disable=not self._show_progress)
-            for i, t in enumerate(steps):
+            for i, t in enumerate(self.progress_bar(timesteps, desc=desc, leave=False)):
                 graft.set_step(i, num_steps)
                 if with_sources:
                     inp = layout.assemble(reference=inv_r.before_step(i).to(dev),
@@ -574,9 +717,17 @@ class O2MAGPipeline(DiffusionPipeline):
                     eps = eps_u + guidance_scale * (eps_c - eps_u)
                 else:
                     eps = out[layout.target_slice("cond")]
-                x = ddim_step(self.scheduler, eps, t, x)
+                x = ddim_step(self.scheduler, eps, t, x, eta=eta, generator=generator)
                 if blend:
                     x = m_t * x + (1 - m_t) * inv_n.after_step(i).to(dev)
+                if callback is not None:
+                    named = {"latents": x, "prompt_embeds": emb_c, "negative_prompt_embeds": emb_u}
+                    returned = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
+                    x = returned.pop("latents", x)
+                    if "prompt_embeds" in returned or "negative_prompt_embeds" in returned:
+                        emb_c = returned.pop("prompt_embeds", emb_c)
+                        emb_u = returned.pop("negative_prompt_embeds", emb_u)
+                        emb = stack(emb_u, emb_c)
         self.last_run = {"target_latents": x.detach(), "normal_latent": inv_n.latents[0].detach(),
                          "layout": layout}
         return x

@@ -11,7 +11,7 @@ from o2mag.config import GraftConfig
 from o2mag.errors import InputError, MissingInputError
 from o2mag.inversion import ddim_step
 from o2mag.layout import BranchLayout
-from o2mag.masks import affine_masks
+from o2mag.targets import affine_masks
 from o2mag.pipeline import O2MAGPipeline, token_indices
 from o2mag.sample import embedded_sample
 
@@ -166,8 +166,9 @@ def test_loop_without_grafting_is_plain_ddim_sampling(pipe, sample):
     # grafting off, guidance 1, no blending: the target is DDIM sampling from the normal's z_T
     m = np.zeros((SIZE, SIZE), dtype=bool)
     m[10:20, 10:20] = True
-    pipe.generate(sample.reference, sample.ref_mask, sample.normal, [m], "", None, num_steps=STEPS,
-                  graft_config=GraftConfig.disabled(), guidance_scale=1.0, blend_background=False, ago_steps=0)
+    off = dict(num_steps=STEPS, graft_config=GraftConfig.disabled(), guidance_scale=1.0, blend_background=False,
+               ago_steps=0)
+    pipe.generate(sample.reference, sample.ref_mask, sample.normal, [m], "", "", **off)
     inv = pipe.invert(np.asarray(sample.normal.convert("RGB")), STEPS)
     emb = pipe.encode_prompt("")
     z = inv.noise
@@ -175,8 +176,11 @@ def test_loop_without_grafting_is_plain_ddim_sampling(pipe, sample):
         for t in inv.timesteps:
             z = ddim_step(pipe.scheduler, pipe.unet(z, t, encoder_hidden_states=emb).sample, t, z)
     torch.testing.assert_close(pipe.last_run["target_latents"], z, atol=1e-4, rtol=1e-4)
-    err = (z - inv.latents[0]).abs().mean().item()  # DDIM reconstruction error of the random tiny UNet
-    assert np.isfinite(err)
+    # with grafting off the reference rows share the UNet batch but must not reach the target:
+    # another reference image leaves the target's latents as they were
+    other = np.ascontiguousarray(np.asarray(sample.reference)[::-1, ::-1])
+    pipe.generate(other, sample.ref_mask[::-1, ::-1].copy(), sample.normal, [m], "", "", **off)
+    torch.testing.assert_close(pipe.last_run["target_latents"], z, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_on_cpu(sample):
@@ -217,13 +221,25 @@ def test_argument_errors(pipe, sample, targets):
         (dict(size=8), ValueError, "at least 16"),
         (dict(graft_config={"fg_gain": 2.0}), TypeError, "graft_config"),
         (dict(kv_cache=True, kv_cache_device="nowhere"), ValueError, "kv_cache_device"),
+        (dict(anomaly_word=None), ValueError, "anomaly_word is required"),
+        (dict(anomaly_word=3), TypeError, "anomaly_word must be a str"),
+        (dict(anomaly_word="bottle"), InputError, "does not occur"),
+        (dict(prompt=None), ValueError, "prompt is required"),
+        (dict(eta=2.0), ValueError, "eta"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(generator=0), TypeError, "generator"),
+        (dict(generator=[torch.Generator()] * 2), ValueError, "one per target mask"),
+        (dict(callback_on_step_end=1), TypeError, "callback_on_step_end"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs"),
+        (dict(target_masks="masks.png"), TypeError, "target_masks"),
+        (dict(num_steps=2, num_inference_steps=2), ValueError, "not both"),
     ]:
         kw = {**ok, **bad}
         pipe.stats.reset()
         with pytest.raises(kind, match=match):
             # generate_iter checks when called (a generator function would wait for next())
             pipe.generate_iter(kw.pop("reference"), kw.pop("ref_mask"), kw.pop("normal"), kw.pop("target_masks"),
-                               "a photo of a scratch", **kw)
+                               kw.pop("prompt", "a photo of a scratch"), kw.pop("anomaly_word", "scratch"), **kw)
         assert pipe.stats.unet_calls == 0  # rejected before any work
 
 
@@ -288,12 +304,12 @@ def test_scheduler_never_clips_so_inversion_mirrors_denoising(pipe, make):
 
 
 def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
-    # one reader for masks (o2mag.masks): a mask drawn as alpha on black and a 16-bit mask must mean
+    # one reader for masks (o2mag.images): a mask drawn as alpha on black and a 16-bit mask must mean
     # the same to O2MAGPipeline as to the o2mag command, as a path or as an opened PIL image
     from PIL import Image
 
-    from o2mag.masks import load_mask
-    from o2mag.pipeline import _mask_array
+    from o2mag.images import load_mask
+    from o2mag.inputs import mask_array as _mask_array
 
     alpha = np.zeros((8, 8, 4), np.uint8)
     alpha[2:5, 3:6, 3] = 255

@@ -1,0 +1,99 @@
+"""The pipeline's two result caches: DDIM inversions and AGO embeddings.
+
+Both are expensive (a full inversion; hundreds of UNet forward and backward passes) and depend only
+on their inputs, so they are keyed by a hash of everything that changes the result: image content,
+prompt, settings, model identity and the scheduler's configuration. Results stay in memory for the
+life of the pipeline object and, when a folder is given, are written to
+``<folder>/<kind>/<key>.pt`` so that a later run, in another process, reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["ResultCache", "content_key", "model_fingerprint", "scheduler_settings"]
+
+
+def content_key(*parts: Any) -> str:
+    """A stable hash of ``parts`` (arrays by shape and bytes, everything else as sorted JSON)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str(p.shape).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+def model_fingerprint(name: Optional[str], modules) -> str:
+    """Model identity for cache keys: its name plus a cheap fingerprint of each module's first and
+    last weights (two models saved under one name still get different keys)."""
+    fp = []
+    for module in modules:
+        params = list(module.parameters())
+        fp += [type(module).__name__, float(params[0].detach().float().sum()),
+               float(params[-1].detach().float().sum())]
+    return content_key(name or "unnamed", fp)
+
+
+def scheduler_settings(scheduler) -> Dict[str, Any]:
+    """The scheduler config as a cache-key part, without diffusers' private ``_...`` entries
+    (``_use_default_values`` comes from a set: its order changes between processes and would make
+    every on-disk key new in each run)."""
+    return {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+
+
+class ResultCache:
+    """Results of one kind by content key: in memory, and on disk when a folder is given."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._memory: Dict[str, Any] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory
+
+    def get(self, key: str) -> Any:
+        """The in-memory result for ``key`` (None when absent)."""
+        return self._memory.get(key)
+
+    def remember(self, key: str, value: Any) -> None:
+        self._memory[key] = value
+
+    def clear(self) -> None:
+        """Forget the in-memory results (files on disk stay)."""
+        self._memory.clear()
+
+    def path(self, folder: Optional[str], key: str) -> Optional[str]:
+        return None if not folder else os.path.join(folder, self.kind, f"{key}.pt")
+
+    def load(self, folder: Optional[str], key: str) -> Optional[dict]:
+        """The record stored on disk for ``key`` (tensors on the CPU), or None."""
+        path = self.path(folder, key)
+        if not path or not os.path.isfile(path):
+            return None
+        return torch.load(path, map_location="cpu")
+
+    def save(self, folder: Optional[str], key: str, record: dict) -> None:
+        """Write ``record`` for ``key`` atomically (a unique temporary name, then a rename), so a
+        reader never sees half a file and two processes never write to the same temporary file."""
+        path = self.path(folder, key)
+        if not path:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            torch.save(record, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,120 @@
+"""What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size.
+
+Images may be PIL images, paths, uint8 ``(H, W, 3)`` arrays, ``[0, 1]`` float arrays or tensors;
+masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.images`, exactly as the
+command line reads mask files). Errors name the argument the bad value was given for.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+from .images import load_image, load_mask, resize_image, resize_mask, to_mask
+
+__all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets"]
+
+ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
+
+
+def _named(what: str, fn, *args, **kwargs):
+    """Call a file reader; its InputError then says which argument the file was given for."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+def image_array(image: ImageLike, what: str) -> np.ndarray:
+    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.images.load_image`."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _named(what, load_image, image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, got {type(image).__name__}")
+    a = image
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3):
+        raise InputError(f"{what}: expected an (H, W, 3) image, got shape {a.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.dtype != np.uint8:
+        af = a.astype(np.float64)
+        if not np.isfinite(af).all():
+            raise InputError(f"{what}: image has non-finite values")
+        a = np.clip(np.round(af * 255.0 if af.max() <= 1.0 else af), 0, 255).astype(np.uint8)
+    return a
+
+
+def mask_array(mask: Any, what: str) -> np.ndarray:
+    """Any mask input -> bool (H, W), read as the command line reads masks
+    (:func:`o2mag.images.load_mask` for files, :func:`o2mag.images.to_mask` otherwise)."""
+    if isinstance(mask, (str, os.PathLike)):
+        return _named(what, load_mask, mask, allow_empty=True)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    return to_mask(mask, what)
+
+
+def _resized(a: np.ndarray, size: int) -> np.ndarray:
+    if a.shape[:2] == (size, size):
+        return a
+    return np.asarray(resize_image(Image.fromarray(a), size), dtype=np.uint8)
+
+
+def prepare_sources(reference: ImageLike, ref_mask: Any, normal: ImageLike,
+                    size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(reference uint8, M_R bool, normal uint8)`` at ``size`` x ``size``.
+
+    ``ref_mask`` must have the reference's size (a mask of another image is a mistake worth
+    reporting) and must not be empty, before or after resizing."""
+    ref = image_array(reference, "reference")
+    m_r = mask_array(ref_mask, "ref_mask")
+    if m_r.shape != ref.shape[:2]:
+        raise InputError(f"ref_mask is {m_r.shape[0]}x{m_r.shape[1]} (HxW) but the reference image is "
+                         f"{ref.shape[0]}x{ref.shape[1]}")
+    if not m_r.any():
+        raise InputError("ref_mask (M_R) is empty: the reference defect mask has no pixels")
+    nor = image_array(normal, "normal")
+    ref, nor, m_r = _resized(ref, size), _resized(nor, size), resize_mask(m_r, (size, size))
+    if not m_r.any():
+        raise InputError("ref_mask (M_R) vanished when resized to the working size")
+    return ref, m_r, nor
+
+
+def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
+    """Target masks ``M_T`` as bool ``(size, size)`` arrays (nearest resize), in the given order.
+
+    Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.targets.TargetMask`) or
+    one ``(N, H, W)`` / ``(H, W)`` array or tensor. An empty target mask is allowed (the target
+    then reproduces the normal image); no target mask at all is an error."""
+    if isinstance(target_masks, (np.ndarray, torch.Tensor)):
+        arr = target_masks
+        if isinstance(arr, torch.Tensor):
+            arr = arr.detach().cpu().numpy()
+        if arr.ndim == 2:
+            arr = arr[None]
+        items = list(arr)
+    elif isinstance(target_masks, (str, bytes, os.PathLike, Image.Image)) or \
+            not hasattr(target_masks, "__iter__"):
+        raise TypeError("target_masks must be a sequence of masks or an (N, H, W) array, got "
+                        f"{type(target_masks).__name__}")
+    else:
+        items = list(target_masks)
+    out = []
+    for k, m in enumerate(items):
+        m = getattr(m, "mask", m)  # o2mag.targets.TargetMask
+        out.append(resize_mask(mask_array(m, f"target_masks[{k}]"), (size, size)))
+    if not out:
+        raise ValueError("target_masks is empty: give at least one target mask")
+    return out

@@ -1,0 +1,176 @@
+"""``pipe(...)`` as a diffusers pipeline, on the tiny components: output types, return_dict, the
+step-end callback, generators, save/load, ``to()`` and model offloading (GPU only)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from o2mag import O2MAGPipeline
+from o2mag.pipeline import O2MAGPipelineOutput
+from o2mag.sample import embedded_sample
+from o2mag.targets import affine_masks
+
+STEPS = 3
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return embedded_sample(SIZE)
+
+
+@pytest.fixture(scope="module")
+def masks(sample):
+    return [t.mask for t in affine_masks(sample.ref_mask, 3, seed=1)]
+
+
+def _call(pipe, sample, masks, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("ago_steps", 1)
+    kw.setdefault("batch_size", 2)
+    return pipe(sample.reference, sample.ref_mask, sample.normal, masks, prompt=sample.prompt,
+                anomaly_word=sample.anomaly_word, **kw)
+
+
+def test_every_output_type(pipe, sample, masks):
+    n = len(masks)
+    outs = {t: _call(pipe, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
+    for out in outs.values():
+        assert isinstance(out, O2MAGPipelineOutput)
+    pil = outs["pil"]
+    assert len(pil.images) == n and all(isinstance(im, Image.Image) and im.mode == "RGB"
+                                        and im.size == (SIZE, SIZE) for im in pil.images)
+    assert [m.mode for m in pil.masks] == ["L"] * n
+    for m, want in zip(pil.masks, masks):
+        assert np.array_equal(np.asarray(m) > 127, want) and set(np.unique(np.asarray(m))) <= {0, 255}
+    npo = outs["np"]
+    assert npo.images.shape == (n, SIZE, SIZE, 3) and npo.images.dtype == np.float32
+    assert 0 <= npo.images.min() and npo.images.max() <= 1
+    assert npo.masks.shape == (n, SIZE, SIZE, 1) and np.array_equal(npo.masks[..., 0] > 0.5, np.stack(masks))
+    # the same pictures in every format: PIL is the np array rounded to 8 bits
+    assert np.abs(np.stack([np.asarray(im) for im in pil.images]).astype(int)
+                  - np.round(npo.images * 255).astype(int)).max() <= 1
+    pt = outs["pt"]
+    assert pt.images.shape == (n, 3, SIZE, SIZE) and pt.images.dtype == torch.float32
+    torch.testing.assert_close(pt.images.permute(0, 2, 3, 1).numpy(), npo.images, atol=1e-6, rtol=0)
+    assert pt.masks.shape == (n, 1, SIZE, SIZE)
+    lat = outs["latent"]
+    assert lat.images.shape == (n, 4, SIZE // 8, SIZE // 8) and lat.masks.shape == (n, 1, SIZE, SIZE)
+    # decoding the latents gives the images
+    decoded = pipe.decode_latents(lat.images)
+    assert all(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+               for a, b in zip(decoded, pil.images))
+
+
+def test_return_dict_false_gives_the_tuple(pipe, sample, masks):
+    out = _call(pipe, sample, masks, output_type="np")
+    images, ms = _call(pipe, sample, masks, output_type="np", return_dict=False)
+    assert np.array_equal(images, out.images) and np.array_equal(ms, out.masks)
+    assert out.to_tuple()[0] is out.images  # a diffusers BaseOutput
+
+
+def test_callback_once_per_step_with_the_named_tensors(pipe, sample, masks):
+    calls = []
+    empty = pipe.encode_prompt("")
+
+    def callback(p, step, timestep, kwargs):
+        calls.append((step, int(timestep), sorted(kwargs), kwargs["latents"].shape))
+        assert p is pipe and kwargs["prompt_embeds"].shape == empty.shape
+        if "negative_prompt_embeds" in kwargs:
+            assert torch.equal(kwargs["negative_prompt_embeds"], empty)
+        return {}
+
+    names = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _call(pipe, sample, masks[:2], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names)
+    pipe.scheduler.set_timesteps(STEPS)
+    assert [(c[0], c[1]) for c in calls] == list(enumerate(pipe.scheduler.timesteps.tolist()))
+    assert all(c[2] == sorted(names) and c[3] == (2, 4, SIZE // 8, SIZE // 8) for c in calls)
+    # several batches: once per step of each batch, only the names asked for
+    calls.clear()
+    _call(pipe, sample, masks, batch_size=2, callback_on_step_end=callback,
+          callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert [c[0] for c in calls] == list(range(STEPS)) * 2
+    assert [c[3][0] for c in calls] == [2] * STEPS + [1] * STEPS
+
+
+def test_callback_can_replace_the_latents(pipe, sample, masks):
+    def zero_last(p, step, timestep, kwargs):
+        if step == STEPS - 1:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        return {}
+
+    plain = _call(pipe, sample, masks[:1], output_type="latent").images
+    out = _call(pipe, sample, masks[:1], output_type="latent", callback_on_step_end=zero_last).images
+    assert plain.abs().max() > 0 and torch.equal(out, torch.zeros_like(out))
+
+
+def test_same_generator_same_images(pipe, sample, masks):
+    def run(seed, **kw):
+        return _call(pipe, sample, masks, output_type="np", eta=1.0,
+                     generator=torch.Generator().manual_seed(seed), **kw).images
+
+    a, b, c = run(0), run(0), run(1)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3  # eta > 0: the generator's noise really is used
+
+    # one generator per target: target k depends on its own generator only, whatever the batching
+    def per_target(batch_size, base=100):
+        gens = [torch.Generator().manual_seed(base + k) for k in range(len(masks))]
+        return _call(pipe, sample, masks, output_type="np", eta=1.0, generator=gens,
+                     batch_size=batch_size).images
+
+    together, alone = per_target(3), per_target(1)
+    # equal up to float32 batching noise (another batch size takes other kernel paths), far below
+    # what another generator changes
+    np.testing.assert_allclose(together, alone, atol=5e-4, rtol=0)
+    assert np.abs(per_target(3, base=200) - together).max() > 1e-2
+    # eta = 0 (the paper) is deterministic and ignores the generator
+    d0 = _call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    d1 = _call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    assert np.array_equal(d0, d1)
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path, pipe, sample, masks):
+    before = _call(pipe, sample, masks[:1], output_type="np").images
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = O2MAGPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is O2MAGPipeline and loaded.model_id == str(tmp_path / "saved")
+    after = _call(loaded, sample, masks[:1], output_type="np").images
+    np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
+
+
+def test_to_moves_every_component(sample, masks):
+    p = O2MAGPipeline.tiny(0)
+    p.set_progress_bar_config(disable=True)
+    assert p.to("cpu") is p and p._execution_device == torch.device("cpu")
+    q = p.to(dtype=torch.bfloat16)
+    assert q is p
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(p, name)
+        assert module.dtype == torch.bfloat16 and module.device.type == "cpu", name
+    out = _call(p, sample, masks[:1], output_type="pt", num_inference_steps=2)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+
+
+def _gpu_ready():
+    from diffusers.utils import is_accelerate_available
+
+    return torch.cuda.is_available() and is_accelerate_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _gpu_ready(), reason="model offloading needs a CUDA GPU and accelerate")
+@pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_offloading_gives_the_same_images(offload, sample, masks):
+    ref = O2MAGPipeline.tiny(0).to("cuda")
+    ref.set_progress_bar_config(disable=True)
+    want = _call(ref, sample, masks[:2], output_type="np").images
+    del ref
+    p = O2MAGPipeline.tiny(0)
+    p.set_progress_bar_config(disable=True)
+    getattr(p, offload)()
+    assert p._execution_device.type == "cuda"
+    got = _call(p, sample, masks[:2], output_type="np").images
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+    assert p.unet.device.type in ("cpu", "meta")  # handed back to the CPU after the call
