@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--prompt",
                       help="prompt describing the defect (default: 'a photo of a <defect> on a <category>')")
     text.add_argument("--anomaly-word", help="word of the prompt whose cross-attention DAE amplifies "
-                                             "(default: the defect name, else the prompt's last word)")
+                                             "(default: the last word of the defect name when the prompt "
+                                             "contains it; otherwise this option is required)")
     masks = g.add_argument_group("target masks")
     masks.add_argument("--mask-mode", choices=("affine", "perlin", "folder"), default=None,
                        help="affine: random rotated/scaled/flipped copies of the reference mask on the "
@@ -375,8 +376,14 @@ def _generate(args) -> int:
         prompt = f"a photo of a {defect} on a {category}"
     word = args.anomaly_word or inputs["word"]
     if not word:
+        # never fall back to some other word of the prompt: that is usually the object ("bottle"),
+        # and amplifying the object is worse than stopping with a message
         cand = inputs["defect"].replace("_", " ").split()[-1]
-        word = cand if cand in prompt.split() else prompt.split()[-1]
+        if cand not in prompt.split():
+            raise UsageError(f"--anomaly-word is needed: the defect name {inputs['defect']!r} does not occur "
+                             f"in the prompt {prompt!r}; give the prompt's word for the defect, e.g. "
+                             "--anomaly-word crack")
+        word = cand
     from .pipeline import token_indices
 
     token_indices(pipe.tokenizer, prompt, word)  # fail early if the word is not in the prompt

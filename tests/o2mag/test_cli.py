@@ -255,6 +255,16 @@ def test_disk_cache_is_reused_by_a_later_process(tmp_path):
     assert "inversions 0, AGO runs 0" in run(2, 2)
 
 
+def test_no_anomaly_word_is_guessed_from_the_object(files, capsys):
+    # "--prompt ... on a bottle" without --anomaly-word, defect name not in the prompt: the old rule
+    # took the prompt's last word ("bottle") and amplified the object; now the user is asked
+    args = ["generate", "--ref", str(files / "ref.png"), "--ref-mask", str(files / "mask.png"),
+            "--normal", str(files / "normal.png"), "--out", str(files / "out"), "--defect", "crack",
+            "--prompt", "a photo of a scratch on a bottle", *FAST]
+    _error(args, capsys, "--anomaly-word is needed", "'crack'")
+    assert not (files / "out").exists() or not any((files / "out").rglob("*.png"))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from o2mag.pipeline import O2MAGPipeline
