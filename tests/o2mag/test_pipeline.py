@@ -309,7 +309,7 @@ def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
     from PIL import Image
 
     from o2mag.images import load_mask
-    from o2mag.inputs import mask_array as _mask_array
+    from o2mag.inputs import mask_array
 
     alpha = np.zeros((8, 8, 4), np.uint8)
     alpha[2:5, 3:6, 3] = 255
@@ -321,10 +321,10 @@ def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
         path = tmp_path / name
         expected = load_mask(path)
         assert expected.any()
-        assert np.array_equal(_mask_array(str(path), "ref_mask"), expected)
+        assert np.array_equal(mask_array(str(path), "ref_mask"), expected)
         with Image.open(path) as im:
-            assert np.array_equal(_mask_array(im, "ref_mask"), expected)
-    assert np.array_equal(_mask_array(torch.from_numpy(deep[None] > 0), "m"), deep > 0)  # (1, H, W)
+            assert np.array_equal(mask_array(im, "ref_mask"), expected)
+    assert np.array_equal(mask_array(torch.from_numpy(deep[None] > 0), "m"), deep > 0)  # (1, H, W)
 
 
 def test_progress_bars_show_each_phase_unless_disabled(pipe, sample, capsys):
