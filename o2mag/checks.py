@@ -8,7 +8,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ['check_int', 'check_range', 'check_fraction', 'check_shape', 'sample_indices']
+__all__ = [
+    "check_int",
+    "check_range",
+    "check_fraction",
+    "check_shape",
+    "sample_indices",
+]
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:

@@ -14,7 +14,11 @@ from .errors import InputError
 from .images import load_mask, resize_mask, to_mask
 from .morphology import border_frame, box_blur, fill_holes, frame_width, largest_component, otsu_threshold
 
-__all__ = ['foreground_mask', 'resolve_foreground', 'check_foreground']
+__all__ = [
+    "foreground_mask",
+    "resolve_foreground",
+    "check_foreground",
+]
 
 
 def as_rgb_array(image: Any, name: str = "normal_image") -> np.ndarray:

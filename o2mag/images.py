@@ -17,7 +17,14 @@ from PIL import Image, UnidentifiedImageError
 from .checks import check_int, check_shape
 from .errors import InputError, existing_path
 
-__all__ = ['MASK_EXTENSIONS', 'to_mask', 'load_image', 'load_mask', 'resize_image', 'resize_mask']
+__all__ = [
+    "MASK_EXTENSIONS",
+    "to_mask",
+    "load_image",
+    "load_mask",
+    "resize_image",
+    "resize_mask",
+]
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File name endings read as images or masks (lower case)."""

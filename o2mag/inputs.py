@@ -38,7 +38,8 @@ def image_array(image: ImageLike, what: str) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, got {type(image).__name__}")
+        raise TypeError(f"{what} must be a PIL image, a path, an array or a tensor, "
+                        f"got {type(image).__name__}")
     a = image
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = np.moveaxis(a, 0, -1)

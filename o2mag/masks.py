@@ -7,7 +7,8 @@ from those modules.
 """
 from .foreground import foreground_mask, resolve_foreground
 from .images import MASK_EXTENSIONS, load_image, load_mask, resize_image, resize_mask, to_mask
-from .targets import MASK_KINDS, TargetMask, affine_masks, folder_masks, perlin_masks, perlin_noise, target_masks
+from .targets import (MASK_KINDS, TargetMask, affine_masks, folder_masks, perlin_masks, perlin_noise,
+                      target_masks)
 
 __all__ = [
     "TargetMask",

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['label', 'largest_component', 'fill_holes', 'box_blur', 'otsu_threshold', 'border_frame', 'frame_width']
+__all__ = [
+    "label",
+    "largest_component",
+    "fill_holes",
+    "box_blur",
+    "otsu_threshold",
+    "border_frame",
+    "frame_width",
+]
 
 
 def label(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -383,8 +383,9 @@ class O2MAGPipeline(DiffusionPipeline):
                 "anomaly_word='' amplifies no word")
         if not isinstance(anomaly_word, str):
             raise TypeError(f"anomaly_word must be a str, got {type(anomaly_word).__name__}")
-        for name, value, low in (("num_inference_steps", num_inference_steps, 1), ("batch_size", batch_size, 1),
-                                 ("ago_steps", ago_steps, 0), ("seed", seed, 0)):
+        counts = (("num_inference_steps", num_inference_steps, 1), ("batch_size", batch_size, 1),
+                  ("ago_steps", ago_steps, 0), ("seed", seed, 0))
+        for name, value, low in counts:
             _check_int(name, value, low)
         if not _is_number(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
@@ -395,12 +396,13 @@ class O2MAGPipeline(DiffusionPipeline):
         if generator is not None and not isinstance(generator, torch.Generator):
             if not isinstance(generator, (list, tuple)) or \
                     not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator must be a torch.Generator or a list of them (one per target mask), "
-                                f"got {type(generator).__name__}")
+                raise TypeError("generator must be a torch.Generator or a list of them (one per target "
+                                f"mask), got {type(generator).__name__}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+            raise TypeError(f"callback_on_step_end must be callable, "
+                            f"got {type(callback_on_step_end).__name__}")
         if isinstance(callback_on_step_end_tensor_inputs, str) or \
                 not hasattr(callback_on_step_end_tensor_inputs, "__iter__"):
             raise TypeError("callback_on_step_end_tensor_inputs must be a list of names, got "
@@ -424,20 +426,22 @@ class O2MAGPipeline(DiffusionPipeline):
             _check_int("size", size, 1)
             self._check_size(int(size))
         if graft_config is not None and not isinstance(graft_config, GraftConfig):
-            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, got {type(graft_config).__name__}")
+            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, "
+                            f"got {type(graft_config).__name__}")
 
     def _job(self, reference, ref_mask, normal, target_masks, prompt, anomaly_word, *, num_inference_steps,
              guidance_scale, eta, generator, output_type="pil", callback_on_step_end=None,
-             callback_on_step_end_tensor_inputs=("latents",), batch_size, seed, size, kv_cache, kv_cache_device,
-             blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
+             callback_on_step_end_tensor_inputs=("latents",), batch_size, seed, size, kv_cache,
+             kv_cache_device, blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
              cache_inversions_to_disk) -> _Job:
         """Check every argument and read every input now, before any model work."""
         from .config import GraftConfig
 
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator, output_type,
-                          callback_on_step_end, callback_on_step_end_tensor_inputs, batch_size=batch_size,
+        self.check_inputs(prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator,
+                          output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                          batch_size=batch_size,
                           seed=seed, size=size, kv_cache=kv_cache, kv_cache_device=kv_cache_device,
                           ago_steps=ago_steps, ago_lr=ago_lr, graft_config=graft_config, scheme=scheme)
         size = int(size or self.default_size)
@@ -531,11 +535,13 @@ class O2MAGPipeline(DiffusionPipeline):
         """
         job = self._job(reference, ref_mask, normal, target_masks, prompt, anomaly_word,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                        generator=generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
+                        generator=generator, output_type=output_type,
+                        callback_on_step_end=callback_on_step_end,
                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                         batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
-                        kv_cache_device=kv_cache_device, blend_background=blend_background, ago_steps=ago_steps,
-                        ago_lr=ago_lr, ago_mask_weight=ago_mask_weight, graft_config=graft_config, scheme=scheme,
+                        kv_cache_device=kv_cache_device, blend_background=blend_background,
+                        ago_steps=ago_steps, ago_lr=ago_lr, ago_mask_weight=ago_mask_weight,
+                        graft_config=graft_config, scheme=scheme,
                         cache_inversions_to_disk=cache_inversions_to_disk)
         n = len(job.masks)
         outputs: List[Optional[torch.Tensor]] = [None] * n
@@ -601,8 +607,9 @@ class O2MAGPipeline(DiffusionPipeline):
                         eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                         batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
-                        kv_cache_device=kv_cache_device, blend_background=blend_background, ago_steps=ago_steps,
-                        ago_lr=ago_lr, ago_mask_weight=ago_mask_weight, graft_config=graft_config, scheme=scheme,
+                        kv_cache_device=kv_cache_device, blend_background=blend_background,
+                        ago_steps=ago_steps, ago_lr=ago_lr, ago_mask_weight=ago_mask_weight,
+                        graft_config=graft_config, scheme=scheme,
                         cache_inversions_to_disk=cache_inversions_to_disk)
         # everything above checks the arguments now; the work starts when the caller iterates
         return self._stream(job)
@@ -647,15 +654,16 @@ class O2MAGPipeline(DiffusionPipeline):
         cache = None
         for b, idx in enumerate(batches):
             if job.scheme == "per_sample":
-                inv_r = self.invert(job.ref, job.num_steps, use_cache=False, desc="DDIM inversion (reference)")
+                inv_r = self.invert(job.ref, job.num_steps, use_cache=False,
+                                    desc="DDIM inversion (reference)")
                 inv_n = self.invert(job.nor, job.num_steps, use_cache=False, desc="DDIM inversion (normal)")
             with_sources = not (job.kv_cache and b > 0)
             if job.kv_cache and b == 0:
                 cache = self._new_source_cache(job.kv_cache_device)
-            latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c, job.tokens,
-                                    config=job.config, guidance_scale=job.guidance_scale, blend=job.blend_background,
-                                    with_sources=with_sources, cache=cache, eta=job.eta,
-                                    generator=job.generator_for(idx), callback=job.callback,
+            latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c,
+                                    job.tokens, config=job.config, guidance_scale=job.guidance_scale,
+                                    blend=job.blend_background, with_sources=with_sources, cache=cache,
+                                    eta=job.eta, generator=job.generator_for(idx), callback=job.callback,
                                     callback_inputs=job.callback_inputs,
                                     desc=f"denoising batch {b + 1}/{len(batches)}")
             self.stats.samples += len(idx)

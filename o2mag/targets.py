@@ -21,7 +21,15 @@ from .foreground import check_foreground
 from .images import MASK_EXTENSIONS, load_mask, to_mask
 from .morphology import border_frame, frame_width, largest_component
 
-__all__ = ['TargetMask', 'MASK_KINDS', 'affine_masks', 'perlin_masks', 'perlin_noise', 'folder_masks', 'target_masks']
+__all__ = [
+    "TargetMask",
+    "MASK_KINDS",
+    "affine_masks",
+    "perlin_masks",
+    "perlin_noise",
+    "folder_masks",
+    "target_masks",
+]
 
 MASK_KINDS = ("affine", "perlin", "folder")
 
@@ -290,7 +298,8 @@ def folder_masks(path: str | os.PathLike, shape: tuple[int, int]) -> list[Target
 
 
 def target_masks(kind: str, n: int | Sequence[int], *, ref_mask: Any = None,
-                 shape: tuple[int, int] | None = None, foreground: Any = None, seed: int = 0, folder: str | os.PathLike | None = None,
+                 shape: tuple[int, int] | None = None, foreground: Any = None, seed: int = 0,
+                 folder: str | os.PathLike | None = None,
                  **options: Any) -> list[TargetMask]:
     """One entry point for the three kinds of target masks (what the command line calls).
 
