@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not reset the background (outside the target mask) to the normal image each "
                           "step")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .evaluation.cli import register as register_evaluate
+
+    register_evaluate(sub)
     return p
 
 
@@ -427,6 +430,9 @@ def _generate(args) -> int:
     s = pipe.stats
     print(f"o2mag: wrote {made} samples to {store.dir} in {dt:.1f} s (UNet calls {s.unet_calls}, rows "
           f"{s.unet_rows}; inversions {s.inversion_runs}, AGO runs {s.ago_runs})", file=sys.stderr)
+    from .contact_sheet import write_contact_sheet
+
+    print(f"o2mag: contact sheet {write_contact_sheet(store.dir)}", file=sys.stderr)
     return 0
 
 
@@ -443,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        return _generate(args)
+        return getattr(args, "handler", _generate)(args)
     except InputError as e:
         print(f"o2mag: error: {e}", file=sys.stderr)
         return 2
