@@ -37,6 +37,7 @@ def test_embedded_default_runs_and_resumes(tmp_path, capsys):
     m = np.asarray(Image.open(d / "mask" / "000.png"))
     assert m.any() and set(np.unique(m)) <= {0, 255}
     assert len(list((out / ".o2mag-cache" / "embeddings").glob("*.pt"))) == 1
+    assert Image.open(d / "contact_sheet.png").size[0] > 2 * 128  # written beside the manifest
     before = {p.name: p.read_bytes() for p in images}
 
     # rerun: nothing missing, nothing rewritten
