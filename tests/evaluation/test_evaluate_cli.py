@@ -233,3 +233,34 @@ def test_quality_inception_without_weights_is_a_clean_error(trees, tmp_path, cap
 def test_evaluate_without_subcommand_prints_help(capsys):
     assert main(["evaluate"]) == 2
     assert "detect" in capsys.readouterr().out
+
+
+def test_real_refs_mix_the_held_back_references_into_training(trees, tmp_path):
+    mvtec, synth = trees
+    out = tmp_path / "rr"
+    assert main(["evaluate", "detect", "--mvtec-root", str(mvtec), "--synthetic", str(synth), "--category",
+                 "plate", "--out", str(out), "--real-refs", *TINY, "--epochs", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["real_refs"] and res["settings"]["train"]["real_fraction"] == 0.1
+    assert res["categories"]["plate"]["split"]["test"] == {"good": 8, "dent": 6, "scratch": 6}  # unchanged
+    assert "real reference defects" in (out / "report.md").read_text()
+
+
+def test_training_batches_follow_the_configured_shares():
+    import torch
+
+    from o2mag.evaluation.segmentation import TrainConfig, _draw_batch
+
+    gen = torch.Generator().manual_seed(0)
+    cfg = TrainConfig(normal_fraction=0.5, real_fraction=0.1)
+    counts = {"normal": 0, "real": 0, "synthetic": 0}
+    for _ in range(200):
+        for k, idx in _draw_batch(gen, {"normal": 5, "real": 3, "synthetic": 7}, cfg, 50).items():
+            counts[k] += len(idx)
+            assert all(0 <= i < {"normal": 5, "real": 3, "synthetic": 7}[k] for i in idx.tolist())
+    total = sum(counts.values())
+    assert total == 10_000
+    assert abs(counts["normal"] / total - 0.5) < 0.02 and abs(counts["real"] / total - 0.1) < 0.01
+    # no real pool: its share goes to the synthetic samples
+    picks = _draw_batch(gen, {"normal": 5, "synthetic": 7}, cfg, 1000)
+    assert len(picks["real"]) == 0 and len(picks["synthetic"]) > 400
