@@ -25,9 +25,9 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     ok_triton, why_triton = _triton_status()
     cuda = torch.cuda.is_available()
     if cuda:
-        pick, why_auto = _auto_triton(torch.device("cuda"))
-        auto = ("picks 'triton' for CUDA tensors: " if pick else
-                "picks 'torch' for CUDA tensors, not 'triton': ") + why_auto
+        pick, why_auto = _auto_triton(torch.device("cuda"), torch.float16)
+        auto = ("picks 'triton' for fp16 CUDA tensors: " if pick else
+                "picks 'torch' for fp16 CUDA tensors, not 'triton': ") + why_auto
     else:
         auto = "picks 'torch' (no CUDA device here)"
     return {
@@ -38,15 +38,15 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     }
 
 
-def _auto_triton(device: torch.device) -> Tuple[bool, str]:
+def _auto_triton(device: torch.device, dtype) -> Tuple[bool, str]:
     try:
         from . import triton_backend
     except ImportError as exc:
         return False, f"triton is not importable: {exc}"
-    return triton_backend.auto_ok(device)
+    return triton_backend.auto_ok(device, dtype)
 
 
-_AUTO_CACHE: Dict[Tuple[str, int], bool] = {}
+_AUTO_CACHE: Dict[tuple, bool] = {}
 
 
 def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
@@ -63,10 +63,10 @@ def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
         return "torch"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "torch"
-    key = (q.device.type, q.device.index if q.device.index is not None else torch.cuda.current_device())
+    key = (q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype)
     pick = _AUTO_CACHE.get(key)
     if pick is None:
-        pick = _AUTO_CACHE[key] = _auto_triton(q.device)[0]
+        pick = _AUTO_CACHE[key] = _auto_triton(q.device, q.dtype)[0]
     return "triton" if pick else "torch"
 
 

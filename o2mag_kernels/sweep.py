@@ -133,9 +133,8 @@ def items(dtypes, head_dims, arch: int, quick: bool = False):
 
     out = []
     for dt in dtypes:
-        size = 4 if dt == "fp32" else 2
         for d in head_dims:
-            cfgs = tuning.spill_free(d, size, arch)
+            cfgs = tuning.spill_free(d, dt, arch)
             if quick:
                 cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
             out += [{"dtype": dt, "head_dim": d, "config": list(c)} for c in cfgs]

@@ -73,14 +73,17 @@ def status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     return True, f"triton {triton.__version__} on CUDA (sm_{cap[0]}{cap[1]}); {tuning.describe(cap)}"
 
 
-def auto_ok(device: torch.device) -> Tuple[bool, str]:
-    """Whether ``backend="auto"`` may pick the kernel on ``device``: it must run there, and its
-    configs must be proven on this GPU family by a committed hardware sweep (or the user opted in
-    with ``O2MAG_TRITON=on``)."""
+def auto_ok(device: torch.device, dtype=torch.float16) -> Tuple[bool, str]:
+    """Whether ``backend="auto"`` may pick the kernel on ``device`` for ``dtype``: it must run
+    there, the dtype must be fp16/bf16 (fp32's 3xTF32 tiles spill: the torch backend's exact fp32
+    SDPA is the better path), and it must be proven on this GPU family by a committed hardware
+    sweep (or the user opted in with ``O2MAG_TRITON=on``)."""
     ok, why = status(device)
     if not ok or device.type != "cuda":
         return False, why
-    return tuning.trusted(torch.cuda.get_device_capability(device))
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"{dtype}: auto runs fp32 on the torch backend (exact fp32 SDPA)"
+    return tuning.trusted(torch.cuda.get_device_capability(device), dtype)
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -104,7 +107,7 @@ def _dot_settings(dtype: torch.dtype):
     casts and stores still take the bf16 path).
     """
     dot_fp32 = dtype == torch.bfloat16 and is_interpreted()
-    return dot_fp32, ("tf32x3" if dtype == torch.float32 else "tf32")
+    return dot_fp32, K.precision(4 if dtype == torch.float32 else 2)
 
 
 def _grid(Lq: int, BH: int):
@@ -116,8 +119,8 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     q = args["Q"]
     cap = torch.cuda.get_device_capability(q.device)
-    keep = set(tuning.prune(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"],
-                            q.element_size(), 10 * cap[0] + cap[1]))
+    keep = set(tuning.prune(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"], q.dtype,
+                            10 * cap[0] + cap[1]))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                    c.num_stages) in keep]
 
@@ -187,7 +190,7 @@ def _launch(q, k_fg, v_fg, k_bg, v_bg, qperm, fidx, tiles64, tiles128, bg_bytes,
                 STORE_LSE=store_lse, DOT_FP32=dot_fp32, PREC=precision, D_CHUNK=d_chunk,
                 K_CHUNK=k_chunk)
     if config is None and is_interpreted():
-        config = tuning.prune(D, lq_bucket, lk_bucket, q.element_size(), 90)[0]
+        config = tuning.prune(D, lq_bucket, lk_bucket, q.dtype, 90)[0]
     if config is None:
         with torch.cuda.device(q.device):
             _tuned_kernel()[_grid(Lq, B * H)](*args, **meta)

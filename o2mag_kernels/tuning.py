@@ -2,19 +2,22 @@
 
 Two kinds of evidence, kept apart because they prove different things:
 
-* **compiles cleanly** (``SPILL_FREE``): ``o2mag-kernels aot-check`` compiles every config for
-  sm_80 and sm_90 without a GPU and fails on any register spill, shared-memory overflow or missing
-  tensor-core instruction. It cannot see a miscompiled kernel that faults or computes wrong values
-  on the card (Triton >= 3.6 had such faults on Hopper).
-* **ran correctly on a card** (sweeps): ``o2mag-kernels gpu-sweep`` runs every spill-free config
-  x head dim x dtype x mask kind in its own process on a GPU, against the float64 reference, and
-  writes ``o2mag_kernels/sweeps/<card>.json``. A sweep counts only for the kernel source it ran on
-  (its ``kernel_hash``): any change to the kernel makes it stale.
+* **compiles cleanly** (``aot_report.json``, written by ``o2mag-kernels aot-check
+  --write-report``): every config compiled for sm_80 and sm_90 without a GPU, with its registers,
+  spills, shared memory and dot widths. fp16/bf16 configs that fail the check (spills above the
+  tolerance, too much shared memory, a narrow dot) are never run; fp32 (3xTF32) spills at every
+  tile, so it keeps the two configs that spill least. It cannot see a miscompiled kernel that
+  faults or computes wrong values on a card (Triton >= 3.6 had such faults on Hopper).
+* **ran correctly on a card** (sweeps): ``o2mag-kernels gpu-sweep`` runs every compiled-clean
+  config x head dim x dtype x mask kind in its own process on a GPU against the float64 reference
+  and writes ``o2mag_kernels/sweeps/<card>.json``. A sweep counts only for the kernel source it
+  ran on (its ``kernel_hash``): any change to the kernel makes it stale.
 
-The configs allowed on a GPU family (sm_8x, sm_9x, ...) are the spill-free ones that passed every
-case in the committed sweeps of that family; a family never swept gets those that passed in every
-sweep of every family; with no valid sweep at all, the spill-free configs (unproven, so ``auto``
-does not pick the kernel there; set ``O2MAG_TRITON=on`` to opt in, ``off`` to never pick it).
+The configs allowed on a GPU family (sm_8x, sm_9x, ...) are the compiled-clean ones that passed
+every case in the committed sweeps of that family (fastest first); a family never swept gets those
+that passed in every sweep of every family; with no valid sweep at all, the compiled-clean ones --
+unproven, so ``auto`` does not pick the kernel there (``O2MAG_TRITON=on`` opts in, ``off`` never
+picks it).
 """
 from __future__ import annotations
 
@@ -23,30 +26,14 @@ import glob
 import hashlib
 import json
 import os
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import _triton_kernel as K
 
 SWEEP_DIR = os.path.join(os.path.dirname(__file__), "sweeps")
+AOT_REPORT = os.path.join(os.path.dirname(__file__), "aot_report.json")
 Config = Tuple[int, int, int, int]
-_ALL = frozenset(K.CONFIGS)
-
-
-def _but(*drop) -> FrozenSet[Config]:
-    return frozenset(c for c in K.CONFIGS if c not in drop)
-
-
-def _only(*keep) -> FrozenSet[Config]:
-    return frozenset(keep)
-
-
-# (SM family, dtype class, head-dim bucket) -> configs that compile with no spill (aot-check
-# proves every entry for sm_80 and sm_90 and fails if one spills; configs that spilled are removed
-# here). sm_80's mma.sync keeps operands in registers, so it is tighter than sm_90's wgmma.
-SPILL_FREE: Dict[Tuple[int, str, int], FrozenSet[Config]] = {
-    (family, kind, d): _ALL
-    for family in (80, 90) for kind in ("half", "fp32") for d in K.HEAD_DIMS
-}
+FP32_KEEP = 2  # fp32 spills everywhere: keep the configs that spill least
 
 
 def family(arch: int) -> int:
@@ -59,22 +46,87 @@ def _aot_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def spill_free(head_dim: int, itemsize: int, arch: int) -> List[Config]:
-    """Configs (in CONFIGS order) that compile without spills for this head dim, dtype and SM."""
-    ok = SPILL_FREE.get((_aot_family(arch), K.dtype_class(itemsize), K.head_dim_bucket(head_dim)),
-                        frozenset())
-    return [c for c in K.CONFIGS if c in ok]
+def _read_report(path: str) -> dict:
+    """The AOT report, or ``RuntimeError`` when it is missing or belongs to another kernel."""
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: run `o2mag-kernels aot-check --write-report`")
+    with open(path) as f:
+        report = json.load(f)
+    if report.get("kernel_hash") != kernel_hash():
+        raise RuntimeError(f"{os.path.basename(path)} was written for another kernel source: rerun "
+                           "`o2mag-kernels aot-check --write-report`")
+    return report
 
 
+def aot_status(path: str = AOT_REPORT) -> str:
+    """'' when the AOT report belongs to this kernel, else why not (the tables then allow every
+    config: nothing was checked)."""
+    try:
+        _read_report(path)
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def aot_table(path: str = AOT_REPORT) -> Dict[Tuple[int, str, int], Tuple[Config, ...]]:
+    """(AOT family, dtype class, head-dim bucket) -> configs that compile cleanly, in CONFIGS order
+    (every config, unchecked, when the report is missing or stale: see :func:`aot_status`)."""
+    from .aot import judge, spill_bytes
+
+    try:
+        report = _read_report(path)
+    except RuntimeError:
+        return {(f, kind, d): tuple(K.CONFIGS) for f in (80, 90) for kind in ("half", "fp32")
+                for d in K.HEAD_DIMS}
+    order = {c: i for i, c in enumerate(K.CONFIGS)}
+    table: Dict[Tuple[int, str, int], list] = {}
+    for r in report["results"]:
+        cfg = tuple(r["config"])
+        if cfg not in order or r["dtype"] == "bf16":
+            continue  # bf16 runs fp16's tiles (spot-checked only)
+        kind = K.dtype_class(4 if r["dtype"] == "fp32" else 2)
+        table.setdefault((r["arch"], kind, r["head_dim"]), []).append((judge(r), spill_bytes(r), cfg))
+    out = {}
+    for key, rows in table.items():
+        if key[1] == "fp32":  # reported, not failed, on spills: keep the least-spilling ones
+            clean = sorted((b, order[c], c) for why, b, c in rows if not why)[:FP32_KEEP]
+            out[key] = tuple(sorted((c for _, _, c in clean), key=order.get))
+        else:
+            out[key] = tuple(sorted((c for why, _, c in rows if not why), key=order.get))
+    return out
+
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def dtype_name(dtype) -> str:
+    """'fp16' / 'bf16' / 'fp32' for a torch dtype or such a name."""
+    name = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    return name
+
+
+def spill_free(head_dim: int, dtype, arch: int) -> List[Config]:
+    """Configs (in CONFIGS order) that compile cleanly for this head dim, dtype and SM."""
+    kind = "fp32" if dtype_name(dtype) == "fp32" else "half"
+    key = (_aot_family(arch), kind, K.head_dim_bucket(head_dim))
+    return list(aot_table().get(key, ()))
+
+
+@functools.lru_cache(maxsize=None)
 def kernel_hash() -> str:
-    """Hash of the kernel's Triton source (every @triton.jit function of ``_triton_kernel``)."""
+    """Hash of the kernel's Triton source (every ``@triton.jit`` function of ``_triton_kernel``,
+    read from the file, so the interpreter and a GPU agree) and of its config list."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(K)
     h = hashlib.sha256()
-    for name in sorted(vars(K)):
-        fn = getattr(K, name)
-        src = getattr(fn, "src", None)
-        if isinstance(src, str) and hasattr(fn, "arg_names"):
-            h.update(name.encode())
-            h.update(src.encode())
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+            h.update(ast.get_source_segment(source, node).encode())
     for c in K.CONFIGS:
         h.update(repr(c).encode())
     return h.hexdigest()[:16]
@@ -95,20 +147,20 @@ def load_sweeps(directory: str = SWEEP_DIR) -> Tuple[dict, ...]:
 
 
 def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
-    """(dtype class, head-dim bucket) -> {config that passed every case: its median time in ms
-    on the timed case (inf when not timed)}."""
+    """(dtype, head-dim bucket) the sweep covered -> {config that passed every case there: its
+    median time in ms on the timed case (inf when not timed)}."""
     ok: Dict[Tuple[str, int, Config], bool] = {}
     ms: Dict[Tuple[str, int, Config], float] = {}
     for r in sweep.get("results", []):
-        kind = "fp32" if r["dtype"] == "fp32" else "half"
-        key = (kind, K.head_dim_bucket(int(r["head_dim"])), tuple(r["config"]))
+        key = (r["dtype"], K.head_dim_bucket(int(r["head_dim"])), tuple(r["config"]))
         ok[key] = ok.get(key, True) and r.get("status") == "ok"
         if "ms" in r:
             ms[key] = max(ms.get(key, 0.0), float(r["ms"]))
     table: Dict[Tuple[str, int], Dict[Config, float]] = {}
-    for (kind, d, cfg), good in ok.items():
+    for (dt, d, cfg), good in ok.items():
+        table.setdefault((dt, d), {})
         if good:
-            table.setdefault((kind, d), {})[cfg] = ms.get((kind, d, cfg), float("inf"))
+            table[(dt, d)][cfg] = ms.get((dt, d, cfg), float("inf"))
     return table
 
 
@@ -119,18 +171,18 @@ def _family_sweeps(arch: int, sweeps=None):
     return mine, valid
 
 
-def proven(head_dim: int, itemsize: int, arch: int, sweeps=None) -> Optional[List[Config]]:
-    """Configs hardware-proven for this head dim/dtype on ``arch``'s family (see module doc),
-    fastest first by the sweeps' timings, or None when no valid sweep exists at all."""
+def proven(head_dim: int, dtype, arch: int, sweeps=None) -> Optional[List[Config]]:
+    """Configs hardware-proven for this head dim and dtype on ``arch``'s family (see the module
+    docstring), fastest first by the sweeps' timings; None when no valid sweep covers them."""
     mine, valid = _family_sweeps(arch, sweeps)
-    use = mine or valid
+    key = (dtype_name(dtype), K.head_dim_bucket(head_dim))
+    use = [s for s in (mine or valid) if key in _passed(s)]
     if not use:
         return None
-    key = (K.dtype_class(itemsize), K.head_dim_bucket(head_dim))
-    ok = set(spill_free(head_dim, itemsize, arch))
+    ok = set(spill_free(head_dim, dtype, arch))
     speed: Dict[Config, float] = {}
     for s in use:
-        got = _passed(s).get(key, {})
+        got = _passed(s)[key]
         ok &= set(got)
         for c, t in got.items():
             speed[c] = max(speed.get(c, 0.0), t)
@@ -138,48 +190,49 @@ def proven(head_dim: int, itemsize: int, arch: int, sweeps=None) -> Optional[Lis
     return sorted(ok, key=lambda c: (speed.get(c, float("inf")), order[c]))
 
 
-def allowed_configs(head_dim: int, itemsize: int = 2, arch: int = 90, sweeps=None) -> List[Config]:
-    """The configs the autotuner may pick: proven ones when a valid sweep exists, else the
-    spill-free ones (unproven)."""
-    p = proven(head_dim, itemsize, arch, sweeps)
-    return spill_free(head_dim, itemsize, arch) if p is None else p
+def allowed_configs(head_dim: int, dtype="fp16", arch: int = 90, sweeps=None) -> List[Config]:
+    """The configs the autotuner may pick: proven ones when a valid sweep covers this head dim
+    and dtype, else the compiled-clean ones (unproven)."""
+    p = proven(head_dim, dtype, arch, sweeps)
+    return spill_free(head_dim, dtype, arch) if p is None else p
 
 
-def trusted(capability: Tuple[int, int], sweeps=None) -> Tuple[bool, str]:
-    """Whether ``auto`` may pick the kernel on a GPU of this capability, and why (not)."""
+def trusted(capability: Tuple[int, int], dtype="fp16", sweeps=None) -> Tuple[bool, str]:
+    """Whether ``auto`` may pick the kernel for ``dtype`` on a GPU of this capability, and why
+    (not): a committed sweep of this family must have covered the dtype."""
     setting = os.environ.get("O2MAG_TRITON", "auto").lower()
     if setting == "off":
         return False, "O2MAG_TRITON=off"
     arch = 10 * capability[0] + capability[1]
+    name = dtype_name(dtype)
     mine, _ = _family_sweeps(arch, sweeps)
-    if mine:
-        return True, f"proven on sm_{family(arch) // 10}x by {len(mine)} committed sweep(s)"
+    covering = [s for s in mine if any(r["dtype"] == name for r in s.get("results", []))]
+    fam = f"sm_{family(arch) // 10}x"
+    if covering:
+        return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if setting == "on":
-        return True, "O2MAG_TRITON=on (configs not proven on this GPU family)"
-    return False, (f"no committed hardware sweep of this kernel on sm_{family(arch) // 10}x "
+        return True, f"O2MAG_TRITON=on ({name} configs not proven on {fam})"
+    return False, (f"no committed hardware sweep of this kernel covers {name} on {fam} "
                    "(run `o2mag-kernels gpu-sweep`, or set O2MAG_TRITON=on to use it anyway)")
 
 
 def describe(capability: Tuple[int, int]) -> str:
-    ok, why = trusted(capability)
-    return ("auto picks it: " if ok else "auto does not pick it: ") + why
+    ok, why = trusted(capability, "fp16")
+    stale = aot_status()
+    return (("auto picks it: " if ok else "auto does not pick it: ") + why
+            + (f"; configs unchecked: {stale}" if stale else ""))
 
 
 TOP_K = 3  # with sweep timings, the autotuner times only this many of the fastest configs
 
 
-def prune(head_dim: int, lq: int, lk: int, itemsize: int = 2, arch: int = 90,
+def prune(head_dim: int, lq: int, lk: int, dtype="fp16", arch: int = 90,
           sweeps=None) -> List[Config]:
     """The configs worth timing for one call: allowed for the head dim/dtype/SM, no tile much
     larger than the problem (``lq``/``lk`` are bucketed lengths), and -- when a sweep timed them
     -- the TOP_K fastest (fewer first-call compiles)."""
-    fits = allowed_configs(head_dim, itemsize, arch, sweeps)
+    fits = allowed_configs(head_dim, dtype, arch, sweeps)
     out = [c for c in fits if c[0] <= max(64, lq) and c[1] <= max(64, lk)] or fits[-1:]
-    if proven(head_dim, itemsize, arch, sweeps) is not None:
+    if proven(head_dim, dtype, arch, sweeps) is not None:
         out = out[:TOP_K]
     return out
-
-
-def all_variants(head_dims=K.HEAD_DIMS, itemsize: int = 2, arch: int = 80):
-    """Every (head_dim bucket, config) pair that aot-check compiles for this SM family."""
-    return [(d, cfg) for d in head_dims for cfg in spill_free(d, itemsize, arch)]

@@ -1,0 +1,183 @@
+"""Which configs may run where: the AOT report and committed hardware sweeps (no GPU needed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from o2mag_kernels import _triton_kernel as K
+from o2mag_kernels import aot, tuning
+
+
+def test_no_dot_narrower_than_64_for_any_head_dim():
+    """The Hopper miscompile class needs a dot of width <= 32: every head dim up to 256 is padded
+    to pieces of at least 64 (and covers the head dim)."""
+    for d in range(1, K.MAX_HEAD_DIM + 1):
+        d0, d1 = K.split_head_dim(d)
+        assert d0 >= 64 and (d1 == 0 or d1 >= 64) and d0 + d1 >= d, d
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0
+    assert [K.split_head_dim(d) for d in (40, 64, 80, 160, 256)] == [
+        (64, 0), (64, 0), (128, 0), (128, 64), (256, 0)]
+    assert all(bm >= 64 and bn in K.TILE_SIZES for bm, bn, _, _ in K.CONFIGS)
+    assert K.chunking(64, 4) == (0, 0) and K.chunking(65, 4) == (64, 64) and K.chunking(256, 2) == (0, 0)
+
+
+def test_min_dot_is_read_from_ttgir():
+    sm90 = ('%s = ttng.warp_group_dot %q, %k, %c {inputPrecision = 0 : i32, isAsync = true} : '
+            '!ttg.memdesc<64x128xf16, #shared, #smem> * !ttg.memdesc<128x64xf16, #shared1> -> t')
+    sm80 = ('%a = tt.dot %p, %v, %c, inputPrecision = tf32 : tensor<64x64xf16, #x> * '
+            'tensor<64x32xf16, #y> -> tensor<64x32xf32, #mma>')
+    assert aot.min_dot_dim(sm90) == 64 and aot.min_dot_dim(sm80) == 32
+    assert aot.min_dot_dim(sm90 + "\n" + sm80) == 32 and aot.min_dot_dim("no dots") is None
+
+
+def _fake(**kw):
+    r = dict(arch=90, dtype="fp16", head_dim=64, config=[128, 64, 8, 3], ok=True, error="",
+             regs=168, stack=0, static_smem=0, dyn_smem=50000, local=0, wgmma=True, mma=False,
+             min_dot=64)
+    r.update(kw)
+    return r
+
+
+def test_judge_rules():
+    assert aot.judge(_fake()) == ""
+    assert aot.judge(_fake(stack=aot.SPILL_TOLERANCE)) == ""  # a few registers' worth is tolerated
+    assert "spill" in aot.judge(_fake(stack=aot.SPILL_TOLERANCE + 8))
+    assert "spill" in aot.judge(_fake(local=200))
+    assert aot.judge(_fake(dtype="fp32", stack=4000)) == ""  # fp32 spills are reported, not failed
+    assert "Hopper" in aot.judge(_fake(min_dot=32)) and "Hopper" in aot.judge(_fake(min_dot=None))
+    assert "wgmma" in aot.judge(_fake(wgmma=False, mma=True))
+    assert "shared memory" in aot.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
+    assert "mma" in aot.judge(_fake(arch=80, wgmma=False, mma=False))
+    assert "boom" in aot.judge(_fake(ok=False, error="boom"))
+
+
+def test_the_committed_aot_report_belongs_to_this_kernel():
+    """aot_report.json must be rewritten (``o2mag-kernels aot-check --write-report``) whenever the
+    kernel's source or configs change: the tables of what may run come from it."""
+    assert tuning.aot_status() == "", tuning.aot_status()
+    with open(tuning.AOT_REPORT) as f:
+        report = json.load(f)
+    variants = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in report["results"]}
+    want = {(v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) for v in aot.variants([80, 90])}
+    assert variants == want
+    for arch in (80, 90):  # every SD head dim keeps something to run, fp16/bf16 and fp32
+        for d in (40, 64, 80, 160):
+            for dt in ("fp16", "bf16", "fp32"):
+                assert tuning.spill_free(d, dt, arch), (arch, d, dt)
+
+
+def _sweep(cap=(9, 0), results=(), **kw):
+    data = {"device": "Fake GPU", "capability": list(cap), "kernel_hash": tuning.kernel_hash(),
+            "interpreted": False, "results": list(results), "path": "x.json"}
+    data.update(kw)
+    data["valid"] = data["kernel_hash"] == tuning.kernel_hash() and not data["interpreted"]
+    return data
+
+
+def _rows(dtype, d, cfg, status="ok", ms=None, cases=("a", "b")):
+    out = []
+    for c in cases:
+        r = {"dtype": dtype, "head_dim": d, "config": list(cfg), "case": c, "status": status}
+        if ms is not None and c == cases[0]:
+            r["ms"] = ms
+        out.append(r)
+    return out
+
+
+def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
+    monkeypatch.delenv("O2MAG_TRITON", raising=False)
+    clean = tuning.spill_free(40, "fp16", 90)
+    assert len(clean) >= 3
+    a, b, c = clean[:3]
+    # no sweep: compiled-clean configs, unproven, auto does not pick the kernel
+    assert tuning.proven(40, "fp16", 90, sweeps=()) is None
+    assert tuning.allowed_configs(40, "fp16", 90, sweeps=()) == clean
+    assert not tuning.trusted((9, 0), "fp16", sweeps=())[0]
+    # an H100 sweep: a crashed config is out, the rest ordered by measured time, auto picks it
+    rows = _rows("fp16", 40, a, ms=2.0) + _rows("fp16", 40, b, ms=1.0) + _rows("fp16", 40, c, "crash")
+    h100 = _sweep(results=rows)
+    assert tuning.proven(40, "fp16", 90, sweeps=(h100,)) == [b, a]
+    assert tuning.prune(40, 4096, 4096, "fp16", 90, sweeps=(h100,)) == [b, a]
+    ok, why = tuning.trusted((9, 0), "fp16", sweeps=(h100,))
+    assert ok and "sm_9x" in why
+    assert not tuning.trusted((9, 0), "bf16", sweeps=(h100,))[0]  # bf16 was not swept
+    # another family (an A100) gets what passed everywhere, but auto waits for its own sweep
+    assert tuning.allowed_configs(40, "fp16", 80, sweeps=(h100,)) == [
+        x for x in [b, a] if x in tuning.spill_free(40, "fp16", 80)]
+    assert not tuning.trusted((8, 0), "fp16", sweeps=(h100,))[0]
+    # a stale sweep (other kernel source) and an interpreter sweep prove nothing
+    for bad in (_sweep(results=rows, kernel_hash="0" * 16), _sweep(results=rows, interpreted=True)):
+        assert tuning.proven(40, "fp16", 90, sweeps=(bad,)) is None
+        assert not tuning.trusted((9, 0), "fp16", sweeps=(bad,))[0]
+    # the user's switch
+    monkeypatch.setenv("O2MAG_TRITON", "on")
+    assert tuning.trusted((8, 6), "fp16", sweeps=())[0]
+    monkeypatch.setenv("O2MAG_TRITON", "off")
+    assert not tuning.trusted((9, 0), "fp16", sweeps=(h100,))[0]
+
+
+def test_kernel_hash_follows_the_kernel_source(monkeypatch):
+    """Same hash under the interpreter and on a GPU (read from the file), different when a jit
+    function or the config list changes."""
+    import inspect
+
+    h = tuning.kernel_hash()
+    assert len(h) == 16
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    other = subprocess.run([sys.executable, "-c", "from o2mag_kernels import tuning; "
+                            "print(tuning.kernel_hash())"], env=env, capture_output=True, text=True)
+    assert other.stdout.strip() == h, other.stderr[-500:]
+    src = inspect.getsource(K)
+    tuning.kernel_hash.cache_clear()
+    try:
+        monkeypatch.setattr(inspect, "getsource", lambda m: src.replace("m_new = tl.maximum",
+                                                                         "m_new  = tl.maximum"))
+        assert tuning.kernel_hash() != h
+        monkeypatch.undo()
+        tuning.kernel_hash.cache_clear()
+        monkeypatch.setattr(K, "CONFIGS", K.CONFIGS[:-1])
+        assert tuning.kernel_hash() != h
+    finally:
+        monkeypatch.undo()
+        tuning.kernel_hash.cache_clear()
+    assert tuning.kernel_hash() == h
+
+
+@pytest.mark.slow
+def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
+    """The sweep's machinery, on CPU under the interpreter: one worker process per config, a JSON
+    table of every (config, case), and a crash in a worker is recorded, not fatal."""
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "o2mag_kernels.sweep", "--interpret", "--dtypes",
+                           "fp16", "--head-dims", "40", "--quick", "--out", str(out), "--jobs", "2"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["interpreted"] and data["kernel_hash"] == tuning.kernel_hash()
+    configs = {tuple(r["config"]) for r in data["results"]}
+    assert len(configs) == 2 and all(r["status"] == "ok" for r in data["results"])
+    assert {r["case"] for r in data["results"]} == set(data["cases"])
+    assert all(r["max_err"] <= r["bound"] for r in data["results"])
+    # tuning refuses an interpreter sweep
+    data["path"], data["valid"] = str(out), False
+    assert tuning.proven(40, "fp16", 90, sweeps=(data,)) is None
+
+
+def test_a_crashing_worker_is_recorded(monkeypatch):
+    from o2mag_kernels import sweep
+
+    def boom(*a, **k):
+        class P:
+            stdout = '{"case": "blob-4096", "status": "running", "started": true}\n'
+            returncode = -11
+        return P()
+
+    monkeypatch.setattr(sweep.subprocess, "run", boom)
+    got = sweep._run_one({"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3]}, False, 10)
+    assert got == [{"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3], "case": "blob-4096",
+                    "status": "crash", "error": "worker exited with -11: "}]
