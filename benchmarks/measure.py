@@ -1,6 +1,9 @@
 """Timing and memory measurement shared by the benchmark suites.
 
-Times are medians of repeated runs after a warm-up, with CUDA synchronisation on a GPU. Peak memory
+Times are medians of repeated runs after a warm-up, with CUDA synchronisation on a GPU. On a GPU
+two more numbers: the wall time per call in a stream of back-to-back calls (host overhead shows
+when it exceeds the kernel time, as in a UNet's small layers), and the device (kernel) time per
+call from ``torch.profiler``. Peak memory
 is what the call added on top of what was live before it: ``torch.cuda.max_memory_allocated`` on a
 GPU, the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) on a CPU.
 """
@@ -52,6 +55,37 @@ def median_seconds(fn, device, *, repeats: int = 5, warmup: int = 1, max_seconds
         if i >= 2 and time.perf_counter() - start > max_seconds:
             break
     return statistics.median(times)
+
+
+def stream_seconds(fn, device, *, calls: int = 20, repeats: int = 5) -> float:
+    """Median over ``repeats`` of (wall time of ``calls`` back-to-back calls) / ``calls``."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def kernel_seconds(fn, device, *, calls: int = 10):
+    """Device time per call: every CUDA kernel's time summed over ``calls`` calls (torch.profiler),
+    divided by ``calls``; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us * 1e-6 / calls
 
 
 def _rss_peak_kib():

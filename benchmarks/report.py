@@ -11,31 +11,36 @@ SHOWN = ("torch", "triton", "reference", "sdpa_stitch", "flex", "sdpa_plain")
 
 
 def kernel_table(result: dict) -> str:
-    """Markdown table: median ms per method, useful TFLOP/s of our backends, key ratios."""
+    """Markdown table: median ms per method, useful TFLOP/s of our best backend, key ratios; on a
+    GPU also kernel-time and stream-wall-time ratios to one plain SDPA (the floor)."""
     kernels = result.get("kernels")
     if not kernels:
         return ""
     methods = [m for m in SHOWN if m in kernels["methods"]]
+    gpu = any("kernel_ms" in r for rec in kernels["cases"] for r in rec["results"].values())
     head = ["case"] + [f"{m} ms" for m in methods] + ["best ours TFLOP/s", "ours vs reference",
                                                       "vs sdpa_stitch", "vs flex", "of plain SDPA"]
+    if gpu:
+        head += ["kernel of plain", "stream wall of plain"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in kernels["cases"]:
         res = rec["results"]
         cells = [rec["case"]["name"]]
         for m in methods:
             r = res.get(m, {})
-            cells.append(f"{r['median_ms']:.2f}" if "median_ms" in r else "—")
+            cells.append(f"{r['median_ms']:.3f}" if "median_ms" in r else "—")
         ours = [res[m] for m in ("triton", "torch") if "median_ms" in res.get(m, {})]
         best = min(ours, key=lambda r: r["median_ms"]) if ours else None
         if best is None:
-            cells += ["—"] * 5
+            cells += ["—"] * (7 if gpu else 5)
         else:
             cells.append(f"{best['useful_tflops']:.3f}")
             for base in ("reference", "sdpa_stitch", "flex"):
                 v = best.get(f"speedup_vs_{base}")
                 cells.append(f"{v:.2f}x" if v else "—")
-            v = best.get("speedup_vs_sdpa_plain")
-            cells.append(f"{1 / v:.2f}x" if v else "—")
+            for tag in ("",) + (("kernel_", "stream_") if gpu else ()):
+                v = best.get(f"{tag}speedup_vs_sdpa_plain")
+                cells.append(f"{1 / v:.2f}x" if v else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -44,13 +49,25 @@ def e2e_table(result: dict) -> str:
     e2e = result.get("e2e")
     if not e2e:
         return ""
-    head = ["scheme", "N", "seconds / sample", "UNet rows / sample", "UNet calls", "vs per-sample time"]
+    head = ["scheme", "N", "seconds / sample", "UNet rows / sample", "UNet calls", "vs per-sample time",
+            "of txt2img / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in e2e["rows"]:
         ratio = row.get("speedup_vs_per_sample")
+        over = row.get("over_txt2img")
         lines.append(f"| {row['scheme']} | {row['num']} | {row['seconds_per_sample']:.3f} | "
                      f"{row['unet_rows_per_sample']:.1f} | {row['unet_calls']} | "
-                     f"{f'{ratio:.2f}x' if ratio else '—'} |")
+                     f"{f'{ratio:.2f}x' if ratio else '—'} | {f'{over:.2f}x' if over else '—'} |")
+    if "txt2img_seconds_per_image" in e2e:
+        lines.append(f"\ndiffusers txt2img from the same components: "
+                     f"{e2e['txt2img_seconds_per_image']:.3f} s / image.")
+    calls = e2e.get("unet_calls") or []
+    if calls:
+        lines += ["", "| one UNet call (TriAG + DAE step) | N | rows | stock ms | grafted ms | "
+                      "grafted / stock |", "|---|---|---|---|---|---|"]
+        for c in calls:
+            lines.append(f"| {'compiled' if c['compiled'] else 'eager'} | {c['num']} | {c['rows']} | "
+                         f"{c['stock_ms']:.2f} | {c['grafted_ms']:.2f} | {c['grafted_over_stock']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -88,14 +105,20 @@ def plot(result: dict, path_prefix: Path) -> list:
                 r = rec["results"].get(m, {})
                 for base in ("reference", "sdpa_stitch", "flex"):
                     if f"speedup_vs_{base}" in r:
-                        key = (f"{m} vs {base}, L{c['tokens']} D{c['head_dim']} N{c['targets']} {c['dtype']}")
-                        series.setdefault(key, []).append((c["density"], r[f"speedup_vs_{base}"]))
+                        key = f"{m} vs {base}, {c['dtype']} {c.get('masks', 'blob')}"
+                        series.setdefault(key, []).append((c["tokens"] * 1000 + c["targets"],
+                                                           r[f"speedup_vs_{base}"],
+                                                           f"L{c['tokens']}\nN{c['targets']}"))
+        labels = sorted({(p[0], p[2]) for pts in series.values() for p in pts})
+        pos = {x: i for i, (x, _) in enumerate(labels)}
         for key, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=key)
+            ax.plot([pos[p[0]] for p in pts], [p[1] for p in pts], marker="o", label=key)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("mask density (%)")
+        ax.set_xticks(range(len(labels)), [lab for _, lab in labels], fontsize=6)
+        ax.set_xlabel("layer tokens / targets")
         ax.set_ylabel("speedup (x)")
+        ax.set_yscale("log")
         ax.set_title("tri-source attention: speedup over baselines")
         if len(series) <= 12:
             ax.legend(fontsize=6)

@@ -711,6 +711,9 @@ class O2MAGPipeline(DiffusionPipeline):
         if not torch.equal(timesteps.cpu(), inv_n.timesteps.cpu()):
             raise RuntimeError("scheduler timesteps differ from the inversion's")
         with graft.installed(self.unet), torch.no_grad():
+            # every mask, routing table and DAE bias now, once: nothing is built (or read back to
+            # the host) inside the UNet calls, which a torch.compile-d UNet needs
+            graft.prepare((h, w), dev, dtype=self.unet.dtype, text_len=emb.shape[1])
             for i, t in enumerate(self.progress_bar(timesteps, desc=desc, leave=False)):
                 graft.set_step(i, num_steps)
                 if with_sources:
