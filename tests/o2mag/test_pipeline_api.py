@@ -174,3 +174,40 @@ def test_offloading_gives_the_same_images(offload, sample, masks):
     got = _call(p, sample, masks[:2], output_type="np").images
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
     assert p.unet.device.type in ("cpu", "meta")  # handed back to the CPU after the call
+
+
+def test_custom_processors_keep_running_during_generation(pipe, sample, masks):
+    """A LoRA-style custom processor stays in charge of every layer the paper preset never grafts
+    and of every grafted layer's idle calls, during ``pipe(...)``, and is in place afterwards."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from o2mag.graft import transformer_layers
+
+    calls = {}
+
+    class Recording(AttnProcessor2_0):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    unet = pipe.unet
+    before = dict(unet.attn_processors)
+    unet.set_attn_processor({name: Recording(name) for name in before})
+    try:
+        run = dict(num_inference_steps=10, ago_steps=0, batch_size=1)
+        _call(pipe, sample, masks[:1], **run)  # fills the inversion cache
+        calls.clear()
+        _call(pipe, sample, masks[:1], **run)  # denoising only
+        for info in transformer_layers(unet):
+            # Q graft: every self-attention at step 0; TriAG: layers 9-15 at steps 1-9 -- so the
+            # custom processor ran on layers 0-8 (steps 1-9) and never on 9-15; DAE (steps 4-7)
+            # leaves every cross-attention to it on the other steps
+            assert (calls.get(info.self_name, 0) > 0) == (info.index < 9), info
+            assert calls.get(info.cross_name, 0) > 0, info
+        assert all(isinstance(p, Recording) for p in unet.attn_processors.values())
+    finally:
+        unet.set_attn_processor(before)
