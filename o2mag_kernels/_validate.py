@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 import torch
 
-from .mask import TriSourceMask, tri_source_mask
+from .mask import TriSourceMask, check_mask_type, tri_source_mask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -45,12 +45,7 @@ def _check_tensor(name: str, t, ndim: int) -> None:
 
 
 def _check_mask(name: str, m, batch_ok: tuple, length: int, device) -> None:
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"{name} must be a bool torch.Tensor, got {type(m).__name__}")
-    if m.dtype != torch.bool:
-        raise TypeError(f"{name} must have dtype torch.bool, got {m.dtype}")
-    if m.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, length), got {tuple(m.shape)}")
+    check_mask_type(name, m)
     if m.shape[0] not in batch_ok:
         allowed = " or ".join(str(b) for b in sorted(set(batch_ok)))
         raise ValueError(f"{name} batch size must be {allowed}, got {m.shape[0]}")

@@ -61,7 +61,8 @@ def _tile_lists(bg: torch.Tensor, tile: int):
     return torch.stack([full_perm, part_perm], 1).contiguous(), n_full, n_part
 
 
-def _check_mask(name: str, m) -> None:
+def check_mask_type(name: str, m) -> None:
+    """A mask must be a 2-D bool tensor (batch, length); TypeError/ValueError naming it."""
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor, got {type(m).__name__}")
     if m.dtype != torch.bool:
@@ -172,13 +173,13 @@ def tri_source_mask(query_mask, fg_key_mask=None, bg_key_mask=None) -> TriSource
     None. Masks of batch B and batch 1 may be mixed. Raises ``TypeError``/``ValueError`` naming
     the argument.
     """
-    _check_mask("query_mask", query_mask)
+    check_mask_type("query_mask", query_mask)
     device = query_mask.device
     batches = {query_mask.shape[0]}
     for name, m in (("fg_key_mask", fg_key_mask), ("bg_key_mask", bg_key_mask)):
         if m is None:
             continue
-        _check_mask(name, m)
+        check_mask_type(name, m)
         if m.device != device:
             raise ValueError(f"{name} is on {m.device} but query_mask is on {device}")
         batches.add(m.shape[0])
