@@ -70,7 +70,7 @@ def variants(archs, quick: bool = False):
             from .tuning import spill_free
 
             picks = [("fp16", d, spill_free(d, "fp16", arch)[0]) for d in K.HEAD_DIMS]
-            picks.append(("bf16", 80, spill_free(80, "bf16", arch)[-1]))
+            picks.append(("bf16", 80, spill_free(80, "bf16", arch)[0]))
             picks.append(("fp32", 64, spill_free(64, "fp32", arch)[0]))
             picks.append(("fp32", 160, spill_free(160, "fp32", arch)[0]))  # column-chunked
         else:
