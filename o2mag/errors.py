@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError", "existing_path"]
+__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError", "ConcurrentRunError",
+           "ClaimLostError", "existing_path"]
 
 
 class InputError(ValueError):
@@ -27,6 +28,14 @@ class SettingsConflictError(InputError):
 
 class SampleExistsError(InputError, FileExistsError):
     """A complete sample is already on disk and overwriting was not asked for."""
+
+
+class ConcurrentRunError(SettingsConflictError):
+    """Another live run writes the same output folder with other settings (or overwrites it)."""
+
+
+class ClaimLostError(RuntimeError):
+    """This process's claim on a sample was broken (it stalled past the lease); it must not write."""
 
 
 def existing_path(path: Any, what: str, *, folder: bool = False) -> Path:

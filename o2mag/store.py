@@ -15,7 +15,12 @@ The manifest is append-only: the last line for an index is the one that counts. 
 complete sample first appends a ``"replacing"`` line, so a crash half-way through a replacement
 cannot leave an old manifest line describing a new image.
 
-One writer per defect folder at a time.
+Several writers may share a defect folder (processes of one multi-GPU run, or independent runs
+with the same settings): appends to the manifest hold a short lease on it, and a writer that
+generates sample ``i`` first *claims* it (:meth:`OutputStore.claim`), so no sample is made twice.
+Claims, the manifest lease and their heartbeats live in ``<defect>/.o2mag/`` (see
+:mod:`o2mag.claims`); a run whose settings differ from those of a live writer stops with
+:class:`~o2mag.errors.ConcurrentRunError`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import json
 import os
 import secrets
+import uuid
 import warnings
 from datetime import datetime, timezone
 from importlib import metadata
@@ -34,7 +40,8 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .errors import InputError, SampleExistsError, SettingsConflictError
+from .claims import DEFAULT_LEASE, Holder, Leases, describe
+from .errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
 from .masks import to_mask
 
 __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
@@ -42,7 +49,9 @@ __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
 MANIFEST_NAME = "manifest.jsonl"
 _TMP_PREFIX = ".o2mag-"
 _TMP_SUFFIX = ".tmp"
-_RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp")
+_RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp", "run")
+COORD_DIR = ".o2mag"  # claims and the manifest lease, inside each defect folder
+_TEMP_MAX_AGE = 600.0  # seconds: an older temporary file is a crash leftover even while others write
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,10 +132,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return []
-    data = p.read_bytes()
-    lines = data.split(b"\n")
+    return _parse_lines(p.read_bytes(), p)
+
+
+def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, Any]]:
     out = []
-    for no, raw in enumerate(lines, 1):
+    for no, raw in enumerate(data.split(b"\n"), first_line):
         if not raw.strip():
             continue
         if not raw.rstrip().endswith(b"}"):  # a crash cut this line short: no data in it
@@ -217,11 +228,19 @@ class OutputStore:
     does not write (e.g. ``--num 5`` over a folder of 10) stay on disk with their old manifest
     lines; remove them by hand if unwanted. The manifest keeps the full history.
 
-    Leftover temporary files of a crashed run (``.o2mag-*.tmp`` in this folder) are removed.
+    Leftover temporary files of a crashed run (``.o2mag-*.tmp`` in this folder) are removed
+    (while other writers are active, only those older than ten minutes).
+
+    Several writers: ``run`` names the run this store writes for (the processes of one launch share
+    it; it is recorded as ``"run"`` in each manifest line, and with ``overwrite`` "done" means
+    "written by this run"), ``rank`` the process. :meth:`claim` / :meth:`release` take samples;
+    :meth:`refresh` reads what other writers appended. ``lease``: seconds after which a claim of a
+    process that stopped renewing it (killed on another machine) may be taken over.
     """
 
     def __init__(self, root: str | os.PathLike, category: str, defect: str, overwrite: bool = False,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None, *, run: str | None = None, rank: int = 0,
+                 lease: float = DEFAULT_LEASE):
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a str or os.PathLike, got {type(root).__name__}")
         if not isinstance(overwrite, (bool, np.bool_)):
@@ -244,11 +263,16 @@ class OutputStore:
                 d.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
             raise InputError(f"cannot create output folder {self.dir}: {exc}") from None
+        self.run = run
+        self.holder = Holder(run=run or uuid.uuid4().hex[:12], rank=int(rank), settings=self.settings,
+                             overwrite=self.overwrite)
+        self.leases = Leases(self.dir / COORD_DIR, self.holder, lease, on_conflict=self._conflict)
         self._remove_stale_temp_files()
         self._last: dict[int, dict[str, Any]] = {}
-        for rec in read_manifest(self.manifest_path):
-            self._last[rec["index"]] = rec
         self._written: set[int] = set()
+        self._offset = 0
+        self._line_no = 1
+        self.refresh(check=False)
         if self.settings is not None and not self.overwrite:
             self._check_settings()
 
@@ -271,10 +295,45 @@ class OutputStore:
     # -- state -------------------------------------------------------------------------------
 
     def _remove_stale_temp_files(self) -> None:
+        busy = bool(self.leases.live())  # another writer may be renaming its files into place
+        now = self.leases.fs_now() if busy else 0.0
         for d in (self.dir, self.image_dir, self.mask_dir):
             for f in d.iterdir():
                 if f.name.startswith(_TMP_PREFIX) and f.name.endswith(_TMP_SUFFIX) and f.is_file():
-                    f.unlink()
+                    try:
+                        if not busy or now - f.stat().st_mtime > _TEMP_MAX_AGE:
+                            f.unlink()
+                    except FileNotFoundError:
+                        pass
+
+    def refresh(self, check: bool = True) -> None:
+        """Read the manifest lines appended since the last read (by this or any other writer).
+
+        With ``check`` (and settings, no overwrite), a new complete sample made with other
+        settings raises :class:`~o2mag.errors.ConcurrentRunError`."""
+        try:
+            with open(self.manifest_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            return  # no complete line yet
+        chunk = data[: end + 1]
+        for rec in _parse_lines(chunk, self.manifest_path, self._line_no):
+            i = rec["index"]
+            self._last[i] = rec
+            if self.run is not None and rec.get("run") == self.run and rec.get("status") == "ok":
+                self._written.add(i)  # another process of this run made it (overwrite: done)
+            if check and self.settings is not None and not self.overwrite and rec.get("status") == "ok" \
+                    and rec.get("settings") != self.settings:
+                raise ConcurrentRunError(
+                    f"another run wrote sample {i} to {self.dir} with other settings "
+                    f"({_diff(rec.get('settings'), self.settings)}) while this one was running; "
+                    "stopping so that two setups do not mix")
+        self._offset += len(chunk)
+        self._line_no += chunk.count(b"\n")
 
     def _complete(self, index: int) -> bool:
         rec = self._last.get(index)
@@ -299,10 +358,14 @@ class OutputStore:
             raise TypeError(f"num must be an int, got {type(num).__name__}")
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
+        return [i for i in range(int(num)) if not self.done(i)]
+
+    def done(self, index: int) -> bool:
+        """Nothing left to do for ``index``: complete on disk (resume) or written by this run or
+        store (overwrite). Reflects the last :meth:`refresh`."""
         if self.overwrite:
-            return [i for i in range(int(num)) if i not in self._written]
-        done = set(self.existing_indices())
-        return [i for i in range(int(num)) if i not in done]
+            return index in self._written and self._complete(index)
+        return self._complete(index)
 
     def extra_indices(self, num: int) -> list[int]:
         """Complete samples at indices ``>= num`` (kept on disk, never deleted)."""
@@ -321,7 +384,71 @@ class OutputStore:
 
     # -- writing -----------------------------------------------------------------------------
 
+    # -- claims ------------------------------------------------------------------------------
+
+    def _conflict(self, other: dict[str, Any]) -> ConcurrentRunError:
+        who = describe(other)
+        if other.get("overwrite") or self.overwrite:
+            why = "it overwrites samples" if other.get("overwrite") else "this run overwrites samples"
+        else:
+            why = f"its settings differ: {_diff(other.get('settings'), self.settings)}"
+        return ConcurrentRunError(
+            f"another o2mag run is writing {self.dir} ({who}) and {why}; two runs may share a folder only "
+            "with the same settings and without --overwrite. Wait for it to finish, or choose another "
+            "output folder")
+
+    @staticmethod
+    def _claim_name(index: int) -> str:
+        return f"{index:06d}"
+
+    def check_others(self) -> None:
+        """Raise :class:`~o2mag.errors.ConcurrentRunError` if a live writer of this folder belongs to
+        a run that may not share it (other settings, or either overwriting)."""
+        self.leases.check_live()
+
+    def claimed_by_others(self) -> set[int]:
+        """Indices claimed right now by live writers other than this store (checks them too)."""
+        out = set()
+        for name, rec in self.leases.check_live().items():
+            if name.isdigit() and rec.get("token") != self.holder.token:
+                out.add(int(name))
+        return out
+
+    def claim(self, indices) -> list[int]:
+        """Claim each index not done and not claimed by another live writer; returns those now held
+        (in order). Call :meth:`refresh` first to see other writers' finished samples."""
+        got = []
+        for i in indices:
+            i = int(i)
+            if self.done(i):
+                continue
+            if self.leases.try_acquire(self._claim_name(i)):
+                got.append(i)
+        if got:
+            self.refresh()  # a sample finished between our look and our claim is not made again
+            for i in [i for i in got if self.done(i)]:
+                self.release(i)
+                got.remove(i)
+        return got
+
+    def holds(self, index: int) -> bool:
+        return self.leases.holds(self._claim_name(index))
+
+    def release(self, index: int) -> None:
+        self.leases.release(self._claim_name(index))
+
+    def close(self) -> None:
+        """Release every claim and lease this store holds (a run that stops early calls it)."""
+        self.leases.release_all()
+
     def _append(self, rec: dict[str, Any]) -> None:
+        self.leases.acquire("manifest")
+        try:
+            self._append_locked(rec)
+        finally:
+            self.leases.release("manifest")
+
+    def _append_locked(self, rec: dict[str, Any]) -> None:
         line = json.dumps(rec, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
         new = not self.manifest_path.exists()
         with open(self.manifest_path, "ab") as f:
@@ -367,6 +494,13 @@ class OutputStore:
             "settings": self.settings, "versions": package_versions(),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
+        claimed = self._claim_name(index) in self.leases.held()
+        if claimed and not self.holds(index):
+            self.release(index)
+            raise ClaimLostError(f"sample {index} in {self.dir}: this process's claim was taken over (it did "
+                                 f"not renew it for {self.leases.lease:.0f} s); not writing it")
+        if self.run is not None:
+            line["run"] = self.run
         if self._complete(index) and not self.overwrite:
             raise SampleExistsError(f"sample {index} already exists in {self.dir} "
                                     f"({self.file_name(index)}); use overwrite (--overwrite) to replace it")
@@ -380,5 +514,6 @@ class OutputStore:
         self._append(line)
         self._last[index] = line
         self._written.add(index)
+        if claimed:
+            self.release(index)
         return line
-
