@@ -114,32 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--defect", help="MVTec defect type (with --mvtec-root); also names the output folder")
     src.add_argument("--ref-index", type=_positive_int("--ref-index", 0), default=0,
                      help="which anomaly image of the MVTec defect folder (sorted) is the reference")
-    out = g.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", default="o2mag-out",
-                     help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png "
-                          "+ manifest.jsonl")
-    out.add_argument("--num", type=_positive_int("--num", 1), default=8,
-                     help="total number of samples wanted in the output folder (a rerun makes only the "
-                          "missing ones)")
-    mode = out.add_mutually_exclusive_group()
-    mode.add_argument("--resume", dest="overwrite", action="store_false",
-                      help="keep complete samples and generate only missing ones (default)")
-    mode.add_argument("--overwrite", dest="overwrite", action="store_true",
-                      help="regenerate and replace samples 0..num-1 even if they exist")
-    g.set_defaults(overwrite=False)
-    out.add_argument("--cache-dir", metavar="DIR",
-                     help="where AGO embeddings and DDIM inversions are cached for reruns (default "
-                          "<out>/.o2mag-cache)")
-    model = g.add_argument_group("model")
-    model.add_argument("--model", metavar="PATH_OR_ID",
-                       help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo "
-                            "model)")
-    model.add_argument("--device", default="auto",
-                       help="auto, cpu, cuda or cuda:N (auto = cuda when available)")
-    model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                       help="model precision (auto = fp16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
-    model.add_argument("--size", type=_positive_int("--size", 8), default=None,
-                       help="working image side in pixels, multiple of 8 (default: the model's native size)")
+    _add_output_args(g, num_default=8,
+                     num_help="total number of samples wanted in the output folder (a rerun makes only the "
+                              "missing ones)")
+    _add_model_args(g)
     text = g.add_argument_group("prompt")
     text.add_argument("--prompt",
                       help="prompt describing the defect (default: 'a photo of a <defect> on a <category>')")
@@ -160,6 +138,51 @@ def build_parser() -> argparse.ArgumentParser:
                             "falls back to the whole image) or 'all'")
     masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
+    _add_generation_args(g)
+    from .evaluation.cli import register as register_evaluate
+
+    register_evaluate(sub)
+    return p
+
+
+def _add_output_args(g, num_default, num_help: str) -> None:
+    out = g.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default="o2mag-out",
+                     help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png "
+                          "+ manifest.jsonl. Several processes or runs may write one folder at once (they "
+                          "claim samples); on several machines it must be a shared filesystem")
+    out.add_argument("--num", type=_positive_int("--num", 1), default=num_default, help=num_help)
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="overwrite", action="store_false",
+                      help="keep complete samples and generate only missing ones (default)")
+    mode.add_argument("--overwrite", dest="overwrite", action="store_true",
+                      help="regenerate and replace samples 0..num-1 even if they exist")
+    g.set_defaults(overwrite=False)
+    out.add_argument("--cache-dir", metavar="DIR",
+                     help="where AGO embeddings and DDIM inversions are cached for reruns (default "
+                          "<out>/.o2mag-cache)")
+    out.add_argument("--claim-lease", metavar="SECONDS", type=_float("--claim-lease", 0.0, strict=True),
+                     default=120.0,
+                     help="a sample claimed by a process that stopped renewing its claim for this long "
+                          "(killed on another machine) is taken over; on the same machine a dead process's "
+                          "claims are taken over at once")
+
+
+def _add_model_args(g) -> None:
+    model = g.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_ID",
+                       help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo "
+                            "model)")
+    model.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (auto = cuda when available; under accelerate launch "
+                            "or torchrun, auto and cuda mean this process's GPU)")
+    model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="model precision (auto = fp16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    model.add_argument("--size", type=_positive_int("--size", 8), default=None,
+                       help="working image side in pixels, multiple of 8 (default: the model's native size)")
+
+
+def _add_generation_args(g) -> None:
     gen = g.add_argument_group("generation")
     gen.add_argument("--steps", type=_positive_int("--steps", 2), default=None,
                      help=f"DDIM steps (default {PAPER_STEPS}; {EMBEDDED_STEPS} in the embedded demo)")
@@ -185,10 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not reset the background (outside the target mask) to the normal image each "
                           "step")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .evaluation.cli import register as register_evaluate
-
-    register_evaluate(sub)
-    return p
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -202,12 +221,24 @@ def _images_in(folder: Path) -> List[Path]:
     return files
 
 
-def _device_dtype(args):
+def _process_state(args):
+    """This process's place under accelerate launch / torchrun (one process when run plainly)."""
+    import torch
+
+    from .parallel import process_state
+
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    return process_state(cpu=cpu)
+
+
+def _device_dtype(args, state=None):
     import torch
 
     dev = args.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if state is not None and state.distributed and dev == "cuda":
+        dev = f"cuda:{state.local_index}"  # one GPU per process
     try:
         device = torch.device(dev)
     except RuntimeError:
@@ -322,38 +353,33 @@ def _target_masks(args, mode: str, ref_mask, normal_image, indices: Sequence[int
                         seed=args.seed)
 
 
-def _generate(args) -> int:
-    import numpy as np
+def _check_mask_options(args) -> str:
+    if args.kv_cache_device and not args.kv_cache:
+        raise UsageError("--kv-cache-device only applies with --kv-cache")
+    masks = getattr(args, "masks", None)
+    if masks and args.mask_mode not in (None, "folder"):
+        raise UsageError(f"--masks gives the target masks; it cannot be used with --mask-mode "
+                         f"{args.mask_mode}")
+    mode = args.mask_mode or ("folder" if masks else "affine")
+    if mode == "folder":
+        if not masks:
+            raise UsageError("--mask-mode folder needs --masks DIR")
+        if not Path(masks).is_dir():
+            raise MissingInputError(f"--masks folder not found: {masks}")
+    if args.foreground not in ("otsu", "all") and not Path(args.foreground).is_file():
+        raise MissingInputError(f"--foreground mask not found: {args.foreground}")
+    return mode
+
+
+def _load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
+    """The model on this process's device; the embedded note printed once (process 0)."""
     import torch
 
     from .pipeline import O2MAGPipeline
-    from .store import OutputStore
 
-    embedded = args.model is None
-    if args.kv_cache_device and not args.kv_cache:
-        raise UsageError("--kv-cache-device only applies with --kv-cache")
-    if args.masks and args.mask_mode not in (None, "folder"):
-        raise UsageError(f"--masks gives the target masks; it cannot be used with --mask-mode "
-                         f"{args.mask_mode}")
-    mode = args.mask_mode or ("folder" if args.masks else "affine")
-    if mode == "folder":
-        if not args.masks:
-            raise UsageError("--mask-mode folder needs --masks DIR")
-        if not Path(args.masks).is_dir():
-            raise MissingInputError(f"--masks folder not found: {args.masks}")
-    if args.foreground not in ("otsu", "all") and not Path(args.foreground).is_file():
-        raise MissingInputError(f"--foreground mask not found: {args.foreground}")
-    device, dtype, dtype_name = _device_dtype(args)
-    inputs = _inputs(args)
-    steps = args.steps or (EMBEDDED_STEPS if embedded else PAPER_STEPS)
-    ago_steps = args.ago_steps
-    if ago_steps is None:
-        ago_steps = EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS
-
-    t0 = time.perf_counter()
     if embedded:
-        sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""
-        print(EMBEDDED_NOTE.format(sample=sample), file=sys.stderr)
+        if state.is_main:
+            print(EMBEDDED_NOTE.format(sample=note), file=sys.stderr)
         if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
             # the tiny model's ops are far too small to gain from threads; extra threads only spin
             torch.set_num_threads(1)
@@ -363,33 +389,81 @@ def _generate(args) -> int:
     else:
         from .loading import quiet_loading
 
-        with quiet_loading(args.quiet):
+        with quiet_loading(args.quiet or not state.is_main):
             pipe = O2MAGPipeline.from_pretrained(args.model, dtype=dtype)
     pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.quiet)
+    pipe.set_progress_bar_config(disable=args.quiet or not state.is_main)
+    return pipe
+
+
+def _working_size(args, pipe) -> int:
     size = args.size or pipe.default_size
     try:
         pipe._check_size(size)  # one rule, shared with the pipeline
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    inputs = _fit(inputs, size)
-    prompt = args.prompt or inputs["prompt"]
-    if not prompt:
-        defect, category = inputs["defect"].replace("_", " "), inputs["category"].replace("_", " ")
-        prompt = f"a photo of a {defect} on a {category}"
-    word = args.anomaly_word or inputs["word"]
-    if not word:
-        # never fall back to some other word of the prompt: that is usually the object ("bottle"),
-        # and amplifying the object is worse than stopping with a message
-        cand = inputs["defect"].replace("_", " ").split()[-1]
-        if cand not in prompt.split():
-            raise UsageError(f"--anomaly-word is needed: the defect name {inputs['defect']!r} does not occur "
-                             f"in the prompt {prompt!r}; give the prompt's word for the defect, e.g. "
-                             "--anomaly-word crack")
-        word = cand
+    return size
+
+
+def _prompt_and_word(pipe, prompt, word, category: str, defect: str, option: str = "--anomaly-word"):
+    """The prompt (default 'a photo of a <defect> on a <category>') and the word DAE amplifies
+    (default: the defect name's last word when the prompt holds it; never some other word of the
+    prompt, which is usually the object: amplifying the object is worse than stopping)."""
     from .pipeline import token_indices
 
+    if not prompt:
+        prompt = f"a photo of a {defect.replace('_', ' ')} on a {category.replace('_', ' ')}"
+    if not word:
+        cand = defect.replace("_", " ").split()[-1]
+        if cand not in prompt.split():
+            raise UsageError(f"{option} is needed: the defect name {defect!r} does not occur "
+                             f"in the prompt {prompt!r}; give the prompt's word for the defect, e.g. "
+                             f"{option} crack")
+        word = cand
     token_indices(pipe.tokenizer, prompt, word)  # fail early if the word is not in the prompt
+    return prompt, word
+
+
+def _options(args, mode: str, steps: int, ago_steps: int, size: int):
+    from .parallel import Options
+
+    def make_masks(ref_mask, normal_image, indices):
+        import numpy as np
+
+        return _target_masks(args, mode, ref_mask, np.asarray(normal_image), indices, size)
+
+    return Options(steps=steps, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
+                   ago_steps=ago_steps, ago_lr=args.ago_lr, ago_mask_weight=args.ago_mask_weight, size=size,
+                   make_masks=make_masks, kv_cache=args.kv_cache,
+                   kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None, blend=args.blend,
+                   overwrite=args.overwrite, lease=args.claim_lease)
+
+
+def _stats_line(stats) -> str:
+    return (f"UNet calls {stats.get('unet_calls', 0)}, rows {stats.get('unet_rows', 0)}; inversions "
+            f"{stats.get('inversion_runs', 0)}, AGO runs {stats.get('ago_runs', 0)}")
+
+
+def _generate(args) -> int:
+    from .parallel import Group, Reference, run_groups
+
+    embedded = args.model is None
+    mode = _check_mask_options(args)
+    state = _process_state(args)
+    device, dtype, dtype_name = _device_dtype(args, state)
+    inputs = _inputs(args)
+    steps = args.steps or (EMBEDDED_STEPS if embedded else PAPER_STEPS)
+    ago_steps = args.ago_steps
+    if ago_steps is None:
+        ago_steps = EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS
+
+    t0 = time.perf_counter()
+    sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""
+    pipe = _load_pipeline(args, device, dtype, state, embedded, sample)
+    size = _working_size(args, pipe)
+    inputs = _fit(inputs, size)
+    prompt, word = _prompt_and_word(pipe, args.prompt or inputs["prompt"],
+                                    args.anomaly_word or inputs["word"], inputs["category"], inputs["defect"])
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
 
     settings = dict(
@@ -400,40 +474,46 @@ def _generate(args) -> int:
         blend_background=args.blend, mask_mode=mode, foreground=args.foreground,
         masks=str(args.masks) if mode == "folder" else None, seed=args.seed, graft="paper",
     )
-    store = OutputStore(args.out, inputs["category"], inputs["defect"], overwrite=args.overwrite,
-                        settings=settings)
-    todo = store.missing_indices(args.num)
-    have = args.num - len(todo)
-    print(f"o2mag: {store.dir}: {have} of {args.num} samples present, generating {len(todo)}",
-          file=sys.stderr)
-    if not todo:
-        return 0
-    normals = inputs["normals"]
-    groups = {}
-    for i in todo:
-        groups.setdefault(i % len(normals), []).append(i)
-    made = 0
-    for g, indices in sorted(groups.items()):
-        name, normal = normals[g]
-        targets = _target_masks(args, mode, inputs["ref_mask"], np.asarray(normal), indices, size)
-        for j, image, mask in pipe.generate_iter(
-            inputs["reference"], inputs["ref_mask"], normal, [t.mask for t in targets], prompt, word,
-            num_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size, seed=args.seed,
-            kv_cache=args.kv_cache, kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None,
-            blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
-            ago_mask_weight=args.ago_mask_weight, size=size, cache_inversions_to_disk=True,
-        ):
-            store.write(indices[j], image, np.asarray(mask) > 127,
-                        {"seed": [args.seed, indices[j]], "normal": name, "mask_params": targets[j].params})
-            made += 1
-    dt = time.perf_counter() - t0
-    s = pipe.stats
-    print(f"o2mag: wrote {made} samples to {store.dir} in {dt:.1f} s (UNet calls {s.unet_calls}, rows "
-          f"{s.unet_rows}; inversions {s.inversion_runs}, AGO runs {s.ago_runs})", file=sys.stderr)
-    from .contact_sheet import write_contact_sheet
+    ref = Reference(settings["reference"], inputs["reference"], inputs["ref_mask"])
+    normals = [im for _, im in inputs["normals"]]
+    group = Group(category=inputs["category"], defect=inputs["defect"], num=args.num,
+                  ref_names=[settings["reference"]], normal_names=settings["normals"], prompt=prompt,
+                  word=word, settings=settings, load=lambda: ([ref], normals))
 
-    print(f"o2mag: contact sheet {write_contact_sheet(store.dir)}", file=sys.stderr)
+    def announce(results, stores):
+        r = results[0]
+        print(f"o2mag: {stores[0].dir}: {r.wanted - r.todo} of {r.wanted} samples present, generating "
+              f"{r.todo}" + (f" on {state.count} processes" if state.distributed and r.todo else ""),
+              file=sys.stderr)
+
+    report = run_groups(pipe, args.out, [group], _options(args, mode, steps, ago_steps, size), state,
+                        progress=state.distributed and not args.quiet, announce=announce)
+    res = report.groups[0]
+    if state.is_main and res.todo:
+        dt = time.perf_counter() - t0
+        per = f"; {res.seconds / res.made:.2f} s per sample per process" if res.made else ""
+        split = (f" by {state.count} processes (" + " + ".join(map(str, report.per_process)) + ")"
+                 if state.distributed else "")
+        print(f"o2mag: wrote {res.made} samples to {res.dir}{split} in {dt:.1f} s "
+              f"({_stats_line(report.stats)}{per})", file=sys.stderr)
+        if res.complete is not None and res.complete < res.wanted:
+            print(f"o2mag: {res.wanted - res.complete} sample(s) still missing (held by another run, or "
+                  "claimed by a process that died: rerun the same command to finish)", file=sys.stderr)
+    if state.is_main and res.made:
+        from .contact_sheet import write_contact_sheet
+
+        print(f"o2mag: contact sheet {write_contact_sheet(res.dir)}", file=sys.stderr)
     return 0
+
+
+def _who() -> str:
+    """'o2mag', or 'o2mag[rank 3/8]' in a launch of several processes (each may report)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return "o2mag"
+    return f"o2mag[rank {rank}/{world}]" if world > 1 else "o2mag"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -448,20 +528,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     threads = torch.get_num_threads()
+    who = _who()
     try:
         return getattr(args, "handler", _generate)(args)
     except InputError as e:
-        print(f"o2mag: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # AGO diverged (fp16 overflow): its message says what to change
-        print(f"o2mag: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
-        print("o2mag: error: out of GPU memory; lower --batch-size, use --dtype fp16, or drop --kv-cache "
+        print(f"{who}: error: out of GPU memory; lower --batch-size, use --dtype fp16, or drop --kv-cache "
               "(complete samples are kept, rerun the same command to resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("o2mag: interrupted; complete samples are kept, rerun the same command to resume",
+        print(f"{who}: interrupted; complete samples are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
     finally:

@@ -1,0 +1,127 @@
+"""Several processes, one output folder: torchrun (gloo on the CPU), a killed process, independent runs.
+
+The one-process references run in this process (1 thread, as the tiny model always runs on a
+CPU); the others are real processes, so these tests cost a few model loads each."""
+import collections
+import os
+import re
+import subprocess
+import sys
+import time
+
+from o2mag.cli import main
+from o2mag.parallel import Batch, chunk_size, plan_batches, rotation, segments
+from o2mag.store import read_manifest
+
+FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
+_VARYING = ("timestamp", "run")  # what two runs of the same job may differ in
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _torchrun(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "o2mag", "--", *args]
+
+
+def _one_process(argv, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # main() then runs the tiny model on 1 thread
+    assert main(argv) == 0
+
+
+def _ok_lines(manifest):
+    return [r for r in read_manifest(manifest) if r["status"] == "ok"]
+
+
+def _same_samples(d1, d2, indices):
+    for i in indices:
+        for sub in ("image", "mask"):
+            a, b = (d / sub / f"{i:03d}.png" for d in (d1, d2))
+            assert a.read_bytes() == b.read_bytes(), f"{sub} {i} differs"
+    last1 = {r["index"]: r for r in _ok_lines(d1 / "manifest.jsonl")}
+    last2 = {r["index"]: r for r in _ok_lines(d2 / "manifest.jsonl")}
+    for i in indices:
+        strip = lambda r: {k: v for k, v in r.items() if k not in _VARYING}  # noqa: E731
+        assert strip(last1[i]) == strip(last2[i]), i
+
+
+# ------------------------------------------------------------------------------------ the plan
+def test_plan_keeps_one_process_batches_and_chunks_shrink():
+    plan = plan_batches([7, 0, 1, 2, 3, 4, 5, 6], lambda i: (0, i % 2), 3)
+    assert plan == [Batch((0, 0), (0, 2, 4)), Batch((0, 0), (6,)),
+                    Batch((0, 1), (1, 3, 5)), Batch((0, 1), (7,))]
+    assert [chunk_size(n, 4) for n in (0, 1, 8, 9, 100)] == [0, 1, 1, 2, 13]
+    assert chunk_size(10, 1) == 5  # a lone process leaves half for a run that joins later
+    assert rotation(5, 0, 2) == [0, 1, 2, 3, 4] and rotation(5, 1, 2) == [2, 3, 4, 0, 1]
+    assert rotation(3, 7, 8)[0] == 2 and rotation(0, 0, 1) == []
+    b = [Batch((0, 0), (0, 1)), Batch((0, 0), (2,)), Batch((0, 0), (4, 5)), Batch((0, 0), (6, 7))]
+    assert segments(b, 2) == [b[:2], b[2:]]  # a short batch ends a run: re-chunking keeps batches
+
+
+# ------------------------------------------------------------------------- several processes
+def test_torchrun_two_processes_make_the_files_of_one(tmp_path, monkeypatch):
+    args = ["generate", "--num", "7", "--batch-size", "2", *FAST]
+    _one_process([*args, "--out", str(tmp_path / "one")], monkeypatch)
+    proc = subprocess.run(_torchrun([*args, "--out", str(tmp_path / "two")]), capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"wrote 7 samples to \S+ by 2 processes \((\d+) \+ (\d+)\)", proc.stderr)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, proc.stderr[-2000:]  # both worked
+    d1, d2 = (tmp_path / n / "synthetic_surface" / "scratch" for n in ("one", "two"))
+    idx = [r["index"] for r in _ok_lines(d2 / "manifest.jsonl")]
+    assert sorted(idx) == list(range(7))  # each sample once
+    assert len({r["run"] for r in _ok_lines(d2 / "manifest.jsonl")}) == 1  # one run of two processes
+    _same_samples(d1, d2, range(7))
+    assert not list((d2 / ".o2mag").glob("*.lease"))
+
+
+def test_two_independent_runs_never_make_a_sample_twice(tmp_path):
+    cmd = [sys.executable, "-m", "o2mag", "generate", "--out", str(tmp_path), "--num", "10",
+           "--batch-size", "1", *FAST]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    d = tmp_path / "synthetic_surface" / "scratch"
+    lines = _ok_lines(d / "manifest.jsonl")
+    assert sorted(r["index"] for r in lines) == list(range(10))  # every sample exactly once
+    made = [int(re.search(r"wrote (\d+) samples", e).group(1)) if "wrote" in e else 0
+            for e in errs]
+    assert sum(made) == 10, errs
+    runs = collections.Counter(r["run"] for r in lines)
+    assert sum(runs.values()) == 10 and set(runs.values()) == set(made) - {0}
+
+
+def test_a_second_run_with_other_settings_stops_at_once(tmp_path, capsys):
+    from o2mag.store import OutputStore
+
+    assert main(["generate", "--out", str(tmp_path / "a"), "--num", "1", *FAST]) == 0
+    first = tmp_path / "a" / "synthetic_surface" / "scratch" / "manifest.jsonl"
+    settings = read_manifest(first)[0]["settings"]
+    out = tmp_path / "b"
+    d = out / "synthetic_surface" / "scratch"
+    live = OutputStore(out, "synthetic_surface", "scratch", settings=settings, run="someone-else")
+    assert live.claim([5]) == [5]  # a live run with FAST settings is making sample 5 of folder b
+    try:
+        t0 = time.perf_counter()
+        assert main(["generate", "--out", str(out), "--num", "8", "--steps", "3", "--ago-steps", "1",
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "another o2mag run is writing" in err and "steps: 2 -> 3" in err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("o2mag: error:")
+        assert main(["generate", "--out", str(out), "--num", "8", "--overwrite", *FAST]) == 2
+        assert "this run overwrites samples" in capsys.readouterr().err
+        assert time.perf_counter() - t0 < 60  # at once: before any generation
+        assert read_manifest(d / "manifest.jsonl") == []  # nothing was written
+        # the same settings cooperate: everything but the live run's sample 5 is made
+        assert main(["generate", "--out", str(out), "--num", "8", *FAST]) == 0
+        assert sorted(r["index"] for r in _ok_lines(d / "manifest.jsonl")) == [0, 1, 2, 3, 4, 6, 7]
+        assert "1 sample(s) still missing" in capsys.readouterr().err
+    finally:
+        live.close()
