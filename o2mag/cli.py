@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     _add_generation_args(g)
+    _add_dataset_parser(sub)
     from .evaluation.cli import register as register_evaluate
 
     register_evaluate(sub)
@@ -208,6 +209,54 @@ def _add_generation_args(g) -> None:
                      help="do not reset the background (outside the target mask) to the normal image each "
                           "step")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_dataset_parser(sub) -> None:
+    d = sub.add_parser(
+        "dataset",
+        help="generate a whole synthetic dataset: every MVTec category x defect type (or a job file)",
+        description="Generate --num anomalies for every category x defect type of an MVTec-AD root (or the "
+                    "groups of a JSON job file) into <out>/<category>/<defect>/. References are the first "
+                    "third (n // 3, name order) of each test/<defect> folder: the split the evaluation holds "
+                    "out; sample i uses reference i mod R and normal (i // R) mod --num-normals. Under "
+                    "accelerate launch or torchrun every process takes part; a rerun resumes.",
+        formatter_class=_Help,
+    )
+    src = d.add_argument_group("inputs (--mvtec-root or --job)")
+    which = src.add_mutually_exclusive_group()
+    which.add_argument("--mvtec-root", metavar="ROOT", help="MVTec-AD root (<category>/test/<defect>, "
+                                                            "ground_truth/<defect>, train/good)")
+    which.add_argument("--job", metavar="FILE.json",
+                       help="JSON job file: {\"num\": N, \"mvtec_root\": ..., \"groups\": [{\"category\", "
+                            "\"defect\", optional \"num\", \"references\": [{\"image\", \"mask\"}], "
+                            "\"normals\": [files or folders], \"prompt\", \"anomaly_word\"}]} (paths "
+                            "relative to the file; a group without references takes them from mvtec_root)")
+    src.add_argument("--category", action="append", metavar="NAME",
+                     help="only this category (repeat for several; default: all)")
+    src.add_argument("--defect", action="append", metavar="NAME",
+                     help="only this defect type (repeat for several; default: all of each category)")
+    src.add_argument("--num-normals", type=_positive_int("--num-normals", 1), default=1,
+                     help="normal images per category (first of train/good in name order); each costs one "
+                          "inversion")
+    _add_output_args(d, num_default=None,
+                     num_help="samples per category x defect type, default 200 (a job file's own counts come "
+                              "first; a rerun makes only the missing ones)")
+    _add_model_args(d)
+    text = d.add_argument_group("prompt")
+    text.add_argument("--prompt", default="a photo of a {defect} on a {category}",
+                      help="prompt template; {defect} and {category} are replaced (underscores become "
+                           "spaces)")
+    masks = d.add_argument_group("target masks")
+    masks.add_argument("--mask-mode", choices=("affine", "perlin"), default="affine",
+                       help="affine: rotated/scaled/flipped copies of the reference mask on the object; "
+                            "perlin: Perlin-noise blobs")
+    masks.add_argument("--foreground", choices=("otsu", "all"), default="otsu",
+                       help="where target masks may go: 'otsu' (estimated per normal image, falls back to "
+                            "the whole image for textures) or 'all'")
+    masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+                       help="base seed: mask i uses seed (seed, i); AGO uses seed")
+    _add_generation_args(d)
+    d.set_defaults(handler=_dataset)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -504,6 +553,12 @@ def _generate(args) -> int:
 
         print(f"o2mag: contact sheet {write_contact_sheet(res.dir)}", file=sys.stderr)
     return 0
+
+
+def _dataset(args) -> int:
+    from .dataset import run_dataset
+
+    return run_dataset(args)
 
 
 def _who() -> str:

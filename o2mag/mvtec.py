@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import InputError, MissingInputError, existing_path
 from .images import MASK_EXTENSIONS
 
-__all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects"]
+__all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects", "mvtec_test_images"]
 
 
 def _listing(folder: Path, *, dirs: bool) -> list[str]:
@@ -55,6 +55,14 @@ def _category(r: Path, category: str) -> Path:
         raise MissingInputError(f"category {category!r} not found under {r} (no {category}/test folder); "
                                 f"categories there: {_shown(mvtec_categories(r))}")
     return cat
+
+
+def mvtec_test_images(root: str | os.PathLike, category: str, defect: str) -> list[Path]:
+    """The anomaly images of ``test/<defect>`` in name order (what ``ref_index`` counts in)."""
+    folder = _category(_root(root), category) / "test" / defect
+    if not folder.is_dir():
+        raise MissingInputError(f"defect {defect!r} not found in {folder.parent}")
+    return _images(folder)
 
 
 def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,

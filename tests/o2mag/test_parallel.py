@@ -3,11 +3,16 @@
 The one-process references run in this process (1 thread, as the tiny model always runs on a
 CPU); the others are real processes, so these tests cost a few model loads each."""
 import collections
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
+from PIL import Image
 
 from o2mag.cli import main
 from o2mag.parallel import Batch, chunk_size, plan_batches, rotation, segments
@@ -78,6 +83,69 @@ def test_torchrun_two_processes_make_the_files_of_one(tmp_path, monkeypatch):
     assert len({r["run"] for r in _ok_lines(d2 / "manifest.jsonl")}) == 1  # one run of two processes
     _same_samples(d1, d2, range(7))
     assert not list((d2 / ".o2mag").glob("*.lease"))
+
+
+def _noise(rng):
+    return Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8))
+
+
+def _mvtec(root, categories=(("bottle", ("crack", "dent")), ("carpet", ("hole",))), n_test=4):
+    rng = np.random.RandomState(0)
+    for cat, defects in categories:
+        for d in defects:
+            for sub in (f"{cat}/test/{d}", f"{cat}/ground_truth/{d}"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(n_test):
+                _noise(rng).save(root / f"{cat}/test/{d}/{i:03d}.png")
+                m = np.zeros((64, 64), np.uint8)
+                m[10 + 5 * i:30 + 5 * i, 20:40] = 255
+                Image.fromarray(m).save(root / f"{cat}/ground_truth/{d}/{i:03d}_mask.png")
+        (root / f"{cat}/test/good").mkdir(parents=True, exist_ok=True)
+        (root / f"{cat}/train/good").mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            _noise(rng).save(root / f"{cat}/train/good/{i:03d}.png")
+    return root
+
+
+def test_kill_one_process_then_resume_with_one(tmp_path, monkeypatch):
+    root = _mvtec(tmp_path / "mvtec")
+    args = ["dataset", "--mvtec-root", str(root), "--num", "8", "--batch-size", "1", "--foreground", "all",
+            "--steps", "3", "--ago-steps", "1", "--quiet"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_torchrun([*args, "--out", str(out)]), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    victim, deadline = None, time.time() + 240
+    try:
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            done = sum(len(_ok_lines(m)) for m in out.glob("*/*/manifest.jsonl"))
+            for lease in out.glob("*/*/.o2mag/0*.lease"):
+                try:
+                    rec = json.loads(lease.read_text())
+                except (OSError, ValueError):
+                    continue
+                if rec.get("rank") == 1 and done >= 2:
+                    victim = rec["pid"]
+            time.sleep(0.05)
+        assert victim is not None, "rank 1 never held a claim mid-run"
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=120)  # torchrun stops the other process and fails
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    groups = ["bottle/crack", "bottle/dent", "carpet/hole"]
+    done = {g: len(_ok_lines(out / g / "manifest.jsonl")) for g in groups}
+    assert sum(done.values()) < 24, "the run finished before the kill: nothing to resume"
+    assert list(out.glob("*/*/.o2mag/0*.lease")), "the killed processes left no claims to recover"
+
+    _one_process([*args, "--out", str(out)], monkeypatch)  # resume with ONE process
+    _one_process([*args, "--out", str(tmp_path / "ref")], monkeypatch)  # the one-process reference
+    for g in groups:
+        counts = collections.Counter(r["index"] for r in _ok_lines(out / g / "manifest.jsonl"))
+        assert sorted(counts) == list(range(8)) and set(counts.values()) == {1}, (g, counts)
+        _same_samples(tmp_path / "ref" / g, out / g, range(8))
+    assert not list(out.glob("*/*/.o2mag/*.lease"))
 
 
 def test_two_independent_runs_never_make_a_sample_twice(tmp_path):
