@@ -37,7 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ProcessState", "process_state", "Batch", "plan_batches", "rotation", "chunk_size", "Group",
+__all__ = ["ProcessState", "process_state", "Batch", "plan_batches", "rotation", "chunk_size", "claim_batch",
+           "Group",
            "Reference", "Options", "GroupResult", "run_groups"]
 
 _LAUNCH_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -163,6 +164,19 @@ def segments(batches: Sequence[Batch], batch_size: int) -> List[List[Batch]]:
     if cur:
         out.append(cur)
     return out
+
+
+def claim_batch(store, free: Sequence[int]) -> List[int]:
+    """Claim the ``free`` indices of one batch, all or nothing: [] (and nothing held) when another
+    writer holds one of them. Processes that start together race for the same batches; claiming
+    in index order and giving up whole batches keeps every batch as planned (a batch cut in two
+    would change its samples' pixels)."""
+    got = store.claim(free)
+    if any(i not in got and not store.done(i) for i in free):
+        for i in got:
+            store.release(i)
+        return []
+    return got
 
 
 # ------------------------------------------------------------------------------------ the groups
@@ -459,7 +473,7 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
                 held: List[Batch] = []
                 try:
                     for b, free in same[: chunk_size(len(same), state.count)]:
-                        got = st.claim(free)
+                        got = claim_batch(st, free)
                         if got:
                             held.append(Batch(pair, tuple(got)))
                     if held:

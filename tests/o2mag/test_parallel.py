@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from o2mag.cli import main
-from o2mag.parallel import Batch, chunk_size, plan_batches, rotation, segments
+from o2mag.parallel import Batch, chunk_size, claim_batch, plan_batches, rotation, segments
 from o2mag.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
@@ -68,15 +68,33 @@ def test_plan_keeps_one_process_batches_and_chunks_shrink():
     assert segments(b, 2) == [b[:2], b[2:]]  # a short batch ends a run: re-chunking keeps batches
 
 
+def test_a_batch_is_claimed_whole_or_not_at_all(tmp_path):
+    from o2mag.store import OutputStore
+
+    a, b = (OutputStore(tmp_path, "c", "d", settings={"k": 1}, run="r", rank=r) for r in (0, 1))
+    try:
+        assert a.claim([1]) == [1]  # a racing process got the batch's second sample first
+        assert claim_batch(b, [0, 1]) == [] and not b.holds(0)  # b leaves the whole batch
+        assert claim_batch(b, [2, 3]) == [2, 3]
+        a.write(1, np.zeros((8, 8, 3), np.uint8), np.eye(8, dtype=bool))
+        assert claim_batch(b, [0, 1]) == [0]  # a finished sample is not a conflict
+    finally:
+        a.close()
+        b.close()
+
+
 # ------------------------------------------------------------------------- several processes
-def test_torchrun_two_processes_make_the_files_of_one(tmp_path, monkeypatch):
+def test_torchrun_two_processes_make_the_files_of_one(tmp_path, monkeypatch, capsys):
     args = ["generate", "--num", "7", "--batch-size", "2", *FAST]
     _one_process([*args, "--out", str(tmp_path / "one")], monkeypatch)
+    work = re.search(r"UNet calls \d+, rows \d+; inversions \d+, AGO runs \d+",
+                     capsys.readouterr().err).group()
     proc = subprocess.run(_torchrun([*args, "--out", str(tmp_path / "two")]), capture_output=True, text=True,
                           env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"wrote 7 samples to \S+ by 2 processes \((\d+) \+ (\d+)\)", proc.stderr)
     assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, proc.stderr[-2000:]  # both worked
+    assert work in proc.stderr  # the same UNet batches in all, and one AGO and inversion per image
     d1, d2 = (tmp_path / n / "synthetic_surface" / "scratch" for n in ("one", "two"))
     idx = [r["index"] for r in _ok_lines(d2 / "manifest.jsonl")]
     assert sorted(idx) == list(range(7))  # each sample once
