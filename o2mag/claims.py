@@ -79,29 +79,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def create_exclusive(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists; True when this call created it.
 
-    The content is complete before the name appears (a reader never sees half a lease).
+    The content is complete before the name appears (a reader never sees half a lease). Not
+    fsynced: a lease that a machine crash leaves empty is judged by its age alone.
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     try:
         try:
             os.link(tmp, path)
@@ -116,8 +102,6 @@ def create_exclusive(path: Path, data: bytes) -> bool:
                     return False
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 return True
             try:  # NFS: the link may have happened although the reply was lost
                 return os.stat(tmp).st_nlink == 2
