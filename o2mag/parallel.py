@@ -13,10 +13,13 @@ How the work is split (``o2mag generate`` and ``o2mag dataset`` both run :func:`
 - Processes start on different groups (process r at group ``r * G // k``) and move on in turn,
   so with many groups each process mostly does whole groups (one AGO and inversion per reference).
   Inside a group a process claims the next ``ceil(available / 2k)`` batches of one
-  reference/normal pair at a time (shrinking chunks: big ones keep the K/V cache useful, small
-  ones at the end keep everyone busy), and it helps with other groups until nothing is left to
-  claim. Claims are per sample on the filesystem (:meth:`o2mag.store.OutputStore.claim`), so the
-  processes of one launch, and independent runs with the same settings, never make a sample twice.
+  reference/normal pair at a time (shrinking chunks keep everyone busy to the end), then goes on
+  with the pair's following batches in the same ``generate_iter`` call for as long as it can
+  claim each one whole just before computing it. A lone process thus makes a pair in one call,
+  as a one-process run does (the K/V cache is recorded once), and it helps with other groups
+  until nothing is left to claim. Claims are per sample on the filesystem
+  (:meth:`o2mag.store.OutputStore.claim`), so the processes of one launch, and independent runs
+  with the same settings, never make a sample twice; a batch is claimed whole or not at all.
 - Computing one image's AGO embedding or inversion is done under a lease in the cache folder:
   a second process that needs it waits and then reads it from the disk cache instead of
   computing (and writing) it again.
@@ -33,13 +36,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-__all__ = ["ProcessState", "process_state", "Batch", "plan_batches", "rotation", "chunk_size", "claim_batch",
-           "Group",
-           "Reference", "Options", "GroupResult", "run_groups"]
+__all__ = ["ProcessState", "process_state", "Batch", "plan_batches", "rotation", "chunk_size", "available",
+           "claim_batch", "Group", "Reference", "Options", "GroupResult", "run_groups"]
 
 _LAUNCH_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # A process that finished waits for the others at the end: as long as a last chunk takes, or a
@@ -163,6 +165,21 @@ def segments(batches: Sequence[Batch], batch_size: int) -> List[List[Batch]]:
             cur = []
     if cur:
         out.append(cur)
+    return out
+
+
+def available(plan: Sequence[Batch], others: Set[int],
+              done: Callable[[int], bool]) -> List[Tuple[Batch, tuple]]:
+    """``(batch, its samples not done)`` for each batch of ``plan`` that no other writer holds any
+    sample of. A batch another process is claiming right now is partly held; taking its free
+    part would cut the batch in two, so it is left whole to its claimer."""
+    out = []
+    for b in plan:
+        if any(i in others for i in b.indices):
+            continue
+        free = tuple(i for i in b.indices if not done(i))
+        if free:
+            out.append((b, free))
     return out
 
 
@@ -385,11 +402,13 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
             prep = Leases(Path(cache_dir) / "locks", Holder(run=run, rank=state.index), opts.lease)
         bars = _Progress(progress and state.is_main and any(todo), groups, stores, todo, per_category)
         loaded: Dict[int, Tuple[List[Reference], List[Any]]] = {}
+        masks_of: Dict[int, Any] = {}  # target masks of the current group, by sample index
         current: List[Optional[int]] = [None]
 
         def inputs(gi: int):
             if current[0] != gi:
                 loaded.clear()
+                masks_of.clear()
                 if current[0] is not None and hasattr(pipe, "clear_caches"):
                     pipe.clear_caches()  # inversions live on the device: keep one group's at a time
                 current[0] = gi
@@ -424,36 +443,65 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
         made = [0] * len(groups)
         seconds = [0.0] * len(groups)
 
-        def generate(gi: int, batches: List[Batch]) -> None:
+        def target_masks(ref: Reference, normal, indices: List[int]) -> List[Any]:
+            missing = [i for i in indices if i not in masks_of]
+            if missing:
+                masks_of.update(zip(missing, opts.make_masks(ref.mask, normal, missing)))
+            return [masks_of[i] for i in indices]
+
+        def generate(gi: int, seq: List[Tuple[Batch, bool]]) -> None:
+            """Make the batches of ``seq`` (one pair, plan order; ``True`` = already claimed) in as few
+            ``generate_iter`` calls as the batch boundaries allow. A batch not yet claimed is claimed
+            (whole) just before it is computed; if that fails, the call stops there: so a lone
+            process runs one call per pair, as a one-process run does (the K/V cache is recorded
+            once), and processes that share a pair split it where their claims meet."""
             g, st = groups[gi], stores[gi]
             refs, normals = inputs(gi)
-            r, n = batches[0].pair
+            r, n = seq[0][0].pair
             ref, normal = refs[r], normals[n]
             t0 = time.perf_counter()
             warm(gi, ref, normal)
-            for seg in segments(batches, opts.batch_size):
-                indices = [i for b in seg for i in b.indices]
-                targets = opts.make_masks(ref.mask, normal, indices)
-                bars.status(f"{g.key}: {len(indices)} sample(s)")
-                for j, image, mask in pipe.generate_iter(
+            try:
+                for seg in segments([b for b, _ in seq], opts.batch_size):
+                    claimed = {b: c for b, c in seq if b in seg}
+                    if not claimed[seg[0]]:
+                        if claim_batch(st, seg[0].indices) != list(seg[0].indices):
+                            return
+                        claimed[seg[0]] = True
+                    indices = [i for b in seg for i in b.indices]
+                    ends = {}  # index of a batch's last sample -> the batch that follows it
+                    for a, b in zip(seg, seg[1:]):
+                        ends[a.indices[-1]] = b
+                    targets = target_masks(ref, normal, indices)
+                    bars.status(f"{g.key}: {len(indices)} sample(s)")
+                    gen = pipe.generate_iter(
                         ref.image, ref.mask, normal, [t.mask for t in targets], g.prompt, g.word,
                         num_steps=opts.steps, guidance_scale=opts.guidance, batch_size=opts.batch_size,
                         seed=opts.seed, kv_cache=opts.kv_cache, kv_cache_device=opts.kv_cache_device,
                         blend_background=opts.blend, ago_steps=opts.ago_steps, ago_lr=opts.ago_lr,
-                        ago_mask_weight=opts.ago_mask_weight, size=opts.size, cache_inversions_to_disk=True):
-                    i = indices[j]
-                    record = {"seed": [opts.seed, i], "normal": g.normal_names[n],
-                              "mask_params": targets[j].params}
-                    if g.record_reference:
-                        record["reference"] = g.ref_names[r]
+                        ago_mask_weight=opts.ago_mask_weight, size=opts.size, cache_inversions_to_disk=True)
                     try:
-                        st.write(i, image, np.asarray(mask) > 127, record)
-                    except ClaimLostError as e:
-                        print(f"o2mag: warning: {e}", file=sys.stderr)
-                        continue
-                    made[gi] += 1
-                    bars.update()
-            seconds[gi] += time.perf_counter() - t0
+                        for j, image, mask in gen:
+                            i = indices[j]
+                            record = {"seed": [opts.seed, i], "normal": g.normal_names[n],
+                                      "mask_params": targets[j].params}
+                            if g.record_reference:
+                                record["reference"] = g.ref_names[r]
+                            try:
+                                st.write(i, image, np.asarray(mask) > 127, record)
+                                made[gi] += 1
+                            except ClaimLostError as e:
+                                print(f"o2mag: warning: {e}", file=sys.stderr)
+                            bars.update()
+                            nxt = ends.get(i)
+                            if nxt is not None and not claimed[nxt]:  # before the next batch is computed
+                                if claim_batch(st, nxt.indices) != list(nxt.indices):
+                                    return
+                                claimed[nxt] = True
+                    finally:
+                        gen.close()
+            finally:
+                seconds[gi] += time.perf_counter() - t0
 
         def work_on(gi: int) -> bool:
             """Claim and make batches of group ``gi`` until none is left to claim; True if any."""
@@ -461,29 +509,27 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
             while True:
                 st.refresh()
                 others = st.claimed_by_others()
-                avail = []
-                for b in plans[gi]:
-                    free = tuple(i for i in b.indices if i not in others and not st.done(i))
-                    if free:
-                        avail.append((b, free))
+                avail = available(plans[gi], others, st.done)
                 if not avail:
                     return did
                 pair = avail[0][0].pair
                 same = [(b, free) for b, free in avail if b.pair == pair]
-                held: List[Batch] = []
+                take = chunk_size(len(same), state.count)
+                seq: List[Tuple[Batch, bool]] = []
                 try:
-                    for b, free in same[: chunk_size(len(same), state.count)]:
+                    for b, free in same[:take]:
                         got = claim_batch(st, free)
                         if got:
-                            held.append(Batch(pair, tuple(got)))
-                    if held:
+                            seq.append((Batch(pair, tuple(got)), True))
+                    if seq:  # the rest of the pair, claimed on the way if still free then
+                        seq += [(Batch(pair, free), False) for b, free in same[take:]]
                         did = True
                         bars.enter(gi)
-                        generate(gi, held)
+                        generate(gi, seq)
                 finally:
-                    for b in held:
+                    for b, _ in seq:
                         for i in b.indices:
-                            st.release(i)
+                            st.release(i)  # no-op for the written ones and those never claimed
 
         order = [gi for gi in rotation(len(groups), state.index, state.count) if plans[gi]]
         while order:  # until a whole pass finds nothing to claim (claims of dead processes expire)
