@@ -154,6 +154,19 @@ def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, An
     return out
 
 
+def _last_line(raw: bytes) -> dict[str, Any] | None:
+    """A manifest's last line when it lacks its newline: the record if it is one, else None
+    (silently: it may be a line another writer is still appending)."""
+    if not raw.rstrip().endswith(b"}"):
+        return None
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    index = rec.get("index") if isinstance(rec, dict) else None
+    return rec if isinstance(index, int) and not isinstance(index, bool) else None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -318,10 +331,11 @@ class OutputStore:
         except FileNotFoundError:
             return
         end = data.rfind(b"\n")
-        if end < 0:
-            return  # no complete line yet
         chunk = data[: end + 1]
-        for rec in _parse_lines(chunk, self.manifest_path, self._line_no):
+        recs = _parse_lines(chunk, self.manifest_path, self._line_no)
+        tail = _last_line(data[end + 1:])  # a last line without its newline (edited by hand): read again
+        # at the next refresh, as its newline may still come
+        for rec in recs + ([tail] if tail else []):
             i = rec["index"]
             self._last[i] = rec
             if self.run is not None and rec.get("run") == self.run and rec.get("status") == "ok":

@@ -188,6 +188,27 @@ def test_store_claims_skip_done_and_live_and_overwrite_is_per_run(tmp_path):
     assert read_manifest(c.manifest_path)[-1]["run"] == "o1"
 
 
+def test_refresh_reads_other_writers_lines_and_a_last_line_without_newline(tmp_path):
+    a = OutputStore(tmp_path, "c", "d", settings={"k": 1}, run="r")
+    b = OutputStore(tmp_path, "c", "d", settings={"k": 1}, run="r", rank=1)
+    a.write(0, *_img())
+    assert b.existing_indices() == []
+    b.refresh()
+    assert b.existing_indices() == [0]
+    p = a.manifest_path
+    p.write_bytes(p.read_bytes().rstrip(b"\n"))  # edited by hand: the last line lost its newline
+    assert OutputStore(tmp_path, "c", "d", settings={"k": 1}).existing_indices() == [0]
+    a.write(1, *_img())  # the next line still goes on a line of its own
+    b.refresh()
+    assert b.existing_indices() == [0, 1] and len(p.read_text().splitlines()) == 2
+    other = OutputStore(tmp_path, "c", "d", settings={"k": 2}, overwrite=True, run="x")
+    other.write(2, *_img())
+    with pytest.raises(ConcurrentRunError, match="with other settings"):
+        b.refresh()  # another setup appeared while b was running
+    for st in (a, b, other):
+        st.close()
+
+
 def test_a_lost_claim_is_not_written(tmp_path):
     st = OutputStore(tmp_path, "c", "d", settings={"k": 1}, run="r")
     assert st.claim([3]) == [3]
