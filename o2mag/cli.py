@@ -217,9 +217,10 @@ def _add_dataset_parser(sub) -> None:
         help="generate a whole synthetic dataset: every MVTec category x defect type (or a job file)",
         description="Generate --num anomalies for every category x defect type of an MVTec-AD root (or the "
                     "groups of a JSON job file) into <out>/<category>/<defect>/. References are the first "
-                    "third (n // 3, name order) of each test/<defect> folder: the split the evaluation holds "
-                    "out; sample i uses reference i mod R and normal (i // R) mod --num-normals. Under "
-                    "accelerate launch or torchrun every process takes part; a rerun resumes.",
+                    "third (n // 3, name order) of each test/<defect> folder, which the usual evaluation "
+                    "keeps out of its test set; sample i uses reference i mod R and normal (i // R) mod "
+                    "--num-normals. Under accelerate launch or torchrun every process takes part; a rerun "
+                    "resumes.",
         formatter_class=_Help,
     )
     src = d.add_argument_group("inputs (--mvtec-root or --job)")
