@@ -455,10 +455,11 @@ def _working_size(args, pipe) -> int:
     return size
 
 
-def _prompt_and_word(pipe, prompt, word, category: str, defect: str, option: str = "--anomaly-word"):
+def _prompt_and_word(pipe, prompt, word, category: str, defect: str, remedy: Optional[str] = None):
     """The prompt (default 'a photo of a <defect> on a <category>') and the word DAE amplifies
     (default: the defect name's last word when the prompt holds it; never some other word of the
-    prompt, which is usually the object: amplifying the object is worse than stopping)."""
+    prompt, which is usually the object: amplifying the object is worse than stopping).
+    ``remedy``: what the error tells the user to do when no word can be chosen."""
     from .pipeline import token_indices
 
     if not prompt:
@@ -466,9 +467,11 @@ def _prompt_and_word(pipe, prompt, word, category: str, defect: str, option: str
     if not word:
         cand = defect.replace("_", " ").split()[-1]
         if cand not in prompt.split():
-            raise UsageError(f"{option} is needed: the defect name {defect!r} does not occur "
-                             f"in the prompt {prompt!r}; give the prompt's word for the defect, e.g. "
-                             f"{option} crack")
+            what = f"the defect name {defect!r} does not occur in the prompt {prompt!r}"
+            if remedy is None:
+                raise UsageError(f"--anomaly-word is needed: {what}; give the prompt's word for the defect, "
+                                 "e.g. --anomaly-word crack")
+            raise UsageError(f"{what}; {remedy}")
         word = cand
     token_indices(pipe.tokenizer, prompt, word)  # fail early if the word is not in the prompt
     return prompt, word

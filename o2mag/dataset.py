@@ -107,7 +107,7 @@ def mvtec_groups(root: str | os.PathLike, num: int, num_normals: int = 1,
 
 
 def _expand_images(paths: List[Path], what: str) -> List[Path]:
-    from .masks import MASK_EXTENSIONS
+    from .images import MASK_EXTENSIONS
 
     out: List[Path] = []
     for p in paths:
@@ -271,7 +271,7 @@ def _image_shape(path) -> tuple:
 def run_dataset(args) -> int:
     """The ``o2mag dataset`` command (called by :func:`o2mag.cli.main`)."""
     from . import cli
-    from .masks import load_image, load_mask, resize_image
+    from .images import load_image, load_mask, resize_image
     from .parallel import Group, Reference, run_groups
 
     if not args.mvtec_root and not args.job:
@@ -305,7 +305,10 @@ def run_dataset(args) -> int:
         except (KeyError, IndexError, ValueError) as e:
             raise cli.UsageError(f"--prompt {template!r}: only {{defect}} and {{category}} can be filled in "
                                  f"({e})") from None
-        prompt, word = cli._prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect)
+        remedy = (f"put {{defect}} in the prompt, or give group {spec.key} an \"anomaly_word\" in the job "
+                  "file" if args.job else "put {defect} in --prompt")
+        prompt, word = cli._prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect,
+                                            remedy=f"{spec.key}: {remedy}")
         refs = []
         for img_path, mask_path in spec.references:  # masks that vanish at the working size are skipped
             m = load_mask(mask_path, _image_shape(img_path), resize=False)
@@ -353,6 +356,11 @@ def run_dataset(args) -> int:
     report = run_groups(pipe, args.out, groups, cli._options(args, mode, steps, ago_steps, size), state,
                         progress=not args.quiet, per_category=True, announce=announce)
     if state.is_main:
+        from .contact_sheet import write_contact_sheet
+
+        for g in report.groups:
+            if g.made:
+                write_contact_sheet(g.dir)  # what a person looks at first, one per defect folder
         print(summary_table(report), file=sys.stderr)
         complete = sum(g.complete or 0 for g in report.groups)
         wanted = sum(g.wanted for g in report.groups)
