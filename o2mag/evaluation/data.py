@@ -151,6 +151,7 @@ def _defect_pairs(root: Path, folder: Path, limit: Optional[int]) -> Tuple[List[
                 pairs.append((img, mask))
                 settings = rec.get("settings") or {}
                 ref = settings.get("reference") if isinstance(settings, dict) else None
+                ref = rec.get("reference", ref)  # o2mag dataset: each sample names its own reference
                 if isinstance(ref, str) and ref not in refs:
                     refs.append(ref)
     elif (folder / "image").is_dir() and (folder / "mask").is_dir():

@@ -94,6 +94,7 @@ def test_dataset_from_an_mvtec_root(tmp_path, capsys):
     _err(args + ["--category", "cable"], capsys, "category 'cable' not found", "bottle, carpet")
     _err(args + ["--defect", "scratch"], capsys, "defect type 'scratch' not found")
     _err(args + ["--prompt", "a {colour} {defect}"], capsys, "--prompt", "{defect} and {category}")
+    _err(args + ["--prompt", "a flaw on a {category}"], capsys, "bottle/crack", "put {defect} in --prompt")
 
 
 def test_dataset_input_errors(tmp_path, capsys):
@@ -150,6 +151,23 @@ def test_dataset_from_a_job_file(tmp_path, capsys):
     plate = read_manifest(out / "plate" / "scratch" / "manifest.jsonl")
     assert len(plate) == 1 and plate[0]["settings"]["prompt"] == "a scratch on a plate"
     assert plate[0]["normal"].endswith("good/a.png") and plate[0]["reference"].endswith("mine/ref.png")
+    assert (out / "plate" / "scratch" / "contact_sheet.png").is_file()
+
+
+def test_the_evaluation_holds_out_every_reference_a_dataset_used(tmp_path, capsys):
+    from o2mag.evaluation.data import mvtec_split, synthetic_samples
+
+    root = _tree(tmp_path / "mvtec", {"bottle": {"crack": 6}})
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "bottle/test/good/000.png")
+    beyond = root / "bottle/test/crack/004.png"  # not in the first third (000, 001)
+    job = {"groups": [{"category": "bottle", "defect": "crack", "num": 1, "mvtec_root": str(root),
+                       "references": [{"image": str(beyond),
+                                       "mask": str(root / "bottle/ground_truth/crack/004_mask.png")}]}]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert main(["dataset", "--job", str(tmp_path / "job.json"), "--out", str(tmp_path / "s"), *FAST]) == 0
+    split = mvtec_split(root, "bottle", synthetic_samples(tmp_path / "s", "bottle").references)
+    tested = {t.image.name for t in split.test if t.defect == "crack"}
+    assert "004.png" not in tested and tested == {"002.png", "003.png", "005.png"}
 
 
 def test_summary_table_layout():
