@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .cli_types import float_at_least, int_at_least
 from .errors import InputError, MissingInputError
 
 EMBEDDED_STEPS = 10
@@ -38,32 +39,6 @@ class UsageError(InputError):
     """An impossible combination or value of options."""
 
 
-def _positive_int(name: str, minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _float(name: str, minimum: float, strict: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        finite = value == value and value not in (float("inf"), float("-inf"))
-        if not finite or value < minimum or (strict and value == minimum):
-            op = ">" if strict else ">="
-            raise argparse.ArgumentTypeError(f"{name} must be {op} {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="binary mask of the defect in --ref (same size as --ref)")
     src.add_argument("--normal", metavar="IMG|DIR",
                      help="normal (defect-free) image, or a folder of them (see --num-normals)")
-    src.add_argument("--num-normals", type=_positive_int("--num-normals", 1), default=1,
+    src.add_argument("--num-normals", type=int_at_least("--num-normals", 1), default=1,
                      help="how many normal images of a folder (or of MVTec train/good) to use, first ones in "
                           "name order; sample i uses normal i mod count. Each normal image costs one "
                           "inversion, "
@@ -112,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "<category>/ground_truth/<defect>, normals from <category>/train/good")
     src.add_argument("--category", help="MVTec category (with --mvtec-root); also names the output folder")
     src.add_argument("--defect", help="MVTec defect type (with --mvtec-root); also names the output folder")
-    src.add_argument("--ref-index", type=_positive_int("--ref-index", 0), default=0,
+    src.add_argument("--ref-index", type=int_at_least("--ref-index", 0), default=0,
                      help="which anomaly image of the MVTec defect folder (sorted) is the reference")
     _add_output_args(g, num_default=8,
                      num_help="total number of samples wanted in the output folder (a rerun makes only the "
@@ -136,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where target masks may go: a mask file, 'otsu' (estimated from the normal "
                             "image, "
                             "falls back to the whole image) or 'all'")
-    masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+    masks.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     _add_generation_args(g)
     _add_dataset_parser(sub)
@@ -152,7 +127,7 @@ def _add_output_args(g, num_default, num_help: str) -> None:
                      help="output root; samples go to <out>/<category>/<defect>/{image,mask}/NNN.png "
                           "+ manifest.jsonl. Several processes or runs may write one folder at once (they "
                           "claim samples); on several machines it must be a shared filesystem")
-    out.add_argument("--num", type=_positive_int("--num", 1), default=num_default, help=num_help)
+    out.add_argument("--num", type=int_at_least("--num", 1), default=num_default, help=num_help)
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--resume", dest="overwrite", action="store_false",
                       help="keep complete samples and generate only missing ones (default)")
@@ -162,7 +137,7 @@ def _add_output_args(g, num_default, num_help: str) -> None:
     out.add_argument("--cache-dir", metavar="DIR",
                      help="where AGO embeddings and DDIM inversions are cached for reruns (default "
                           "<out>/.o2mag-cache)")
-    out.add_argument("--claim-lease", metavar="SECONDS", type=_float("--claim-lease", 0.0, strict=True),
+    out.add_argument("--claim-lease", metavar="SECONDS", type=float_at_least("--claim-lease", 0.0, strict=True),
                      default=120.0,
                      help="a sample claimed by a process that stopped renewing its claim for this long "
                           "(killed on another machine) is taken over; on the same machine a dead process's "
@@ -179,22 +154,22 @@ def _add_model_args(g) -> None:
                             "or torchrun, auto and cuda mean this process's GPU)")
     model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="model precision (auto = fp16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
-    model.add_argument("--size", type=_positive_int("--size", 8), default=None,
+    model.add_argument("--size", type=int_at_least("--size", 8), default=None,
                        help="working image side in pixels, multiple of 8 (default: the model's native size)")
 
 
 def _add_generation_args(g) -> None:
     gen = g.add_argument_group("generation")
-    gen.add_argument("--steps", type=_positive_int("--steps", 2), default=None,
+    gen.add_argument("--steps", type=int_at_least("--steps", 2), default=None,
                      help=f"DDIM steps (default {PAPER_STEPS}; {EMBEDDED_STEPS} in the embedded demo)")
-    gen.add_argument("--guidance", type=_float("--guidance", 0.0), default=7.5,
+    gen.add_argument("--guidance", type=float_at_least("--guidance", 0.0), default=7.5,
                      help="classifier-free guidance scale")
-    gen.add_argument("--batch-size", type=_positive_int("--batch-size", 1), default=4,
+    gen.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4,
                      help="targets per UNet batch (each batch adds one reference and one normal branch)")
-    gen.add_argument("--ago-steps", type=_positive_int("--ago-steps", 0), default=None,
+    gen.add_argument("--ago-steps", type=int_at_least("--ago-steps", 0), default=None,
                      help=f"AGO Adam steps, 0 = off (default {PAPER_AGO_STEPS}; {EMBEDDED_AGO_STEPS} in the "
                           "demo)")
-    gen.add_argument("--ago-lr", type=_float("--ago-lr", 0.0, strict=True), default=3e-3,
+    gen.add_argument("--ago-lr", type=float_at_least("--ago-lr", 0.0, strict=True), default=3e-3,
                      help="AGO learning rate")
     gen.add_argument("--ago-mask-weight", action="store_true",
                      help="weight the AGO loss by the dilated reference mask (focus on the defect)")
@@ -236,7 +211,7 @@ def _add_dataset_parser(sub) -> None:
                      help="only this category (repeat for several; default: all)")
     src.add_argument("--defect", action="append", metavar="NAME",
                      help="only this defect type (repeat for several; default: all of each category)")
-    src.add_argument("--num-normals", type=_positive_int("--num-normals", 1), default=1,
+    src.add_argument("--num-normals", type=int_at_least("--num-normals", 1), default=1,
                      help="normal images per category (first of train/good in name order); each costs one "
                           "inversion")
     _add_output_args(d, num_default=None,
@@ -254,7 +229,7 @@ def _add_dataset_parser(sub) -> None:
     masks.add_argument("--foreground", choices=("otsu", "all"), default="otsu",
                        help="where target masks may go: 'otsu' (estimated per normal image, falls back to "
                             "the whole image for textures) or 'all'")
-    masks.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+    masks.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     _add_generation_args(d)
     d.set_defaults(handler=_dataset)

@@ -93,7 +93,6 @@ def _unet_calls(pipe, device, sizes, *, compiled: bool, repeats: int = 10):
     """One UNet call at a TriAG + DAE step (step 25 of 50, paper preset) against the stock UNet
     on the same batch: rows = 2 x (2 + N). Returns rows of median ms per call."""
     from o2mag import AttentionGraft, BranchLayout
-    from o2mag.graft import transformer_layers  # noqa: F401  (the graft installs on these)
 
     from ..measure import median_seconds
 

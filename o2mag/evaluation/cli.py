@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+from ..cli_types import float_at_least, fraction, int_at_least
 from ..errors import InputError
 
 __all__ = ["register"]
@@ -34,43 +35,10 @@ EMBEDDED_NOTE = (
 DEMO = dict(size=64, epochs=12, samples_per_epoch=96, batch_size=8, lr=1e-3, base_width=8)
 
 
-def _int(name: str, minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
-        return v
-
-    return parse
-
-
-def _fraction(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not 0 <= v <= 1:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
-        return v
-
-    return parse
 
 
 def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not v > 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
-        return v
-
-    return parse
+    return float_at_least(name, 0.0, strict=True)
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
@@ -80,12 +48,12 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                        help="synthetic tree in o2mag's layout: <DIR>/<category>/<defect>/{image,mask}/NNN.png "
                             "+ manifest.jsonl (what o2mag generate --out DIR writes)")
         p.add_argument("--category", default=None, help="category name, or 'all' (every category in both trees)")
-        p.add_argument("--max-per-defect", type=_int("--max-per-defect", 1), default=500,
+        p.add_argument("--max-per-defect", type=int_at_least("--max-per-defect", 1), default=500,
                        help="use at most this many generated samples per defect type (lowest indices)")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=_int("--seed", 0), default=0, help="seed for initialisation and sampling")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="seed for initialisation and sampling")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -107,17 +75,17 @@ def register(sub) -> None:
                     "(the references), with the FINAL checkpoint, and report AUROC/AP/F1-max (image and pixel) "
                     "and AUPRO. With no --mvtec-root/--synthetic it runs the embedded demo.")
     _common(d)
-    d.add_argument("--size", type=_int("--size", 32), default=None, help="working side in px, multiple of 32 "
+    d.add_argument("--size", type=int_at_least("--size", 32), default=None, help="working side in px, multiple of 32 "
                    "(default 256; demo 64)")
-    d.add_argument("--epochs", type=_int("--epochs", 1), default=None, help="training epochs (default 200; demo 12)")
-    d.add_argument("--samples-per-epoch", type=_int("--samples-per-epoch", 1), default=None,
+    d.add_argument("--epochs", type=int_at_least("--epochs", 1), default=None, help="training epochs (default 200; demo 12)")
+    d.add_argument("--samples-per-epoch", type=int_at_least("--samples-per-epoch", 1), default=None,
                    help="samples drawn per epoch (default 500; demo 96)")
-    d.add_argument("--batch-size", type=_int("--batch-size", 1), default=None, help="batch size (default 8)")
+    d.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=None, help="batch size (default 8)")
     d.add_argument("--lr", type=_positive_float("--lr"), default=None, help="Adam learning rate (default 1e-4; "
                    "demo 1e-3), x0.2 at 80%% and 90%% of the epochs")
-    d.add_argument("--base-width", type=_int("--base-width", 1), default=None,
+    d.add_argument("--base-width", type=int_at_least("--base-width", 1), default=None,
                    help="U-Net width of the first level (default 64; demo 8)")
-    d.add_argument("--normal-fraction", type=_fraction("--normal-fraction"), default=0.5,
+    d.add_argument("--normal-fraction", type=fraction("--normal-fraction"), default=0.5,
                    help="share of training samples from train/good")
     d.add_argument("--real-refs", action="store_true",
                    help="also train on the real reference defects (the held-back third), 10%% of samples")
@@ -140,9 +108,9 @@ def register(sub) -> None:
     c.add_argument("--backbone", choices=("resnet34", "tiny"), default="resnet34",
                    help="resnet34 (ImageNet weights, needs o2mag[eval]) or tiny (small random CNN, demonstration)")
     c.add_argument("--weights", metavar="FILE", help="ResNet-34 ImageNet state dict (default: torch hub cache)")
-    c.add_argument("--size", type=_int("--size", 16), default=256, help="image side in px")
-    c.add_argument("--epochs", type=_int("--epochs", 1), default=30, help="training epochs")
-    c.add_argument("--batch-size", type=_int("--batch-size", 2), default=16, help="batch size")
+    c.add_argument("--size", type=int_at_least("--size", 16), default=256, help="image side in px")
+    c.add_argument("--epochs", type=int_at_least("--epochs", 1), default=30, help="training epochs")
+    c.add_argument("--batch-size", type=int_at_least("--batch-size", 2), default=16, help="batch size")
     c.add_argument("--lr", type=_positive_float("--lr"), default=1e-4, help="Adam learning rate")
     c.set_defaults(handler=_classify)
 
@@ -156,17 +124,17 @@ def register(sub) -> None:
     q.add_argument("--generated", metavar="DIR", required=True,
                    help="generated images: a folder of images, or an o2mag defect folder (uses its image/)")
     q.add_argument("--reference", metavar="DIR", required=True, help="real images (e.g. MVTec test/<defect>)")
-    q.add_argument("--size", type=_int("--size", 16), default=256, help="images are resized to this side")
+    q.add_argument("--size", type=int_at_least("--size", 16), default=256, help="images are resized to this side")
     q.add_argument("--kid-features", choices=("inception", "tiny"), default="inception",
                    help="inception (torch-fidelity FID Inception, needs o2mag[eval]) or tiny (demonstration)")
     q.add_argument("--inception-weights", metavar="FILE", help="FID Inception weights (default: torch hub cache)")
-    q.add_argument("--kid-subset-size", type=_int("--kid-subset-size", 2), default=1000,
+    q.add_argument("--kid-subset-size", type=int_at_least("--kid-subset-size", 2), default=1000,
                    help="KID subset size, capped at the smaller image set")
-    q.add_argument("--kid-subsets", type=_int("--kid-subsets", 1), default=100, help="KID subsets")
+    q.add_argument("--kid-subsets", type=int_at_least("--kid-subsets", 1), default=100, help="KID subsets")
     q.add_argument("--lpips-net", choices=("alex", "vgg", "tiny"), default="alex",
                    help="LPIPS backbone for IC-LPIPS (alex as in DFMGAN; vgg as later papers; tiny = demonstration)")
     q.add_argument("--lpips-weights", metavar="FILE", help="AlexNet/VGG-16 ImageNet weights (default: hub cache)")
-    q.add_argument("--batch-size", type=_int("--batch-size", 1), default=32, help="batch size for the networks")
+    q.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=32, help="batch size for the networks")
     q.set_defaults(handler=_quality)
 
 
