@@ -9,6 +9,7 @@
 #   bench       python -m benchmarks --quick (kernel + end-to-end suites) -> benchmarks/results/
 #   all         the four in that order (about 15 minutes on an H100; each step fits 10 minutes)
 # Each step prints a short summary last; a step's failure does not stop the next one under `all`.
+# When $OUT names a folder (a remote runner's result folder), the files written are copied there.
 set -uo pipefail
 unset TRITON_INTERPRET   # the interpreter would run the kernel on the CPU
 step="${1:-all}"
@@ -29,4 +30,8 @@ case "$step" in
   *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench or all)"; exit 2 ;;
 esac
 python -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  cp o2mag_kernels/sweeps/*.json benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+  echo "copied results to $OUT"
+fi
 exit $status
