@@ -38,12 +38,12 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     }
 
 
-def _auto_triton(device: torch.device, dtype) -> Tuple[bool, str]:
+def _auto_triton(device: torch.device, dtype, head_dim=None) -> Tuple[bool, str]:
     try:
         from . import triton_backend
     except ImportError as exc:
         return False, f"triton is not importable: {exc}"
-    return triton_backend.auto_ok(device, dtype)
+    return triton_backend.auto_ok(device, dtype, head_dim)
 
 
 _AUTO_CACHE: Dict[tuple, bool] = {}
@@ -63,10 +63,11 @@ def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
         return "torch"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "torch"
-    key = (q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype)
+    key = (q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,
+           q.shape[-1])
     pick = _AUTO_CACHE.get(key)
     if pick is None:
-        pick = _AUTO_CACHE[key] = _auto_triton(q.device, q.dtype)[0]
+        pick = _AUTO_CACHE[key] = _auto_triton(q.device, q.dtype, q.shape[-1])[0]
     return "triton" if pick else "torch"
 
 

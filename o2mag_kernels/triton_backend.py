@@ -73,7 +73,7 @@ def status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     return True, f"triton {triton.__version__} on CUDA (sm_{cap[0]}{cap[1]}); {tuning.describe(cap)}"
 
 
-def auto_ok(device: torch.device, dtype=torch.float16) -> Tuple[bool, str]:
+def auto_ok(device: torch.device, dtype=torch.float16, head_dim=None) -> Tuple[bool, str]:
     """Whether ``backend="auto"`` may pick the kernel on ``device`` for ``dtype``: it must run
     there, the dtype must be fp16/bf16 (fp32's 3xTF32 tiles spill: the torch backend's exact fp32
     SDPA is the better path), and it must be proven on this GPU family by a committed hardware
@@ -83,7 +83,7 @@ def auto_ok(device: torch.device, dtype=torch.float16) -> Tuple[bool, str]:
         return False, why
     if dtype not in (torch.float16, torch.bfloat16):
         return False, f"{dtype}: auto runs fp32 on the torch backend (exact fp32 SDPA)"
-    return tuning.trusted(torch.cuda.get_device_capability(device), dtype)
+    return tuning.trusted(torch.cuda.get_device_capability(device), dtype, head_dim)
 
 
 # ---------------------------------------------------------------------------------------- launch

@@ -197,9 +197,12 @@ def allowed_configs(head_dim: int, dtype="fp16", arch: int = 90, sweeps=None) ->
     return spill_free(head_dim, dtype, arch) if p is None else p
 
 
-def trusted(capability: Tuple[int, int], dtype="fp16", sweeps=None) -> Tuple[bool, str]:
+def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] = None,
+            sweeps=None) -> Tuple[bool, str]:
     """Whether ``auto`` may pick the kernel for ``dtype`` on a GPU of this capability, and why
-    (not): a committed sweep of this family must have covered the dtype."""
+    (not): a committed sweep of this family must have covered the dtype and, when ``head_dim`` is
+    given, passed at least one config for its bucket (a partial sweep, or one where every config
+    of a bucket failed, leaves that bucket on the torch backend)."""
     setting = os.environ.get("O2MAG_TRITON", "auto").lower()
     if setting == "off":
         return False, "O2MAG_TRITON=off"
@@ -208,6 +211,11 @@ def trusted(capability: Tuple[int, int], dtype="fp16", sweeps=None) -> Tuple[boo
     mine, _ = _family_sweeps(arch, sweeps)
     covering = [s for s in mine if any(r["dtype"] == name for r in s.get("results", []))]
     fam = f"sm_{family(arch) // 10}x"
+    if covering and head_dim is not None and not proven(head_dim, dtype, arch, sweeps):
+        if setting == "on":
+            return True, f"O2MAG_TRITON=on (head dim {head_dim} {name} not proven on {fam})"
+        return False, (f"no config passed the committed hardware sweep of {fam} for head dim "
+                       f"{head_dim} ({name})")
     if covering:
         return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if setting == "on":
@@ -232,6 +240,10 @@ def prune(head_dim: int, lq: int, lk: int, dtype="fp16", arch: int = 90,
     larger than the problem (``lq``/``lk`` are bucketed lengths), and -- when a sweep timed them
     -- the TOP_K fastest (fewer first-call compiles)."""
     fits = allowed_configs(head_dim, dtype, arch, sweeps)
+    if not fits:
+        raise RuntimeError(f"no config of the Triton kernel passed the committed hardware sweep "
+                           f"for head dim {head_dim} ({dtype_name(dtype)}) on sm_{arch}: use "
+                           "backend='torch' (backend='auto' already does)")
     out = [c for c in fits if c[0] <= max(64, lq) and c[1] <= max(64, lk)] or fits[-1:]
     if proven(head_dim, dtype, arch, sweeps) is not None:
         out = out[:TOP_K]

@@ -134,5 +134,10 @@ def run_kernel_suite(device: torch.device, *, quick: bool, repeats: int = 5):
     case_list = cases(device, quick)
     records = []
     for case in tqdm(case_list, desc="kernel suite", unit="case"):
-        records.append(run_case(case, device, method_list, repeats=repeats))
+        rec = run_case(case, device, method_list, repeats=repeats)
+        records.append(rec)
+        # each case's line as it lands, so a run cut short by a time limit still reports it
+        times = ", ".join(f"{m} {r['median_ms']:.3f}" + ("" if r.get("ok", True) else " WRONG")
+                          for m, r in rec["results"].items() if "median_ms" in r)
+        tqdm.write(f"{case.as_dict()}: ms {times}")
     return {"methods": method_list, "skipped_methods": skipped, "cases": records}

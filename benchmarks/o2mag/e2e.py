@@ -144,6 +144,14 @@ def run_e2e_suite(device: torch.device, *, quick: bool, steps: int = None):
         steps = steps or (10 if quick else 25)  # N = 1, 8, 32 in both: the tiny model is fast
     pipe.progress = False
     pipe.set_progress_bar_config(disable=True)
+    # the one-UNet-call comparison first: it is the cheapest row and the one a cut-short run most
+    # needs (every row is also printed as it lands)
+    unet_rows = _unet_calls(pipe, device, (8, 32) if device.type == "cuda" else (8,), compiled=False)
+    if device.type == "cuda" and not quick:
+        unet_rows += _unet_calls(pipe, device, (8, 32), compiled=True)
+    for r in unet_rows:
+        print(f"e2e: UNet call N={r['num']}: grafted {r['grafted_ms']:.1f} ms, stock "
+              f"{r['stock_ms']:.1f} ms ({r['grafted_over_stock']:.2f}x)", flush=True)
     sample = embedded_sample(size=pipe.default_size)
     max_n = 32
     targets = [t.mask for t in affine_masks(np.asarray(sample.ref_mask), max_n, seed=0)]
@@ -170,12 +178,10 @@ def run_e2e_suite(device: torch.device, *, quick: bool, steps: int = None):
             row["speedup_vs_per_sample"] = base_t / row["seconds_per_sample"]
             row["fewer_rows_vs_per_sample"] = base_rows / row["unet_rows_per_sample"]
         rows.append(row)
+        print(f"e2e: {label} N={n}: {row['seconds_per_sample']:.3f} s/sample", flush=True)
     txt2img = _txt2img(pipe, max_n, steps, 8, device)
     for row in rows:
         if row["num"] == max_n:
             row["over_txt2img"] = row["seconds_per_sample"] / txt2img
-    unet_rows = _unet_calls(pipe, device, (8, 32) if device.type == "cuda" else (8,), compiled=False)
-    if device.type == "cuda" and not quick:
-        unet_rows += _unet_calls(pipe, device, (8, 32), compiled=True)
     return {"model": model, "steps": steps, "ago_steps": 0, "rows": rows,
             "txt2img_seconds_per_image": txt2img, "unet_calls": unet_rows}

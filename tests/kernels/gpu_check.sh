@@ -1,37 +1,71 @@
 #!/usr/bin/env bash
 # Everything the kernel owes a GPU, for a machine with a CUDA GPU (never run on CI).
-# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all]
+# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all|lease]
 #   sweep       o2mag-kernels gpu-sweep for fp16 and bf16 (each config in its own process) ->
 #               o2mag_kernels/sweeps/<card>.json: commit it; it is what lets `auto` pick the kernel
 #   sweep-fp32  the same for fp32 -> o2mag_kernels/sweeps/<card>-fp32.json
 #   tests       the cuda-marked tests (parity over dims/dtypes/lengths, every allowed config,
 #               CUDA graph and torch.compile smoke tests, the torch backend on CUDA)
-#   bench       python -m benchmarks --quick (kernel + end-to-end suites) -> benchmarks/results/
-#   all         the four in that order (about 15 minutes on an H100; each step fits 10 minutes)
-# Each step prints a short summary last; a step's failure does not stop the next one under `all`.
-# When $OUT names a folder (a remote runner's result folder), the files written are copied there.
+#   bench       python -m benchmarks --quick, kernel suite then end-to-end suite, each its own
+#               result file -> benchmarks/results/ (or $OUT)
+#   all         sweep, sweep-fp32, tests, bench
+#   lease       sweep, tests, bench under one time limit (GPU_CHECK_SECONDS, default 560): each
+#               step gets a share and the last one what is left; a step cut short keeps what it
+#               wrote (the sweep file is rewritten after every config, benchmark rows are printed
+#               as they land)
+# GPU_CHECK_SECONDS > 0 bounds any step the same way. Each step prints a short summary last; a
+# step's failure does not stop the next. When $OUT names a folder (a remote runner's result
+# folder), benchmark results are written there and the sweep files copied there.
 set -uo pipefail
 unset TRITON_INTERPRET   # the interpreter would run the kernel on the CPU
+export PYTHONUNBUFFERED=1
 step="${1:-all}"
-python - <<'PY'
+py=$(command -v python || command -v python3)
+limit="${GPU_CHECK_SECONDS:-0}"
+[ "$step" = lease ] && [ "$limit" -le 0 ] && limit=560
+start=$(date +%s)
+"$py" - <<'PY'
 import torch, triton
 print(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
       f"  torch {torch.__version__}  triton {triton.__version__}")
 PY
-card=$(python -c "import torch; from o2mag_kernels.sweep import card_slug; print(card_slug(torch.cuda.get_device_name()))")
+card=$("$py" -c "import torch; from o2mag_kernels.sweep import card_slug; print(card_slug(torch.cuda.get_device_name()))")
+results="${OUT:-benchmarks/results}"
 status=0
-run() { echo "== $*"; "$@" || status=1; }
+
+# run SHARE CMD...: at most SHARE seconds (0: the rest) when a time limit is set
+run() {
+  local share=$1; shift
+  if [ "$limit" -gt 0 ]; then
+    local left=$(( limit - ($(date +%s) - start) ))
+    if [ "$share" -le 0 ] || [ "$share" -gt "$left" ]; then share=$left; fi
+    if [ "$share" -lt 20 ]; then echo "== skipped, out of time: $*"; status=1; return; fi
+    echo "== $* (at most $share s)"
+    timeout "$share" "$@" || { echo "== exit $? from: $*"; status=1; }
+  else
+    echo "== $*"
+    "$@" || status=1
+  fi
+}
+sweep() { run "$1" "$py" -m o2mag_kernels.sweep --dtypes "${@:3}" --jobs "${SWEEP_JOBS:-12}" \
+            --timeout 150 --out "o2mag_kernels/sweeps/$2.json"; }
+tests() { run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/o2mag; }
+bench() {
+  run "$1" "$py" -m benchmarks --quick --suite kernels --no-plot --results-dir "$results"
+  run "$2" "$py" -m benchmarks --quick --suite e2e --no-plot --results-dir "$results"
+}
 case "$step" in
-  sweep|all) run o2mag-kernels gpu-sweep --dtypes fp16 bf16 --jobs 8 --out "o2mag_kernels/sweeps/$card.json" ;;&
-  sweep-fp32|all) run o2mag-kernels gpu-sweep --dtypes fp32 --jobs 8 --out "o2mag_kernels/sweeps/$card-fp32.json" ;;&
-  tests|all) run python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/o2mag ;;&
-  bench|all) run python -m benchmarks --quick --update-readme ;;
-  sweep|sweep-fp32|tests) ;;
-  *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench or all)"; exit 2 ;;
+  sweep) sweep 0 "$card" fp16 bf16 ;;
+  sweep-fp32) sweep 0 "$card-fp32" fp32 ;;
+  tests) tests 0 ;;
+  bench) bench 0 0 ;;
+  all) sweep 0 "$card" fp16 bf16; sweep 0 "$card-fp32" fp32; tests 0; bench 0 0 ;;
+  lease) sweep 210 "$card" fp16 bf16; tests 130; bench 120 0 ;;
+  *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all or lease)"; exit 2 ;;
 esac
-python -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
+"$py" -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-  cp o2mag_kernels/sweeps/*.json benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
-  echo "copied results to $OUT"
+  cp o2mag_kernels/sweeps/*.json "$OUT"/ 2>/dev/null && echo "copied the sweep files to $OUT"
 fi
+echo "gpu_check $step: $(( $(date +%s) - start )) s, status $status"
 exit $status

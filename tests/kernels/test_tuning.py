@@ -113,8 +113,20 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
     for bad in (_sweep(results=rows, kernel_hash="0" * 16), _sweep(results=rows, interpreted=True)):
         assert tuning.proven(40, "fp16", 90, sweeps=(bad,)) is None
         assert not tuning.trusted((9, 0), "fp16", sweeps=(bad,))[0]
+    # per head dim: a bucket the sweep did not reach (cut short) or where every config failed
+    # stays on the torch backend, and an explicit triton call there says why
+    assert tuning.trusted((9, 0), "fp16", 40, sweeps=(h100,))[0]
+    assert tuning.proven(80, "fp16", 90, sweeps=(h100,)) is None
+    assert not tuning.trusted((9, 0), "fp16", 80, sweeps=(h100,))[0]
+    failed = _sweep(results=rows + _rows("fp16", 80, tuning.spill_free(80, "fp16", 90)[0], "wrong"))
+    assert tuning.proven(80, "fp16", 90, sweeps=(failed,)) == []
+    ok, why = tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))
+    assert not ok and "head dim 80" in why
+    with pytest.raises(RuntimeError, match="head dim 80"):
+        tuning.prune(80, 1024, 1024, "fp16", 90, sweeps=(failed,))
     # the user's switch
     monkeypatch.setenv("O2MAG_TRITON", "on")
+    assert tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))[0]
     assert tuning.trusted((8, 6), "fp16", sweeps=())[0]
     monkeypatch.setenv("O2MAG_TRITON", "off")
     assert not tuning.trusted((9, 0), "fp16", sweeps=(h100,))[0]
@@ -159,6 +171,7 @@ def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["interpreted"] and data["kernel_hash"] == tuning.kernel_hash()
+    assert data["complete"] and data["items"] == 2
     configs = {tuple(r["config"]) for r in data["results"]}
     assert len(configs) == 2 and all(r["status"] == "ok" for r in data["results"])
     assert {r["case"] for r in data["results"]} == set(data["cases"])
