@@ -38,10 +38,25 @@ def model_fingerprint(name: Optional[str], modules) -> str:
     last weights (two models saved under one name still get different keys)."""
     fp = []
     for module in modules:
-        params = list(module.parameters())
-        fp += [type(module).__name__, float(params[0].detach().float().sum()),
-               float(params[-1].detach().float().sum())]
+        fp += [type(module).__name__, _weight_sum(module, first=True), _weight_sum(module, first=False)]
     return content_key(name or "unnamed", fp)
+
+
+def _weight_sum(module, *, first: bool):
+    """Sum of the module's first (or last) parameter, read where it lives: under accelerate's
+    sequential CPU offload the parameters are meta tensors and the weights sit in each submodule's
+    hook (``_hf_hook.weights_map``); the same model gives the same sum either way."""
+    subs = list(module.modules())
+    for sub in (subs if first else reversed(subs)):
+        own = list(sub.named_parameters(recurse=False))
+        for pname, p in (own if first else reversed(own)):
+            if p.device.type != "meta":
+                return float(p.detach().float().sum())
+            weights = getattr(getattr(sub, "_hf_hook", None), "weights_map", None)
+            if weights is not None and pname in weights:
+                return float(weights[pname].detach().float().sum())
+            return f"meta{tuple(p.shape)}"  # weights unreachable: the shape still names the layer
+    return None
 
 
 def scheduler_settings(scheduler) -> Dict[str, Any]:

@@ -20,6 +20,15 @@ def _triton_status(device: torch.device | None = None) -> Tuple[bool, str]:
     return triton_backend.status(device)
 
 
+def _triton_runnable(device: torch.device) -> Tuple[bool, str]:
+    """The per-call check of an explicit ``backend="triton"`` (cached per device)."""
+    try:
+        from . import triton_backend
+    except ImportError as exc:
+        return False, f"triton is not importable: {exc}"
+    return triton_backend.runnable(device)
+
+
 def available_backends() -> Dict[str, Tuple[bool, str]]:
     """Map each backend name to (usable here, reason). ``auto`` says what it would pick on CUDA."""
     ok_triton, why_triton = _triton_status()
@@ -53,7 +62,7 @@ def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
     """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward.
     An explicit 'triton' that cannot run here raises ``RuntimeError``."""
     if backend == "triton":
-        ok, why = _triton_status(q.device)
+        ok, why = _triton_runnable(q.device)
         if not ok:
             raise RuntimeError(f"backend='triton' is not usable here: {why}")
         return backend

@@ -210,7 +210,7 @@ def tri_source_mask(query_mask, fg_key_mask=None, bg_key_mask=None) -> TriSource
         bg = tiles = bg_bytes = None
     else:
         bg = bg_key_mask | ~bg_key_mask.any(dim=1, keepdim=True)
-        bg_bytes = bg.view(torch.uint8)
+        bg_bytes = bg.to(torch.uint8)  # a copy, not .view(uint8): inductor cannot lower that on bool
         tiles = {}
         for col, size in ((2, 64), (4, 128)):
             tiles[size], parts[col], parts[col + 1] = _tile_lists(bg, size)

@@ -45,8 +45,13 @@ INTERPRET_CASES = (
     ("empty-64", "empty", 1, 64, True),
     ("full-64", "full", 1, 64, True),
 )
-TIMED_CASE = "blob-4096"
 HEADS = 2
+# The timed case per head dim: the SD-family layer of that width (tokens at 512 px), 8 targets x
+# 8 heads, 5% blob masks. Every config is timed on it, and so is the torch backend (a "baseline"
+# item), so ``auto`` picks the kernel only where it measured faster on the card.
+TIMED_TOKENS = {40: 4096, 64: 1024, 80: 1024, 128: 1024, 160: 256, 256: 256}
+TIMED_TARGETS = TIMED_HEADS = 8
+TIMED_CASE = "timed-sd"
 
 
 def _torch_dtype(name: str):
@@ -55,7 +60,7 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _inputs(kind, B, L, D, dtype, shared, device, seed):
+def _inputs(kind, B, L, D, dtype, shared, device, seed, heads=HEADS):
     """Diffusers-like inputs: (B, L, H*D) projections viewed as (B, H, L, D); one reference and
     one normal source (batch 1) serving B targets; masks from :mod:`o2mag_kernels.synthetic`."""
     import torch
@@ -65,8 +70,8 @@ def _inputs(kind, B, L, D, dtype, shared, device, seed):
     g = torch.Generator().manual_seed(seed)
 
     def proj(b):
-        x = torch.randn(b, L, HEADS * D, generator=g, dtype=torch.float64)
-        return x.to(device=device, dtype=dtype).view(b, L, HEADS, D).transpose(1, 2)
+        x = torch.randn(b, L, heads * D, generator=g, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype).view(b, L, heads, D).transpose(1, 2)
 
     q = proj(B)
     k_fg, v_fg, k_bg, v_bg = (proj(1) for _ in range(4))
@@ -124,28 +129,58 @@ def run_item(item: dict, interpret: bool = False):
         finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
         res.update(status="ok" if finite and err <= limit else "wrong", max_err=err, bound=limit,
                    finite=finite, seconds=round(time.perf_counter() - t0, 3))
-        if name == TIMED_CASE and not interpret and res["status"] == "ok":
-            import triton.testing
-
-            tb.POISON_OUTPUT = False
-            fn = lambda: tb.run_op(problem, *tensors, mask, store_lse=False, config=config)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            with _timing_lock():  # one worker times at a time: the timings order the configs
-                res["ms"] = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
         yield res
+    if not interpret:
+        yield time_item(item)
+
+
+def time_item(item: dict) -> dict:
+    """Median ms of the item's config (or, for a ``baseline`` item, of the torch backend) on the
+    head dim's timed case, with a mask built once as the grafting layer does."""
+    import torch
+    import triton.testing
+
+    from . import tri_source_mask
+    from . import triton_backend as tb
+    from ._validate import validate
+    from .torch_backend import torch_attention
+
+    D = int(item["head_dim"])
+    L = TIMED_TOKENS.get(D, 1024)
+    res = {"case": TIMED_CASE, "status": "running", "tokens": L, "targets": TIMED_TARGETS,
+           "heads": TIMED_HEADS}
+    print(json.dumps(dict(res, started=True)), flush=True)
+    tensors, masks = _inputs("blob", TIMED_TARGETS, L, D, _torch_dtype(item["dtype"]), False,
+                             "cuda", seed=D + 1, heads=TIMED_HEADS)
+    mask = tri_source_mask(*masks)
+    problem = validate(*tensors, mask, None, None, None, 1 / 0.7, "torch")
+    if item.get("baseline") == "torch":
+        mask.host()  # read once at build time, as AttentionGraft.prepare does
+        fn = lambda: torch_attention(problem, *tensors, mask, None, None)  # noqa: E731
+    else:
+        tb.POISON_OUTPUT = False
+        config = tuple(item["config"])
+        fn = lambda: tb.run_op(problem, *tensors, mask, store_lse=False, config=config)  # noqa: E731
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with _timing_lock():  # one worker times at a time: the timings order the configs
+            res["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    res["status"] = "ok"
+    return res
 
 
 def _worker(interpret: bool) -> int:
     item = json.load(sys.stdin)
-    for res in run_item(item, interpret):
+    results = [time_item(item)] if item.get("baseline") else run_item(item, interpret)
+    for res in results:
         print(json.dumps(res), flush=True)
     return 0
 
 
-def items(dtypes, head_dims, arch: int, quick: bool = False):
-    """The (dtype, head_dim, config) work list: every spill-free config per bucket (``quick``:
-    two per bucket, for a smoke run)."""
+def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = False):
+    """The work list: every spill-free config per (dtype, head dim) bucket (``quick``: two, for
+    a smoke run), plus on a GPU one torch-backend ``baseline`` item per bucket (timing only)."""
     from . import tuning
 
     out = []
@@ -155,6 +190,8 @@ def items(dtypes, head_dims, arch: int, quick: bool = False):
             if quick:
                 cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
             out += [{"dtype": dt, "head_dim": d, "config": list(c)} for c in cfgs]
+            if not interpret:
+                out.append({"dtype": dt, "head_dim": d, "baseline": "torch"})
     return out
 
 
@@ -214,7 +251,7 @@ def run(args) -> int:
     else:
         cap, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
     arch = 90 if interpret else 10 * cap[0] + cap[1]
-    todo = items(args.dtypes, args.head_dims, arch, args.quick)
+    todo = items(args.dtypes, args.head_dims, arch, args.quick, interpret)
     out_path = args.out or os.path.join(tuning.SWEEP_DIR, card_slug(name) + ".json")
     jobs = max(1, args.jobs)
     print(f"gpu-sweep on {name} (sm_{arch}): {len(todo)} (dtype, head dim, config) items x "
@@ -234,7 +271,8 @@ def run(args) -> int:
             "kernel_hash": tuning.kernel_hash(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "complete": complete, "items": len(todo),
-            "cases": [c[0] for c in (INTERPRET_CASES if interpret else CASES)],
+            "cases": [c[0] for c in INTERPRET_CASES] if interpret else
+                     [c[0] for c in CASES] + [TIMED_CASE],
             "results": results,
         }
         tmp = out_path + ".tmp"
@@ -248,11 +286,14 @@ def run(args) -> int:
             write(complete=False)
             bad = [r for r in got if r["status"] != "ok"]
             it = got[0] if got else {}
-            print(f"  {it.get('dtype')} D{it.get('head_dim')} {tuple(it.get('config', ()))}: "
-                  + ("ok" if not bad else f"FAIL {bad[0]['case']}: {bad[0]['status']} "
+            what = tuple(it["config"]) if "config" in it else f"{it.get('baseline')} backend"
+            print(f"  {it.get('dtype')} D{it.get('head_dim')} {what}: "
+                  + ("ok" + "".join(f" {r['ms']:.3f} ms" for r in got if "ms" in r) if not bad
+                     else f"FAIL {bad[0]['case']}: {bad[0]['status']} "
                      f"{bad[0].get('error') or bad[0].get('max_err')}"), flush=True)
     write(complete=True)
-    failed = sorted({(r["dtype"], r["head_dim"], tuple(r["config"])) for r in results
+    failed = sorted({(r["dtype"], r["head_dim"], str(tuple(r["config"])) if "config" in r
+                      else r.get("baseline", "?")) for r in results
                      if r["status"] != "ok"})
     print(f"gpu-sweep: {len(todo) - len(failed)}/{len(todo)} items passed every case "
           f"({time.perf_counter() - t0:.0f} s); wrote {out_path}")

@@ -14,6 +14,7 @@ narrowed to those a committed hardware sweep of the GPU's family proved).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -50,9 +51,17 @@ def is_interpreted() -> bool:
     return isinstance(K.tri_source_fwd, InterpretedFunction)
 
 
-def status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
-    """(usable, reason) for running the fused kernel on tensors of ``device`` (None: any device).
-    Usable means it can run; whether ``auto`` picks it is :func:`auto_ok`."""
+def runnable(device: Optional[torch.device] = None) -> Tuple[bool, str]:
+    """(usable, reason) for running the fused kernel on tensors of ``device`` (None: any device);
+    cheap and cached per device, as every ``backend="triton"`` call asks it."""
+    dev = None if device is None else torch.device(device)
+    return _runnable(None if dev is None else dev.type,
+                     None if dev is None or dev.type != "cuda" else
+                     (dev.index if dev.index is not None else torch.cuda.current_device()))
+
+
+@functools.lru_cache(maxsize=None)
+def _runnable(dev_type: Optional[str], index: Optional[int]) -> Tuple[bool, str]:
     if _triton_version() < MIN_TRITON:
         return False, f"triton {triton.__version__} is too old (need >= 3.0)"
     if is_interpreted():
@@ -61,16 +70,26 @@ def status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
         else:
             why = "(TRITON_INTERPRET=1)"
         return True, f"triton {triton.__version__} CPU interpreter {why}; slow, for testing"
-    dev = None if device is None else torch.device(device)
-    if dev is not None and dev.type != "cuda":
-        return False, (f"{dev.type} tensors need TRITON_INTERPRET=1 set before triton is imported "
+    if dev_type is not None and dev_type != "cuda":
+        return False, (f"{dev_type} tensors need TRITON_INTERPRET=1 set before triton is imported "
                        "(the fused kernel runs on CUDA)")
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU, slowly)"
-    cap = torch.cuda.get_device_capability(dev)
+    cap = torch.cuda.get_device_capability(index)
     if cap < MIN_CAPABILITY:
         return False, f"GPU compute capability {cap[0]}.{cap[1]} < 8.0 is not supported"
-    return True, f"triton {triton.__version__} on CUDA (sm_{cap[0]}{cap[1]}); {tuning.describe(cap)}"
+    return True, f"triton {triton.__version__} on CUDA (sm_{cap[0]}{cap[1]})"
+
+
+def status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
+    """(usable, reason) with what the committed sweeps say for this GPU (for reports such as
+    :func:`o2mag_kernels.available_backends`). Usable means it can run; whether ``auto`` picks it
+    is :func:`auto_ok`."""
+    ok, why = runnable(device)
+    if not ok or is_interpreted():
+        return ok, why
+    dev = None if device is None else torch.device(device)
+    return ok, f"{why}; {tuning.describe(torch.cuda.get_device_capability(dev))}"
 
 
 def auto_ok(device: torch.device, dtype=torch.float16, head_dim=None) -> Tuple[bool, str]:
@@ -78,7 +97,7 @@ def auto_ok(device: torch.device, dtype=torch.float16, head_dim=None) -> Tuple[b
     there, the dtype must be fp16/bf16 (fp32's 3xTF32 tiles spill: the torch backend's exact fp32
     SDPA is the better path), and it must be proven on this GPU family by a committed hardware
     sweep (or the user opted in with ``O2MAG_TRITON=on``)."""
-    ok, why = status(device)
+    ok, why = runnable(device)
     if not ok or device.type != "cuda":
         return False, why
     if dtype not in (torch.float16, torch.bfloat16):
@@ -190,7 +209,8 @@ def _launch(q, k_fg, v_fg, k_bg, v_bg, qperm, fidx, tiles64, tiles128, bg_bytes,
                 STORE_LSE=store_lse, DOT_FP32=dot_fp32, PREC=precision, D_CHUNK=d_chunk,
                 K_CHUNK=k_chunk)
     if config is None and is_interpreted():
-        config = tuning.prune(D, lq_bucket, lk_bucket, q.dtype, 90)[0]
+        # the interpreter is no GPU family: committed sweeps do not reorder its configs
+        config = tuning.prune(D, lq_bucket, lk_bucket, q.dtype, 90, sweeps=())[0]
     if config is None:
         with torch.cuda.device(q.device):
             _tuned_kernel()[_grid(Lq, B * H)](*args, **meta)

@@ -60,7 +60,12 @@ def _read_report(path: str) -> dict:
 
 def aot_status(path: str = AOT_REPORT) -> str:
     """'' when the AOT report belongs to this kernel, else why not (the tables then allow every
-    config: nothing was checked)."""
+    config: nothing was checked). Cached per kernel hash: the report is read once per process."""
+    return _aot_status(path, kernel_hash())
+
+
+@functools.lru_cache(maxsize=None)
+def _aot_status(path: str, _kernel_hash: str) -> str:
     try:
         _read_report(path)
     except RuntimeError as exc:
@@ -152,6 +157,8 @@ def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
     ok: Dict[Tuple[str, int, Config], bool] = {}
     ms: Dict[Tuple[str, int, Config], float] = {}
     for r in sweep.get("results", []):
+        if "config" not in r:  # a baseline row (the torch backend's time): see _baselines
+            continue
         key = (r["dtype"], K.head_dim_bucket(int(r["head_dim"])), tuple(r["config"]))
         ok[key] = ok.get(key, True) and r.get("status") == "ok"
         if "ms" in r:
@@ -162,6 +169,13 @@ def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
         if good:
             table[(dt, d)][cfg] = ms.get((dt, d, cfg), float("inf"))
     return table
+
+
+def _baselines(sweep: dict) -> Dict[Tuple[str, int], float]:
+    """(dtype, head-dim bucket) -> the torch backend's median ms on the sweep's timed case."""
+    return {(r["dtype"], K.head_dim_bucket(int(r["head_dim"]))): float(r["ms"])
+            for r in sweep.get("results", [])
+            if r.get("baseline") == "torch" and r.get("status") == "ok" and "ms" in r}
 
 
 def _family_sweeps(arch: int, sweeps=None):
@@ -216,6 +230,16 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
             return True, f"O2MAG_TRITON=on (head dim {head_dim} {name} not proven on {fam})"
         return False, (f"no config passed the committed hardware sweep of {fam} for head dim "
                        f"{head_dim} ({name})")
+    if covering and head_dim is not None and setting != "on":
+        key = (name, K.head_dim_bucket(head_dim))
+        for s in covering:
+            torch_ms = _baselines(s).get(key)
+            ours = _passed(s).get(key, {})
+            best = min(ours.values(), default=float("inf"))
+            if torch_ms is not None and best >= torch_ms:
+                return False, (f"the torch backend measured faster on {fam} for head dim "
+                               f"{head_dim} ({name}): {torch_ms:.3f} ms against the kernel's "
+                               f"{best:.3f} ms in {os.path.basename(s.get('path', 'a sweep'))}")
     if covering:
         return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if setting == "on":

@@ -124,8 +124,18 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
     assert not ok and "head dim 80" in why
     with pytest.raises(RuntimeError, match="head dim 80"):
         tuning.prune(80, 1024, 1024, "fp16", 90, sweeps=(failed,))
+    # the sweep's torch-backend baseline: auto takes the kernel only where it measured faster
+    fast = {"dtype": "fp16", "head_dim": 40, "baseline": "torch", "case": "timed-sd",
+            "status": "ok", "ms": 1.5}
+    assert tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [fast]),))[0]
+    slow = dict(fast, ms=0.9)  # torch 0.9 ms beats the kernel's best, 1.0 ms
+    ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [slow]),))
+    assert not ok and "torch backend measured faster" in why and "0.900" in why
+    # a baseline row neither proves nor fails a config
+    assert tuning.proven(40, "fp16", 90, sweeps=(_sweep(results=rows + [slow]),)) == [b, a]
     # the user's switch
     monkeypatch.setenv("O2MAG_TRITON", "on")
+    assert tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [slow]),))[0]
     assert tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))[0]
     assert tuning.trusted((8, 6), "fp16", sweeps=())[0]
     monkeypatch.setenv("O2MAG_TRITON", "off")

@@ -113,3 +113,24 @@ def test_ago_skips_non_finite_steps(pipe, image):
     emb = optimize_embedding(Flaky(pipe.unet), pipe.scheduler, z, init, steps=4, lr=1e-2,
                              generator=torch.Generator().manual_seed(0), progress=False)
     assert calls["n"] == 4 and torch.isfinite(emb).all() and not torch.equal(emb, init)
+
+
+def test_model_fingerprint_reads_weights_under_sequential_offload():
+    """accelerate's sequential CPU offload leaves meta parameters (weights in the hooks): the
+    fingerprint -- part of every cache key -- must still read them, and equal the plain model's."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    from o2mag.caches import model_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    offloaded = copy.deepcopy(model)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert all(p.device.type == "meta" for p in offloaded.parameters())
+    assert model_fingerprint("m", [offloaded]) == model_fingerprint("m", [model])
+    with torch.no_grad():
+        model[2][0].bias.add_(1.0)  # another model under the same name: another key
+    assert model_fingerprint("m", [offloaded]) != model_fingerprint("m", [model])
