@@ -28,7 +28,23 @@ def _environment(device):
         triton_version = None
     return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "triton": triton_version, "python": sys.version.split()[0],
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "commit": _commit()}
+
+
+def _commit():
+    """The checkout's short commit id (with '+' when it has uncommitted changes), or None."""
+    import subprocess
+
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10)
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def main(argv=None) -> int:

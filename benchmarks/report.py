@@ -73,8 +73,44 @@ def e2e_table(result: dict) -> str:
 
 def header(result: dict) -> str:
     env = result["environment"]
+    commit = f" at commit {env['commit']}" if env.get("commit") else ""
+    note = f" {result['note']}" if result.get("note") else ""
     return (f"Device: **{env['device']}** — torch {env['torch']}, triton {env.get('triton') or 'n/a'}, "
-            f"{result['mode']} run of {result['timestamp']}.")
+            f"{result['mode']} run of {result['timestamp']}{commit}.{note}")
+
+
+def sweep_table(sweep: dict) -> str:
+    """A committed hardware sweep as markdown: what passed, and per (dtype, head dim) the best
+    proven config's time against the torch backend's on the sweep's timed SD layer (the numbers
+    ``auto`` decides by)."""
+    from o2mag_kernels import tuning
+
+    rows = sweep.get("results", [])
+    items = {(r["dtype"], r["head_dim"], str(r.get("config", r.get("baseline")))) for r in rows}
+    bad = {(r["dtype"], r["head_dim"], str(r.get("config", r.get("baseline")))) for r in rows
+           if r.get("status") != "ok"}
+    cap = sweep.get("capability", [0, 0])
+    lines = [f"Hardware sweep (`o2mag_kernels/sweeps/{Path(sweep.get('path', '')).name}`): "
+             f"**{sweep['device']}** (sm_{cap[0]}{cap[1]}), torch {sweep['torch']}, triton "
+             f"{sweep['triton']}, {sweep['date']}: {len(items) - len(bad)}/{len(items)} items passed "
+             f"every case{'' if sweep.get('complete', True) else ' (cut short: incomplete)'}.", "",
+             "| dtype | head dim | timed layer | best proven config | kernel ms | torch backend ms "
+             "| kernel speed vs torch | auto picks |", "|---|---|---|---|---|---|---|---|"]
+    timed = {(r["dtype"], r["head_dim"]): r for r in rows if r.get("case") == "timed-sd"}
+    for dt, d in sorted({k for k in timed}, key=lambda k: (k[0], k[1])):
+        ours, torch_ms = tuning._timed(sweep, dt, d)
+        good = tuning._passed(sweep).get((dt, tuning.K.head_dim_bucket(d)), {})
+        ours = {c: t for c, t in ours.items() if c in good}
+        if not ours:
+            continue
+        best = min(ours, key=ours.get)
+        r = timed[(dt, d)]
+        shape = f"{r.get('tokens')} tokens, N={r.get('targets')}, H={r.get('heads')}"
+        pick, _ = tuning.trusted(tuple(cap), dt, d, sweeps=(dict(sweep, valid=True),))
+        ratio = f"{torch_ms / ours[best]:.2f}x" if torch_ms else "—"
+        lines.append(f"| {dt} | {d} | {shape} | {best} | {ours[best]:.3f} | "
+                     f"{f'{torch_ms:.3f}' if torch_ms else '—'} | {ratio} | {'triton' if pick else 'torch'} |")
+    return "\n".join(lines)
 
 
 def _save(fig, path_prefix: Path, suffix: str) -> Path:
@@ -153,6 +189,10 @@ def readme_section(results_dir: Path, repo_root: Path) -> str:
                 parts.append(table + "\n")
         for png in sorted(results_dir.glob(path.stem + "-*.png")):
             parts.append(f"![{png.stem}]({png.relative_to(repo_root)})\n")
+    for path in sorted((repo_root / "o2mag_kernels" / "sweeps").glob("*.json")):
+        sweep = json.loads(path.read_text())
+        if not sweep.get("interpreted"):
+            parts.append(sweep_table(dict(sweep, path=str(path))) + "\n")
     return "\n".join(parts) if parts else "_No results yet: run `python -m benchmarks --quick`._\n"
 
 

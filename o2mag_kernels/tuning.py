@@ -157,7 +157,7 @@ def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
     ok: Dict[Tuple[str, int, Config], bool] = {}
     ms: Dict[Tuple[str, int, Config], float] = {}
     for r in sweep.get("results", []):
-        if "config" not in r:  # a baseline row (the torch backend's time): see _baselines
+        if "config" not in r:  # a baseline row (the torch backend's time): see _timed
             continue
         key = (r["dtype"], K.head_dim_bucket(int(r["head_dim"])), tuple(r["config"]))
         ok[key] = ok.get(key, True) and r.get("status") == "ok"
@@ -171,11 +171,20 @@ def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
     return table
 
 
-def _baselines(sweep: dict) -> Dict[Tuple[str, int], float]:
-    """(dtype, head-dim bucket) -> the torch backend's median ms on the sweep's timed case."""
-    return {(r["dtype"], K.head_dim_bucket(int(r["head_dim"]))): float(r["ms"])
-            for r in sweep.get("results", [])
-            if r.get("baseline") == "torch" and r.get("status") == "ok" and "ms" in r}
+def _timed(sweep: dict, dtype: str, head_dim: int) -> Tuple[Dict[Config, float], Optional[float]]:
+    """({config: median ms}, torch backend's median ms or None) on the sweep's timed case, read at
+    the swept head dim nearest ``head_dim`` in its bucket (40 and 64 share a bucket but are timed
+    on different SD layers: their times must not be mixed)."""
+    bucket = K.head_dim_bucket(head_dim)
+    rows = [r for r in sweep.get("results", []) if r["dtype"] == dtype and "ms" in r
+            and r.get("status") == "ok" and K.head_dim_bucket(int(r["head_dim"])) == bucket]
+    if not rows:
+        return {}, None
+    near = min({int(r["head_dim"]) for r in rows}, key=lambda d: (abs(d - head_dim), d))
+    rows = [r for r in rows if int(r["head_dim"]) == near]
+    ours = {tuple(r["config"]): float(r["ms"]) for r in rows if "config" in r}
+    torch_ms = [float(r["ms"]) for r in rows if r.get("baseline") == "torch"]
+    return ours, (torch_ms[0] if torch_ms else None)
 
 
 def _family_sweeps(arch: int, sweeps=None):
@@ -198,8 +207,9 @@ def proven(head_dim: int, dtype, arch: int, sweeps=None) -> Optional[List[Config
     for s in use:
         got = _passed(s)[key]
         ok &= set(got)
-        for c, t in got.items():
-            speed[c] = max(speed.get(c, 0.0), t)
+        near, _ = _timed(s, key[0], head_dim)
+        for c in got:
+            speed[c] = max(speed.get(c, 0.0), near.get(c, got[c]))
     order = {c: i for i, c in enumerate(K.CONFIGS)}
     return sorted(ok, key=lambda c: (speed.get(c, float("inf")), order[c]))
 
@@ -233,13 +243,20 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
     if covering and head_dim is not None and setting != "on":
         key = (name, K.head_dim_bucket(head_dim))
         for s in covering:
-            torch_ms = _baselines(s).get(key)
-            ours = _passed(s).get(key, {})
-            best = min(ours.values(), default=float("inf"))
+            ours, torch_ms = _timed(s, name, head_dim)
+            good = _passed(s).get(key, {})
+            best = min((t for c, t in ours.items() if c in good), default=float("inf"))
             if torch_ms is not None and best >= torch_ms:
                 return False, (f"the torch backend measured faster on {fam} for head dim "
                                f"{head_dim} ({name}): {torch_ms:.3f} ms against the kernel's "
                                f"{best:.3f} ms in {os.path.basename(s.get('path', 'a sweep'))}")
+    if covering and head_dim is not None:
+        ours, torch_ms = _timed(covering[0], name, head_dim)
+        good = _passed(covering[0]).get((name, K.head_dim_bucket(head_dim)), {})
+        best = min((t for c, t in ours.items() if c in good), default=None)
+        if torch_ms is not None and best:
+            return True, (f"head dim {head_dim} {name} proven on {fam}; {torch_ms / best:.2f}x the "
+                          "torch backend's speed on the sweep's SD layer")
     if covering:
         return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if setting == "on":

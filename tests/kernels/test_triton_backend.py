@@ -332,6 +332,9 @@ def test_traces_under_torch_compile(make_case):
     fn = torch.compile(lambda *a: tri_source_attention(*a, fg_gain=1.5, backend="triton"),
                        backend="aot_eager", fullgraph=True)
     assert torch.equal(fn(*case.args), eager)
+    torch._dynamo.reset()
+    assert torch.equal(_compiled_op(case, backend="aot_eager"), tri_source_attention(*case.args,
+                                                                                   backend="triton"))
 
 
 # --------------------------------------------------------------------------------------- CUDA
@@ -385,9 +388,16 @@ def test_gpu_cuda_graph_and_compile(make_case):
     compiled = torch.compile(lambda *a: tri_source_attention(*a, backend="triton"))
     assert torch.equal(compiled(*case.args), eager)
     # the custom op itself traces as one node (its fake implementation gives the shapes)
-    op = torch.compile(lambda *a: tb.tri_source_attention_op(*a, case.q.shape[-1] ** -0.5, 1.0)[0],
-                       fullgraph=True)
-    assert torch.equal(op(*case.args), eager)
+    assert torch.equal(_compiled_op(case), eager)
+
+
+def _compiled_op(case, backend="inductor"):
+    """The fused custom op over a prebuilt mask, through ``torch.compile(fullgraph=True)``."""
+    mask = tri_source_mask(*case.args[5:])
+    flags = (case.q.shape[-1] ** -0.5, 1.0, mask.fg_key_mask is None, mask.bg_key_mask is None, False)
+    op = torch.compile(lambda *t: tb.tri_source_attention_op(*t, *tb._tables(mask), *flags)[0],
+                       fullgraph=True, backend=backend)
+    return op(*case.tensors)
 
 
 @pytest.mark.cuda

@@ -128,9 +128,20 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
     fast = {"dtype": "fp16", "head_dim": 40, "baseline": "torch", "case": "timed-sd",
             "status": "ok", "ms": 1.5}
     assert tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [fast]),))[0]
+    ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [fast]),))
+    assert ok and "1.50x the torch backend" in why
     slow = dict(fast, ms=0.9)  # torch 0.9 ms beats the kernel's best, 1.0 ms
     ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [slow]),))
     assert not ok and "torch backend measured faster" in why and "0.900" in why
+    # head dims 40 and 64 share a bucket but are timed on different layers: never mixed
+    d64 = [dict(r, head_dim=64, ms=0.05) if "ms" in r else dict(r, head_dim=64) for r in
+           _rows("fp16", 64, a, ms=0.05) + _rows("fp16", 64, b, ms=0.06)] + [
+        dict(fast, head_dim=64, ms=0.2)]
+    mixed = _sweep(results=rows + [slow] + d64)
+    assert not tuning.trusted((9, 0), "fp16", 40, sweeps=(mixed,))[0]  # 40: torch 0.9 < 1.0
+    assert tuning.trusted((9, 0), "fp16", 64, sweeps=(mixed,))[0]  # 64: kernel 0.05 < torch 0.2
+    assert tuning.proven(64, "fp16", 90, sweeps=(mixed,)) == [a, b]  # ordered by 64's own times
+    assert tuning.proven(40, "fp16", 90, sweeps=(mixed,)) == [b, a]
     # a baseline row neither proves nor fails a config
     assert tuning.proven(40, "fp16", 90, sweeps=(_sweep(results=rows + [slow]),)) == [b, a]
     # the user's switch

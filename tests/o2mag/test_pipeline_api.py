@@ -163,15 +163,18 @@ def _gpu_ready():
 @pytest.mark.skipif(not _gpu_ready(), reason="model offloading needs a CUDA GPU and accelerate")
 @pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
 def test_offloading_gives_the_same_images(offload, sample, masks):
+    # AGO is left out: its backward pass is not run-to-run deterministic on CUDA (cuDNN's
+    # backward algorithms with TF32 convolutions): on an H200, two identical un-offloaded runs
+    # with one AGO step differed by 2.9e-2, and by 0 without AGO -- as offloaded vs not did
     ref = O2MAGPipeline.tiny(0).to("cuda")
     ref.set_progress_bar_config(disable=True)
-    want = _call(ref, sample, masks[:2], output_type="np").images
+    want = _call(ref, sample, masks[:2], output_type="np", ago_steps=0).images
     del ref
     p = O2MAGPipeline.tiny(0)
     p.set_progress_bar_config(disable=True)
     getattr(p, offload)()
     assert p._execution_device.type == "cuda"
-    got = _call(p, sample, masks[:2], output_type="np").images
+    got = _call(p, sample, masks[:2], output_type="np", ago_steps=0).images
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
     assert p.unet.device.type in ("cpu", "meta")  # handed back to the CPU after the call
 
