@@ -264,3 +264,24 @@ def test_training_batches_follow_the_configured_shares():
     # no real pool: its share goes to the synthetic samples
     picks = _draw_batch(gen, {"normal": 5, "synthetic": 7}, cfg, 1000)
     assert len(picks["real"]) == 0 and len(picks["synthetic"]) > 400
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="float16 autocast runs on CUDA only")
+def test_amp_on_cuda_trains_to_finite_results(trees, tmp_path):
+    """AMP (float16 autocast + gradient scaling) on a GPU: detect and classify finish with finite
+    losses and metrics in range."""
+    mvtec, synth = trees
+    out = tmp_path / "amp"
+    assert main(["evaluate", "detect", "--mvtec-root", str(mvtec), "--synthetic", str(synth),
+                 "--category", "plate", "--out", str(out), "--device", "cuda", "--amp", "on",
+                 *TINY]) == 0
+    rec = json.loads((out / "results.json").read_text())["categories"]["plate"]
+    assert all(np.isfinite(h["loss"]) for h in rec["history"]), rec["history"]
+    assert all(0 <= v <= 1 for v in rec["metrics"].values())
+    cls = tmp_path / "cls"
+    assert main(["evaluate", "classify", "--mvtec-root", str(mvtec), "--synthetic", str(synth),
+                 "--category", "plate", "--backbone", "tiny", "--epochs", "1", "--size", "32",
+                 "--device", "cuda", "--out", str(cls), "--quiet"]) == 0
+    res = json.loads((cls / "results.json").read_text())["categories"]["plate"]
+    assert 0 <= res["accuracy"] <= 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the kernel owes a GPU, for a machine with a CUDA GPU (never run on CI).
-# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all|lease]
+# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all|lease|o2mag]
 #   sweep       o2mag-kernels gpu-sweep for fp16 and bf16 (each config in its own process) ->
 #               o2mag_kernels/sweeps/<card>.json: commit it; it is what lets `auto` pick the kernel
 #   sweep-fp32  the same for fp32 -> o2mag_kernels/sweeps/<card>-fp32.json
@@ -13,6 +13,11 @@
 #               step gets a share and the last one what is left; a step cut short keeps what it
 #               wrote (the sweep file is rewritten after every config, benchmark rows are printed
 #               as they land)
+#   o2mag       what the generator owes a GPU (about 6 minutes): the cuda tests of tests/o2mag and
+#               tests/evaluation (offloading), `o2mag evaluate detect` on its embedded demo with
+#               --amp on, and seconds per sample of `o2mag dataset` vs `o2mag generate`
+#               (SD v1.5-shaped random model, fp16, 512 px, 50 steps, AGO 500, batch 8, N 32/64)
+#               -> <card>-dataset-vs-generate.json
 # GPU_CHECK_SECONDS > 0 bounds any step the same way. Each step prints a short summary last; a
 # step's failure does not stop the next. When $OUT names a folder (a remote runner's result
 # folder), benchmark results are written there and the sweep files copied there.
@@ -54,6 +59,15 @@ bench() {
   run "$1" "$py" -m benchmarks --quick --suite kernels --no-plot --results-dir "$results"
   run "$2" "$py" -m benchmarks --quick --suite e2e --no-plot --results-dir "$results"
 }
+o2mag_checks() {
+  run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/o2mag tests/evaluation
+  local tmp; tmp=$(mktemp -d)
+  run "$2" "$py" -m o2mag evaluate detect --amp on --quiet --out "$tmp/evaluate"
+  mkdir -p "$results"
+  run "$3" "$py" -m benchmarks.o2mag.dataset_vs_generate --num 32 \
+    --out "$results/$card-dataset-vs-generate.json"
+  rm -rf "$tmp"
+}
 case "$step" in
   sweep) sweep 0 "$card" fp16 bf16 ;;
   sweep-fp32) sweep 0 "$card-fp32" fp32 ;;
@@ -61,7 +75,8 @@ case "$step" in
   bench) bench 0 0 ;;
   all) sweep 0 "$card" fp16 bf16; sweep 0 "$card-fp32" fp32; tests 0; bench 0 0 ;;
   lease) sweep 210 "$card" fp16 bf16; tests 130; bench 120 0 ;;
-  *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all or lease)"; exit 2 ;;
+  o2mag) o2mag_checks 0 0 0 ;;
+  *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
 esac
 "$py" -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
