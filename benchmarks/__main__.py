@@ -41,7 +41,9 @@ def _commit():
         head = run("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
             return None
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        # result files this run (or an earlier one) wrote do not make the code dirty
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)benchmarks/results").stdout.strip()
         return head.stdout.strip() + ("+" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

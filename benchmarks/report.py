@@ -96,20 +96,31 @@ def sweep_table(sweep: dict) -> str:
              f"every case{'' if sweep.get('complete', True) else ' (cut short: incomplete)'}.", "",
              "| dtype | head dim | timed layer | best proven config | kernel ms | torch backend ms "
              "| kernel speed vs torch | auto picks |", "|---|---|---|---|---|---|---|---|"]
+    valid = sweep.get("kernel_hash") == tuning.kernel_hash() and not sweep.get("interpreted")
+    if not valid:
+        lines[0] += " **Stale: swept for another version of the kernel; `auto` ignores it.**"
     timed = {(r["dtype"], r["head_dim"]): r for r in rows if r.get("case") == "timed-sd"}
-    for dt, d in sorted({k for k in timed}, key=lambda k: (k[0], k[1])):
+    for dt, d in sorted({(r["dtype"], r["head_dim"]) for r in rows}):
         ours, torch_ms = tuning._timed(sweep, dt, d)
         good = tuning._passed(sweep).get((dt, tuning.K.head_dim_bucket(d)), {})
         ours = {c: t for c, t in ours.items() if c in good}
+        r = timed.get((dt, d), {})
+        shape = f"{r['tokens']} tokens, N={r['targets']}, H={r['heads']}" if r else "—"
+        if dt == "fp32":
+            pick = "torch (fp32 always)"
+        elif not valid:
+            pick = "torch (stale sweep)"
+        else:
+            ok, _ = tuning.trusted(tuple(cap), dt, d, sweeps=(dict(sweep, valid=True),))
+            pick = "triton" if ok else "torch"
         if not ours:
+            lines.append(f"| {dt} | {d} | {shape} | {'none passed' if good == {} else 'not timed'} "
+                         f"| — | {f'{torch_ms:.3f}' if torch_ms else '—'} | — | {pick} |")
             continue
         best = min(ours, key=ours.get)
-        r = timed[(dt, d)]
-        shape = f"{r.get('tokens')} tokens, N={r.get('targets')}, H={r.get('heads')}"
-        pick, _ = tuning.trusted(tuple(cap), dt, d, sweeps=(dict(sweep, valid=True),))
         ratio = f"{torch_ms / ours[best]:.2f}x" if torch_ms else "—"
         lines.append(f"| {dt} | {d} | {shape} | {best} | {ours[best]:.3f} | "
-                     f"{f'{torch_ms:.3f}' if torch_ms else '—'} | {ratio} | {'triton' if pick else 'torch'} |")
+                     f"{f'{torch_ms:.3f}' if torch_ms else '—'} | {ratio} | {pick} |")
     return "\n".join(lines)
 
 

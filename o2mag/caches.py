@@ -52,9 +52,11 @@ def _weight_sum(module, *, first: bool):
         for pname, p in (own if first else reversed(own)):
             if p.device.type != "meta":
                 return float(p.detach().float().sum())
-            weights = getattr(getattr(sub, "_hf_hook", None), "weights_map", None)
-            if weights is not None and pname in weights:
-                return float(weights[pname].detach().float().sum())
+            hook = getattr(sub, "_hf_hook", None)
+            for h in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook chains several
+                weights = getattr(h, "weights_map", None)
+                if weights is not None and pname in weights:
+                    return float(weights[pname].detach().float().sum())
             return f"meta{tuple(p.shape)}"  # weights unreachable: the shape still names the layer
     return None
 

@@ -38,7 +38,7 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
         auto = ("picks 'triton' for fp16 CUDA tensors: " if pick else
                 "picks 'torch' for fp16 CUDA tensors, not 'triton': ") + why_auto
         if pick:  # the per-head-dim verdicts (a sweep may find the torch backend faster at some)
-            dims = {d: _auto_triton(torch.device("cuda"), torch.float16, d) for d in (40, 64, 80, 128, 160)}
+            dims = {d: _auto_triton(torch.device("cuda"), torch.float16, d) for d in (40, 64, 80, 128, 160, 256)}
             auto += "; " + "; ".join(f"head dim {d}: {'triton' if ok else 'torch'} ({why})"
                                      for d, (ok, why) in dims.items())
     else:

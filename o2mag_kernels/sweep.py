@@ -17,7 +17,6 @@ tests of this command; the file it writes proves nothing about a GPU and is refu
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -26,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Dict, List, Tuple
 
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (40, 64, 80, 128, 160, 256)
@@ -80,20 +80,6 @@ def _inputs(kind, B, L, D, dtype, shared, device, seed, heads=HEADS):
     return (q, k_fg, v_fg, k_bg, v_bg), (qm, fm, bm)
 
 
-@contextlib.contextmanager
-def _timing_lock():
-    """An exclusive lock shared by the sweep's worker processes (the others keep compiling and
-    checking, which costs the GPU little next to a timed kernel)."""
-    import fcntl
-
-    with open(os.path.join(tempfile.gettempdir(), "o2mag-gpu-sweep-timing.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run_item(item: dict, interpret: bool = False):
     """Run one (dtype, head_dim, config) on every case; yields one result dict per case."""
     import torch
@@ -130,13 +116,12 @@ def run_item(item: dict, interpret: bool = False):
         res.update(status="ok" if finite and err <= limit else "wrong", max_err=err, bound=limit,
                    finite=finite, seconds=round(time.perf_counter() - t0, 3))
         yield res
-    if not interpret:
-        yield time_item(item)
 
 
-def time_item(item: dict) -> dict:
-    """Median ms of the item's config (or, for a ``baseline`` item, of the torch backend) on the
-    head dim's timed case, with a mask built once as the grafting layer does."""
+def time_group(item: dict):
+    """Time, on the head dim's SD layer with a mask built once as the grafting layer does, every
+    config in ``item["configs"]`` and the torch backend; yields one row each (median ms). Runs
+    while no other sweep work uses the GPU (the sweep's serial phase)."""
     import torch
     import triton.testing
 
@@ -147,40 +132,37 @@ def time_item(item: dict) -> dict:
 
     D = int(item["head_dim"])
     L = TIMED_TOKENS.get(D, 1024)
-    res = {"case": TIMED_CASE, "status": "running", "tokens": L, "targets": TIMED_TARGETS,
-           "heads": TIMED_HEADS}
-    print(json.dumps(dict(res, started=True)), flush=True)
+    shape = {"case": TIMED_CASE, "tokens": L, "targets": TIMED_TARGETS, "heads": TIMED_HEADS}
     tensors, masks = _inputs("blob", TIMED_TARGETS, L, D, _torch_dtype(item["dtype"]), False,
                              "cuda", seed=D + 1, heads=TIMED_HEADS)
     mask = tri_source_mask(*masks)
     problem = validate(*tensors, mask, None, None, None, 1 / 0.7, "torch")
-    if item.get("baseline") == "torch":
-        mask.host()  # read once at build time, as AttentionGraft.prepare does
-        fn = lambda: torch_attention(problem, *tensors, mask, None, None)  # noqa: E731
-    else:
-        tb.POISON_OUTPUT = False
-        config = tuple(item["config"])
-        fn = lambda: tb.run_op(problem, *tensors, mask, store_lse=False, config=config)  # noqa: E731
-    with torch.no_grad():
-        fn()
-        torch.cuda.synchronize()
-        with _timing_lock():  # one worker times at a time: the timings order the configs
-            res["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    res["status"] = "ok"
-    return res
+    tb.POISON_OUTPUT = False
+    runs = [({"config": list(c)}, lambda c=tuple(c): tb.run_op(problem, *tensors, mask,
+                                                               store_lse=False, config=c))
+            for c in item["configs"]]
+    mask.host()  # the torch backend's one host read, at build time as AttentionGraft.prepare does
+    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask, None, None)))
+    for what, fn in runs:
+        print(json.dumps(dict(shape, **what, started=True)), flush=True)  # a crash names it
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        yield dict(shape, **what, status="ok", ms=ms)
 
 
 def _worker(interpret: bool) -> int:
     item = json.load(sys.stdin)
-    results = [time_item(item)] if item.get("baseline") else run_item(item, interpret)
+    results = time_group(item) if "configs" in item else run_item(item, interpret)
     for res in results:
         print(json.dumps(res), flush=True)
     return 0
 
 
 def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = False):
-    """The work list: every spill-free config per (dtype, head dim) bucket (``quick``: two, for
-    a smoke run), plus on a GPU one torch-backend ``baseline`` item per bucket (timing only)."""
+    """The correctness work list: every spill-free config per (dtype, head dim) bucket
+    (``quick``: two, for a smoke run)."""
     from . import tuning
 
     out = []
@@ -190,8 +172,6 @@ def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = F
             if quick:
                 cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
             out += [{"dtype": dt, "head_dim": d, "config": list(c)} for c in cfgs]
-            if not interpret:
-                out.append({"dtype": dt, "head_dim": d, "baseline": "torch"})
     return out
 
 
@@ -219,15 +199,16 @@ def _run_one(item, interpret: bool, timeout: float):
             continue
         r = json.loads(line)
         if r.pop("started", False):
-            current = r["case"]
+            current = r  # what was running: a crash is recorded against it
             continue
         results.append(r)
         current = None
+    base = {k: v for k, v in item.items() if k != "configs"}
     if code != 0:
         why = "timed out" if code == "timeout" else f"worker exited with {code}"
-        results.append({"case": current or "(startup)", "status": "crash",
-                        "error": f"{why}: {' | '.join(tail)[-400:]}"})
-    return [dict(item, **r) for r in results]
+        results.append(dict(current or {"case": "(startup)"}, status="crash",
+                            error=f"{why}: {' | '.join(tail)[-400:]}"))
+    return [dict(base, **r) for r in results]
 
 
 def card_slug(name: str) -> str:
@@ -260,11 +241,12 @@ def run(args) -> int:
     t0 = time.perf_counter()
     results = []
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    partial = out_path + ".partial"
 
     def write(complete: bool):
-        """Rewritten after every item (atomically), so a sweep cut short by a time limit keeps
-        what it measured; ``complete`` says whether every item ran. Configs that did not run are
-        simply not allowed by :mod:`o2mag_kernels.tuning`."""
+        """Rewritten after every item (atomically) as ``<out>.partial``, renamed to ``<out>`` once
+        complete: a sweep cut short by a time limit keeps what it measured without replacing the
+        committed file (:mod:`o2mag_kernels.tuning` reads only ``*.json``)."""
         payload = {
             "device": name, "capability": list(cap), "interpreted": interpret,
             "torch": torch.__version__, "triton": triton.__version__,
@@ -275,27 +257,48 @@ def run(args) -> int:
                      [c[0] for c in CASES] + [TIMED_CASE],
             "results": results,
         }
-        tmp = out_path + ".tmp"
+        tmp = partial + ".tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
-        os.replace(tmp, out_path)
+        os.replace(tmp, out_path if complete else partial)
+        if complete and os.path.exists(partial):
+            os.remove(partial)
 
+    def report(got):
+        bad = [r for r in got if r["status"] != "ok"]
+        it = got[0] if got else {}
+        what = "timing" if any(r.get("case") == TIMED_CASE for r in got) else tuple(it.get("config", ()))
+        print(f"  {it.get('dtype')} D{it.get('head_dim')} {what}: "
+              + ("ok" if not bad else f"FAIL {bad[0]['case']} {tuple(bad[0].get('config', ())) or ''}: "
+                 f"{bad[0]['status']} {bad[0].get('error') or bad[0].get('max_err')}")
+              + "".join(f" {tuple(r['config']) if 'config' in r else r.get('baseline')} "
+                        f"{r['ms']:.3f} ms," for r in got if "ms" in r), flush=True)
+
+    # phase 1, in parallel: correctness, one process per config (results as they complete)
     with ThreadPoolExecutor(jobs) as pool:
-        for got in pool.map(lambda it: _run_one(it, interpret, args.timeout), todo):
+        futures = [pool.submit(_run_one, it, interpret, args.timeout) for it in todo]
+        for fut in as_completed(futures):
+            got = fut.result()
             results += got
             write(complete=False)
-            bad = [r for r in got if r["status"] != "ok"]
-            it = got[0] if got else {}
-            what = tuple(it["config"]) if "config" in it else f"{it.get('baseline')} backend"
-            print(f"  {it.get('dtype')} D{it.get('head_dim')} {what}: "
-                  + ("ok" + "".join(f" {r['ms']:.3f} ms" for r in got if "ms" in r) if not bad
-                     else f"FAIL {bad[0]['case']}: {bad[0]['status']} "
-                     f"{bad[0].get('error') or bad[0].get('max_err')}"), flush=True)
+            report(got)
+    # phase 2, one process at a time and nothing else on the GPU: per (dtype, head dim), time
+    # every config that passed and the torch backend on the head dim's SD layer
+    if not interpret:
+        passed: Dict[Tuple[str, int], List[list]] = {}
+        bad = {(r["dtype"], r["head_dim"], tuple(r["config"])) for r in results if r["status"] != "ok"}
+        for it in todo:
+            if (it["dtype"], it["head_dim"], tuple(it["config"])) not in bad:
+                passed.setdefault((it["dtype"], it["head_dim"]), []).append(it["config"])
+        for (dt, d), cfgs in sorted(passed.items()):
+            got = _run_one({"dtype": dt, "head_dim": d, "configs": cfgs}, False, args.timeout)
+            results += got
+            write(complete=False)
+            report(got)
     write(complete=True)
     failed = sorted({(r["dtype"], r["head_dim"], str(tuple(r["config"])) if "config" in r
-                      else r.get("baseline", "?")) for r in results
-                     if r["status"] != "ok"})
-    print(f"gpu-sweep: {len(todo) - len(failed)}/{len(todo)} items passed every case "
+                      else r.get("baseline", "?")) for r in results if r["status"] != "ok"})
+    print(f"gpu-sweep: {len(todo) - len(failed)}/{len(todo)} configs passed every case "
           f"({time.perf_counter() - t0:.0f} s); wrote {out_path}")
     for f_ in failed:
         print(f"  failed: {f_}")

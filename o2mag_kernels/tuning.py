@@ -224,9 +224,11 @@ def allowed_configs(head_dim: int, dtype="fp16", arch: int = 90, sweeps=None) ->
 def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] = None,
             sweeps=None) -> Tuple[bool, str]:
     """Whether ``auto`` may pick the kernel for ``dtype`` on a GPU of this capability, and why
-    (not): a committed sweep of this family must have covered the dtype and, when ``head_dim`` is
-    given, passed at least one config for its bucket (a partial sweep, or one where every config
-    of a bucket failed, leaves that bucket on the torch backend)."""
+    (not). A committed sweep of this family must cover the dtype; with ``head_dim`` given, a
+    config must also have passed every case in its bucket (never overridden: nothing could run)
+    and the best of them must have measured faster than the torch backend on the sweep's timed
+    layer for that head dim (a sweep cut short before timing it proves no speed).
+    ``O2MAG_TRITON=on`` waives the coverage and speed conditions, ``off`` refuses."""
     setting = os.environ.get("O2MAG_TRITON", "auto").lower()
     if setting == "off":
         return False, "O2MAG_TRITON=off"
@@ -235,34 +237,35 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
     mine, _ = _family_sweeps(arch, sweeps)
     covering = [s for s in mine if any(r["dtype"] == name for r in s.get("results", []))]
     fam = f"sm_{family(arch) // 10}x"
-    if covering and head_dim is not None and not proven(head_dim, dtype, arch, sweeps):
-        if setting == "on":
-            return True, f"O2MAG_TRITON=on (head dim {head_dim} {name} not proven on {fam})"
+    if head_dim is not None and covering and proven(head_dim, dtype, arch, sweeps) == []:
         return False, (f"no config passed the committed hardware sweep of {fam} for head dim "
                        f"{head_dim} ({name})")
-    if covering and head_dim is not None and setting != "on":
-        key = (name, K.head_dim_bucket(head_dim))
-        for s in covering:
-            ours, torch_ms = _timed(s, name, head_dim)
-            good = _passed(s).get(key, {})
-            best = min((t for c, t in ours.items() if c in good), default=float("inf"))
-            if torch_ms is not None and best >= torch_ms:
-                return False, (f"the torch backend measured faster on {fam} for head dim "
-                               f"{head_dim} ({name}): {torch_ms:.3f} ms against the kernel's "
-                               f"{best:.3f} ms in {os.path.basename(s.get('path', 'a sweep'))}")
-    if covering and head_dim is not None:
-        ours, torch_ms = _timed(covering[0], name, head_dim)
-        good = _passed(covering[0]).get((name, K.head_dim_bucket(head_dim)), {})
-        best = min((t for c, t in ours.items() if c in good), default=None)
-        if torch_ms is not None and best:
-            return True, (f"head dim {head_dim} {name} proven on {fam}; {torch_ms / best:.2f}x the "
-                          "torch backend's speed on the sweep's SD layer")
-    if covering:
-        return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if setting == "on":
-        return True, f"O2MAG_TRITON=on ({name} configs not proven on {fam})"
-    return False, (f"no committed hardware sweep of this kernel covers {name} on {fam} "
-                   "(run `o2mag-kernels gpu-sweep`, or set O2MAG_TRITON=on to use it anyway)")
+        return True, f"O2MAG_TRITON=on ({name} on {fam})"
+    if not covering:
+        return False, (f"no committed hardware sweep of this kernel covers {name} on {fam} "
+                       "(run `o2mag-kernels gpu-sweep`, or set O2MAG_TRITON=on to use it anyway)")
+    if head_dim is None:
+        return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
+    if proven(head_dim, dtype, arch, sweeps) is None:
+        return False, f"the committed sweeps of {fam} did not reach head dim {head_dim} ({name})"
+    key = (name, K.head_dim_bucket(head_dim))
+    ratios = []
+    for s in covering:
+        ours, torch_ms = _timed(s, name, head_dim)
+        good = _passed(s).get(key, {})
+        best = min((t for c, t in ours.items() if c in good), default=float("inf"))
+        where = os.path.basename(s.get("path", "a sweep"))
+        if torch_ms is None or best == float("inf"):
+            return False, (f"{where} did not time the kernel and the torch backend at head dim "
+                           f"{head_dim} ({name}) on {fam}")
+        if best >= torch_ms:
+            return False, (f"the torch backend measured faster on {fam} for head dim "
+                           f"{head_dim} ({name}): {torch_ms:.3f} ms against the kernel's "
+                           f"{best:.3f} ms in {where}")
+        ratios.append(torch_ms / best)
+    return True, (f"head dim {head_dim} {name} proven on {fam}; {min(ratios):.2f}x the torch "
+                  "backend's speed on the sweep's SD layer")
 
 
 def describe(capability: Tuple[int, int]) -> str:

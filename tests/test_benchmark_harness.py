@@ -93,3 +93,27 @@ def test_readme_section_and_update(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, section)
+
+
+def test_sweep_table_renders_the_committed_sweeps_verdicts():
+    """Every (dtype, head dim) of a committed GPU sweep gets a row whose 'auto picks' column is
+    tuning's own verdict; a sweep of another kernel version is marked stale and picks nothing."""
+    from pathlib import Path
+
+    from benchmarks.report import sweep_table
+    from o2mag_kernels import tuning
+
+    files = sorted(Path(tuning.SWEEP_DIR).glob("*.json"))
+    assert files, "a committed hardware sweep is expected in o2mag_kernels/sweeps/"
+    sweep = dict(json.loads(files[0].read_text()), path=str(files[0]))
+    table = sweep_table(sweep)
+    rows = [ln for ln in table.splitlines() if ln.startswith("| fp") or ln.startswith("| bf")]
+    keys = {(r["dtype"], r["head_dim"]) for r in sweep["results"]}
+    assert len(rows) == len(keys)
+    cap = tuple(sweep["capability"])
+    for ln in rows:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        want = tuning.trusted(cap, cells[0], int(cells[1]), sweeps=(dict(sweep, valid=True),))[0]
+        assert cells[-1] == ("triton" if want else "torch"), ln
+    stale = sweep_table(dict(sweep, kernel_hash="0" * 16))
+    assert "Stale" in stale and "| triton |" not in stale

@@ -4,9 +4,11 @@
 
 Both commands run as the user runs them (separate processes, model loaded from a folder) on one
 reference defect, its mask and one normal image (the embedded sample), with the same model,
-steps, AGO, batch size and seed. Each runs cold (fresh output and cache folders) for --num and
-for twice that: the difference is the seconds per sample without a run's fixed cost (imports,
-model load, AGO, inversion), which is reported apart; the outputs are compared. On a GPU the model is a random-weight SD v1.5-shaped pipeline in
+steps, AGO, batch size and seed. One untimed run of each fills a shared AGO/inversion cache
+(AGO's CUDA backward is not bitwise repeatable, so sharing it is what makes the images
+comparable) and warms the kernels; then each runs, alternating, for --num and for twice that
+into fresh output folders: the difference is the seconds per sample without a run's fixed cost
+(imports, model load, cache reads), which is reported apart; the outputs are compared. On a GPU the model is a random-weight SD v1.5-shaped pipeline in
 fp16 at 512 px (weights do not change speed), on a CPU the tiny seeded model. The two commands
 share the code path after the job is planned, so their times should agree within noise; the
 result (JSON) says by how much they differ.
@@ -62,14 +64,17 @@ def _inputs(root: Path, size: int) -> dict:
     return dict(paths, prompt=sample.prompt, word=sample.anomaly_word, defect=sample.anomaly_word)
 
 
-def _run(cmd) -> float:
+def _run(cmd) -> tuple:
+    """(wall seconds, the command's last output line: its summary)."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} failed ({proc.returncode}):\n"
                            f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    return seconds
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("o2mag:")]
+    summary = [ln for ln in lines if "per sample" in ln] or lines[-1:]
+    return seconds, (summary[0] if summary else "")
 
 
 def _images(folder: Path) -> list:
@@ -89,12 +94,16 @@ def run(device: torch.device, *, num: int, steps: int, ago_steps: int, batch_siz
                         "--anomaly-word", inp["word"], "--category", "sample", "--defect",
                         inp["defect"]]
     dataset = o2mag + ["dataset", "--job", str(inp["job"])]
-    seconds, images = {}, {}
-    for name, cmd in (("generate", generate), ("dataset", dataset)):
-        for n in (num, 2 * num):  # cold each time: fresh output and cache folders
+    seconds, images, logs = {}, {}, {}
+    cache = ["--cache-dir", str(work / "cache")]  # one AGO/inversion cache for every run
+    for name, cmd in (("generate", generate), ("dataset", dataset)):  # warm-up, untimed: fills
+        _run(cmd + common + cache + ["--num", "1", "--out", str(work / f"warm-{name}")])  # caches
+    for n in (num, 2 * num):  # alternating, so drift hits both commands alike
+        for name, cmd in (("generate", generate), ("dataset", dataset)):
             out = work / f"{name}-{n}"
-            seconds[(name, n)] = _run(cmd + common + ["--num", str(n), "--out", str(out),
-                                                      "--cache-dir", str(work / f"cache-{name}-{n}")])
+            seconds[(name, n)], logs[(name, n)] = _run(cmd + common + cache +
+                                                       ["--num", str(n), "--out", str(out)])
+    for name in ("generate", "dataset"):
         images[name] = _images(work / f"{name}-{2 * num}" / "sample" / inp["defect"] / "image")
     result = {"device": device_name(device), "torch": torch.__version__, "num": [num, 2 * num],
               "steps": steps, "ago_steps": ago_steps, "batch_size": batch_size, "size": size,
@@ -103,12 +112,15 @@ def run(device: torch.device, *, num: int, steps: int, ago_steps: int, batch_siz
         t1, t2 = seconds[(name, num)], seconds[(name, 2 * num)]
         marginal = (t2 - t1) / num  # per sample, without the fixed cost of a run
         result[name] = {"seconds": [t1, t2], "seconds_per_sample": marginal,
-                        "fixed_seconds": t1 - num * marginal}
+                        "fixed_seconds": t1 - num * marginal,
+                        "summary": [logs[(name, num)], logs[(name, 2 * num)]]}
     result["dataset_over_generate_per_sample"] = (result["dataset"]["seconds_per_sample"]
                                                   / result["generate"]["seconds_per_sample"])
     a, b = images["generate"], images["dataset"]
     result["identical_images"] = len(a) == len(b) == 2 * num and all(
         np.array_equal(x, y) for x, y in zip(a, b))
+    result["max_pixel_difference"] = max((int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, b)),
+                                         default=None)
     return result
 
 

@@ -276,7 +276,9 @@ def test_amp_on_cuda_trains_to_finite_results(trees, tmp_path):
     assert main(["evaluate", "detect", "--mvtec-root", str(mvtec), "--synthetic", str(synth),
                  "--category", "plate", "--out", str(out), "--device", "cuda", "--amp", "on",
                  *TINY]) == 0
-    rec = json.loads((out / "results.json").read_text())["categories"]["plate"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["train"]["amp"] is True and res["settings"]["device"].startswith("cuda")
+    rec = res["categories"]["plate"]
     assert all(np.isfinite(h["loss"]) for h in rec["history"]), rec["history"]
     assert all(0 <= v <= 1 for v in rec["metrics"].values())
     cls = tmp_path / "cls"

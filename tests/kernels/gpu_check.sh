@@ -11,8 +11,8 @@
 #   all         sweep, sweep-fp32, tests, bench
 #   lease       sweep, tests, bench under one time limit (GPU_CHECK_SECONDS, default 560): each
 #               step gets a share and the last one what is left; a step cut short keeps what it
-#               wrote (the sweep file is rewritten after every config, benchmark rows are printed
-#               as they land)
+#               wrote (a sweep cut short leaves <card>.json.partial beside the committed file,
+#               benchmark rows are printed as they land)
 #   o2mag       what the generator owes a GPU (about 6 minutes): the cuda tests of tests/o2mag and
 #               tests/evaluation (offloading), `o2mag evaluate detect` on its embedded demo with
 #               --amp on, and seconds per sample of `o2mag dataset` vs `o2mag generate`
@@ -74,13 +74,14 @@ case "$step" in
   tests) tests 0 ;;
   bench) bench 0 0 ;;
   all) sweep 0 "$card" fp16 bf16; sweep 0 "$card-fp32" fp32; tests 0; bench 0 0 ;;
-  lease) sweep 210 "$card" fp16 bf16; tests 130; bench 120 0 ;;
+  lease) sweep 290 "$card" fp16 bf16; tests 120; bench 100 0 ;;
   o2mag) o2mag_checks 0 0 0 ;;
   *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
 esac
 "$py" -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-  cp o2mag_kernels/sweeps/*.json "$OUT"/ 2>/dev/null && echo "copied the sweep files to $OUT"
+  cp o2mag_kernels/sweeps/*.json o2mag_kernels/sweeps/*.partial "$OUT"/ 2>/dev/null
+  echo "copied the sweep files to $OUT"
 fi
 echo "gpu_check $step: $(( $(date +%s) - start )) s, status $status"
 exit $status

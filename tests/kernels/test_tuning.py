@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from o2mag_kernels import _triton_kernel as K
 from o2mag_kernels import aot, tuning
@@ -115,9 +116,11 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
         assert not tuning.trusted((9, 0), "fp16", sweeps=(bad,))[0]
     # per head dim: a bucket the sweep did not reach (cut short) or where every config failed
     # stays on the torch backend, and an explicit triton call there says why
-    assert tuning.trusted((9, 0), "fp16", 40, sweeps=(h100,))[0]
+    ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(h100,))  # proven, but not timed vs torch
+    assert not ok and "did not time" in why
     assert tuning.proven(80, "fp16", 90, sweeps=(h100,)) is None
-    assert not tuning.trusted((9, 0), "fp16", 80, sweeps=(h100,))[0]
+    ok, why = tuning.trusted((9, 0), "fp16", 80, sweeps=(h100,))
+    assert not ok and "did not reach head dim 80" in why
     failed = _sweep(results=rows + _rows("fp16", 80, tuning.spill_free(80, "fp16", 90)[0], "wrong"))
     assert tuning.proven(80, "fp16", 90, sweeps=(failed,)) == []
     ok, why = tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))
@@ -134,12 +137,12 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
     ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [slow]),))
     assert not ok and "torch backend measured faster" in why and "0.900" in why
     # head dims 40 and 64 share a bucket but are timed on different layers: never mixed
-    d64 = [dict(r, head_dim=64, ms=0.05) if "ms" in r else dict(r, head_dim=64) for r in
-           _rows("fp16", 64, a, ms=0.05) + _rows("fp16", 64, b, ms=0.06)] + [
-        dict(fast, head_dim=64, ms=0.2)]
+    # (at 64 the order is the reverse of 40's: a is faster there)
+    d64 = _rows("fp16", 64, a, ms=0.05) + _rows("fp16", 64, b, ms=0.06) + [dict(fast, head_dim=64, ms=0.2)]
     mixed = _sweep(results=rows + [slow] + d64)
     assert not tuning.trusted((9, 0), "fp16", 40, sweeps=(mixed,))[0]  # 40: torch 0.9 < 1.0
-    assert tuning.trusted((9, 0), "fp16", 64, sweeps=(mixed,))[0]  # 64: kernel 0.05 < torch 0.2
+    ok, why = tuning.trusted((9, 0), "fp16", 64, sweeps=(mixed,))  # 64: kernel 0.05 < torch 0.2
+    assert ok and "4.00x" in why
     assert tuning.proven(64, "fp16", 90, sweeps=(mixed,)) == [a, b]  # ordered by 64's own times
     assert tuning.proven(40, "fp16", 90, sweeps=(mixed,)) == [b, a]
     # a baseline row neither proves nor fails a config
@@ -147,7 +150,8 @@ def test_sweeps_decide_what_runs_and_whether_auto_picks_it(monkeypatch):
     # the user's switch
     monkeypatch.setenv("O2MAG_TRITON", "on")
     assert tuning.trusted((9, 0), "fp16", 40, sweeps=(_sweep(results=rows + [slow]),))[0]
-    assert tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))[0]
+    assert tuning.trusted((9, 0), "fp16", 80, sweeps=(h100,))[0]  # not reached: the user's call
+    assert not tuning.trusted((9, 0), "fp16", 80, sweeps=(failed,))[0]  # nothing could run there
     assert tuning.trusted((8, 6), "fp16", sweeps=())[0]
     monkeypatch.setenv("O2MAG_TRITON", "off")
     assert not tuning.trusted((9, 0), "fp16", sweeps=(h100,))[0]
@@ -215,3 +219,50 @@ def test_a_crashing_worker_is_recorded(monkeypatch):
     got = sweep._run_one({"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3]}, False, 10)
     assert got == [{"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3], "case": "blob-4096",
                     "status": "crash", "error": "worker exited with -11: "}]
+
+
+def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch, tmp_path):
+    """The sweep's two phases on a faked GPU: correctness for every config (one crashes), then
+    one timing process per (dtype, head dim) for the configs that passed plus the torch backend;
+    the file is ``<out>.partial`` until the end, and tuning then reads its verdicts."""
+    import argparse
+
+    from o2mag_kernels import sweep
+
+    monkeypatch.delenv("O2MAG_TRITON", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    out = tmp_path / "fake.json"
+    crash = tuning.spill_free(80, "fp16", 90)[0]
+    calls, seen_partial = [], []
+
+    def fake_run_one(item, interpret, timeout):
+        seen_partial.append((item, os.path.exists(str(out) + ".partial") and not out.exists()))
+        calls.append(item)
+        if "configs" in item:  # phase 2: kernel 1.0 ms per config at 80, torch 2.0; 40: torch faster
+            assert item["head_dim"] != 80 or all(tuple(c) != crash for c in item["configs"])
+            kernel, torch_ms = (1.0, 2.0) if item["head_dim"] == 80 else (3.0, 2.0)
+            rows = [{"case": "timed-sd", "config": c, "status": "ok", "ms": kernel} for c in item["configs"]]
+            rows.append({"case": "timed-sd", "baseline": "torch", "status": "ok", "ms": torch_ms})
+            return [dict(dtype=item["dtype"], head_dim=item["head_dim"], **r) for r in rows]
+        status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash) else "ok"
+        return [dict(item, case=c, status=status) for c in sweep.CASES[0][:1]]
+
+    monkeypatch.setattr(sweep, "_run_one", fake_run_one)
+    args = argparse.Namespace(dtypes=["fp16"], head_dims=[40, 80], quick=False, jobs=2, timeout=5,
+                              out=str(out), interpret=False)
+    assert sweep.run(args) == 1  # one config crashed
+    groups = [c for c in calls if "configs" in c]
+    assert [(g["dtype"], g["head_dim"]) for g in groups] == [("fp16", 40), ("fp16", 80)]
+    assert calls.index(groups[0]) == len(calls) - 2  # timing only after every correctness run
+    # while timing, the results so far are in <out>.partial and <out> does not exist yet
+    assert all(p for c, p in seen_partial if "configs" in c)
+    assert out.exists() and not os.path.exists(str(out) + ".partial")
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["kernel_hash"] == tuning.kernel_hash()
+    data["path"], data["valid"] = str(out), True
+    assert tuning.trusted((9, 0), "fp16", 80, sweeps=(data,))[0]
+    ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(data,))
+    assert not ok and "torch backend measured faster" in why
+    assert crash not in tuning.proven(80, "fp16", 90, sweeps=(data,))

@@ -124,13 +124,19 @@ def test_model_fingerprint_reads_weights_under_sequential_offload():
 
     from o2mag.caches import model_fingerprint
 
+    class Scaled(torch.nn.Module):  # a parameter of its own at the top: accelerate chains hooks
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.randn(3))
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(),
-                                torch.nn.Sequential(torch.nn.Linear(4, 3)))
-    offloaded = copy.deepcopy(model)
-    cpu_offload(offloaded, execution_device=torch.device("cpu"))
-    assert all(p.device.type == "meta" for p in offloaded.parameters())
-    assert model_fingerprint("m", [offloaded]) == model_fingerprint("m", [model])
-    with torch.no_grad():
-        model[2][0].bias.add_(1.0)  # another model under the same name: another key
-    assert model_fingerprint("m", [offloaded]) != model_fingerprint("m", [model])
+    for model in (torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(),
+                                      torch.nn.Sequential(torch.nn.Linear(4, 3))), Scaled()):
+        offloaded = copy.deepcopy(model)
+        cpu_offload(offloaded, execution_device=torch.device("cpu"))
+        assert all(p.device.type == "meta" for p in offloaded.parameters())
+        assert model_fingerprint("m", [offloaded]) == model_fingerprint("m", [model])
+        with torch.no_grad():
+            list(model.parameters())[-1].add_(1.0)  # another model under the same name: another key
+        assert model_fingerprint("m", [offloaded]) != model_fingerprint("m", [model])
