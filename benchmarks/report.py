@@ -96,14 +96,14 @@ def sweep_table(sweep: dict) -> str:
              f"every case{'' if sweep.get('complete', True) else ' (cut short: incomplete)'}.", "",
              "| dtype | head dim | timed layer | best proven config | kernel ms | torch backend ms "
              "| kernel speed vs torch | auto picks |", "|---|---|---|---|---|---|---|---|"]
-    valid = sweep.get("kernel_hash") == tuning.kernel_hash() and not sweep.get("interpreted")
+    valid = tuning.sweep_is_valid(sweep)
     if not valid:
         lines[0] += " **Stale: swept for another version of the kernel; `auto` ignores it.**"
+    as_valid = (dict(sweep, valid=True),)
+    arch = 10 * cap[0] + cap[1]
     timed = {(r["dtype"], r["head_dim"]): r for r in rows if r.get("case") == "timed-sd"}
     for dt, d in sorted({(r["dtype"], r["head_dim"]) for r in rows}):
-        ours, torch_ms = tuning._timed(sweep, dt, d)
-        good = tuning._passed(sweep).get((dt, tuning.K.head_dim_bucket(d)), {})
-        ours = {c: t for c, t in ours.items() if c in good}
+        best, best_ms, torch_ms = tuning.timed_best(sweep, dt, d)
         r = timed.get((dt, d), {})
         shape = f"{r['tokens']} tokens, N={r['targets']}, H={r['heads']}" if r else "—"
         if dt == "fp32":
@@ -111,16 +111,15 @@ def sweep_table(sweep: dict) -> str:
         elif not valid:
             pick = "torch (stale sweep)"
         else:
-            ok, _ = tuning.trusted(tuple(cap), dt, d, sweeps=(dict(sweep, valid=True),))
-            pick = "triton" if ok else "torch"
-        if not ours:
-            lines.append(f"| {dt} | {d} | {shape} | {'none passed' if good == {} else 'not timed'} "
-                         f"| — | {f'{torch_ms:.3f}' if torch_ms else '—'} | — | {pick} |")
+            pick = "triton" if tuning.trusted(tuple(cap), dt, d, sweeps=as_valid)[0] else "torch"
+        torch_cell = f"{torch_ms:.3f}" if torch_ms else "—"
+        if best is None:
+            none = tuning.proven(d, dt, arch, sweeps=as_valid) == []
+            lines.append(f"| {dt} | {d} | {shape} | {'none passed' if none else 'not timed'} "
+                         f"| — | {torch_cell} | — | {pick} |")
             continue
-        best = min(ours, key=ours.get)
-        ratio = f"{torch_ms / ours[best]:.2f}x" if torch_ms else "—"
-        lines.append(f"| {dt} | {d} | {shape} | {best} | {ours[best]:.3f} | "
-                     f"{f'{torch_ms:.3f}' if torch_ms else '—'} | {ratio} | {pick} |")
+        ratio = f"{torch_ms / best_ms:.2f}x" if torch_ms else "—"
+        lines.append(f"| {dt} | {d} | {shape} | {best} | {best_ms:.3f} | {torch_cell} | {ratio} | {pick} |")
     return "\n".join(lines)
 
 

@@ -137,6 +137,11 @@ def kernel_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def sweep_is_valid(sweep: dict, current: Optional[str] = None) -> bool:
+    """A sweep proves something only for this kernel's source, and only when run on a GPU."""
+    return sweep.get("kernel_hash") == (current or kernel_hash()) and not sweep.get("interpreted")
+
+
 @functools.lru_cache(maxsize=None)
 def load_sweeps(directory: str = SWEEP_DIR) -> Tuple[dict, ...]:
     """Every committed sweep file, each a dict with ``valid`` (its kernel hash is this kernel's)."""
@@ -146,7 +151,7 @@ def load_sweeps(directory: str = SWEEP_DIR) -> Tuple[dict, ...]:
         with open(path) as f:
             data = json.load(f)
         data["path"] = path
-        data["valid"] = data.get("kernel_hash") == current and not data.get("interpreted")
+        data["valid"] = sweep_is_valid(data, current)
         out.append(data)
     return tuple(out)
 
@@ -185,6 +190,17 @@ def _timed(sweep: dict, dtype: str, head_dim: int) -> Tuple[Dict[Config, float],
     ours = {tuple(r["config"]): float(r["ms"]) for r in rows if "config" in r}
     torch_ms = [float(r["ms"]) for r in rows if r.get("baseline") == "torch"]
     return ours, (torch_ms[0] if torch_ms else None)
+
+
+def timed_best(sweep: dict, dtype: str, head_dim: int) -> Tuple[Optional[Config], Optional[float],
+                                                              Optional[float]]:
+    """(fastest config that passed every case in the bucket, its ms, the torch backend's ms) on
+    the sweep's timed layer for ``head_dim`` (see :func:`_timed`); None where not timed."""
+    ours, torch_ms = _timed(sweep, dtype, head_dim)
+    good = _passed(sweep).get((dtype, K.head_dim_bucket(head_dim)), {})
+    ours = {c: t for c, t in ours.items() if c in good}
+    best = min(ours, key=ours.get) if ours else None
+    return best, (ours[best] if best else None), torch_ms
 
 
 def _family_sweeps(arch: int, sweeps=None):
@@ -237,7 +253,8 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
     mine, _ = _family_sweeps(arch, sweeps)
     covering = [s for s in mine if any(r["dtype"] == name for r in s.get("results", []))]
     fam = f"sm_{family(arch) // 10}x"
-    if head_dim is not None and covering and proven(head_dim, dtype, arch, sweeps) == []:
+    p = proven(head_dim, dtype, arch, sweeps) if head_dim is not None and covering else None
+    if p == []:
         return False, (f"no config passed the committed hardware sweep of {fam} for head dim "
                        f"{head_dim} ({name})")
     if setting == "on":
@@ -247,16 +264,13 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
                        "(run `o2mag-kernels gpu-sweep`, or set O2MAG_TRITON=on to use it anyway)")
     if head_dim is None:
         return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
-    if proven(head_dim, dtype, arch, sweeps) is None:
+    if p is None:
         return False, f"the committed sweeps of {fam} did not reach head dim {head_dim} ({name})"
-    key = (name, K.head_dim_bucket(head_dim))
     ratios = []
     for s in covering:
-        ours, torch_ms = _timed(s, name, head_dim)
-        good = _passed(s).get(key, {})
-        best = min((t for c, t in ours.items() if c in good), default=float("inf"))
+        _, best, torch_ms = timed_best(s, name, head_dim)
         where = os.path.basename(s.get("path", "a sweep"))
-        if torch_ms is None or best == float("inf"):
+        if torch_ms is None or best is None:
             return False, (f"{where} did not time the kernel and the torch backend at head dim "
                            f"{head_dim} ({name}) on {fam}")
         if best >= torch_ms:
