@@ -11,22 +11,24 @@ from .reference import reference_attention
 from .torch_backend import torch_attention
 
 
-def _triton_status(device: torch.device | None = None) -> Tuple[bool, str]:
-    """Whether the fused Triton kernel can run here (for tensors on ``device``) and why not."""
-    try:
-        from . import triton_backend
-    except ImportError as exc:  # triton missing or too old
-        return False, f"triton is not importable: {exc}"
-    return triton_backend.status(device)
-
-
-def _triton_runnable(device: torch.device) -> Tuple[bool, str]:
-    """The per-call check of an explicit ``backend="triton"`` (cached per device)."""
+def _ask_triton(check: str, *args) -> Tuple[bool, str]:
+    """``triton_backend.<check>(*args)``, or (False, why) when triton cannot be imported (missing
+    or too old): the one guard around the optional dependency."""
     try:
         from . import triton_backend
     except ImportError as exc:
         return False, f"triton is not importable: {exc}"
-    return triton_backend.runnable(device)
+    return getattr(triton_backend, check)(*args)
+
+
+def _triton_status(device: torch.device | None = None) -> Tuple[bool, str]:
+    """Whether the fused Triton kernel can run here (for tensors on ``device``) and why not."""
+    return _ask_triton("status", device)
+
+
+def _triton_runnable(device: torch.device) -> Tuple[bool, str]:
+    """The per-call check of an explicit ``backend="triton"`` (cached per device)."""
+    return _ask_triton("runnable", device)
 
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
@@ -52,11 +54,7 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
 
 
 def _auto_triton(device: torch.device, dtype, head_dim=None) -> Tuple[bool, str]:
-    try:
-        from . import triton_backend
-    except ImportError as exc:
-        return False, f"triton is not importable: {exc}"
-    return triton_backend.auto_ok(device, dtype, head_dim)
+    return _ask_triton("auto_ok", device, dtype, head_dim)
 
 
 _AUTO_CACHE: Dict[tuple, bool] = {}
