@@ -17,29 +17,12 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .store import MANIFEST_NAME, read_manifest
+from .store import complete_samples
 
 __all__ = ["write_contact_sheet", "contact_sheet", "CONTACT_SHEET_NAME"]
 
 CONTACT_SHEET_NAME = "contact_sheet.png"
 _OUTLINE = (255, 40, 40)
-
-
-def _samples(defect_dir: Path) -> list:
-    """(index, image path, mask path) of the complete samples, by index (last manifest line wins)."""
-    root = defect_dir.parent.parent
-    last = {}
-    for rec in read_manifest(defect_dir / MANIFEST_NAME):
-        last[rec["index"]] = rec
-    out = []
-    for i in sorted(last):
-        rec = last[i]
-        if rec.get("status") != "ok" or not isinstance(rec.get("image"), str) or not isinstance(rec.get("mask"), str):
-            continue
-        img, mask = root / rec["image"], root / rec["mask"]
-        if img.is_file() and mask.is_file():
-            out.append((i, img, mask))
-    return out
 
 
 def _tile(img_path: Path, mask_path: Path, size: int) -> Image.Image:
@@ -62,7 +45,7 @@ def contact_sheet(defect_dir: str | os.PathLike, *, max_samples: int = 64, tile:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     d = Path(defect_dir)
-    samples = _samples(d)
+    samples = [(i, img, mask) for i, img, mask, _ in complete_samples(d)]
     if not samples:
         return None
     shown = samples[:max_samples]

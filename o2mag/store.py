@@ -135,6 +135,25 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     return _parse_lines(p.read_bytes(), p)
 
 
+def complete_samples(defect_dir: str | os.PathLike) -> list[tuple[int, Path, Path, dict[str, Any]]]:
+    """(index, image path, mask path, manifest line) of the complete samples of an output folder
+    ``<root>/<category>/<defect>``, by index, for readers (the last line of an index wins; it
+    must be ``"ok"`` with both files present). Paths in the manifest are relative to ``<root>``."""
+    folder = Path(defect_dir)
+    root = folder.parent.parent
+    last = {rec["index"]: rec for rec in read_manifest(folder / MANIFEST_NAME)}
+    out = []
+    for i in sorted(last):
+        rec = last[i]
+        if rec.get("status") != "ok" or not isinstance(rec.get("image"), str) \
+                or not isinstance(rec.get("mask"), str):
+            continue
+        img, mask = root / rec["image"], root / rec["mask"]
+        if img.is_file() and mask.is_file():
+            out.append((i, img, mask, rec))
+    return out
+
+
 def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, Any]]:
     out = []
     for no, raw in enumerate(data.split(b"\n"), first_line):

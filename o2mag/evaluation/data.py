@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import InputError, MissingInputError, existing_path
 from ..mvtec import mvtec_categories, mvtec_defects
-from ..store import MANIFEST_NAME, read_manifest
+from ..store import MANIFEST_NAME, complete_samples
 from ._io import MASK_EXTENSIONS, load_image, load_mask, resize_image, resize_mask
 
 __all__ = ["TestItem", "CategorySplit", "SyntheticSet", "reference_count", "mvtec_split", "synthetic_samples",
@@ -134,26 +134,18 @@ def synthetic_categories(root: str | os.PathLike) -> List[str]:
     return sorted(p.name for p in r.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _defect_pairs(root: Path, folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, Path]], List[str]]:
+def _defect_pairs(folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, Path]], List[str]]:
     refs: List[str] = []
     manifest = folder / MANIFEST_NAME
     pairs: List[Tuple[Path, Path]] = []
     if manifest.is_file():
-        last = {}
-        for rec in read_manifest(manifest):
-            last[rec["index"]] = rec
-        for idx in sorted(last):
-            rec = last[idx]
-            if rec.get("status") != "ok" or not isinstance(rec.get("image"), str) or not isinstance(rec.get("mask"), str):
-                continue
-            img, mask = root / rec["image"], root / rec["mask"]
-            if img.is_file() and mask.is_file():
-                pairs.append((img, mask))
-                settings = rec.get("settings") or {}
-                ref = settings.get("reference") if isinstance(settings, dict) else None
-                ref = rec.get("reference", ref)  # o2mag dataset: each sample names its own reference
-                if isinstance(ref, str) and ref not in refs:
-                    refs.append(ref)
+        for _, img, mask, rec in complete_samples(folder):
+            pairs.append((img, mask))
+            settings = rec.get("settings") or {}
+            ref = settings.get("reference") if isinstance(settings, dict) else None
+            ref = rec.get("reference", ref)  # o2mag dataset: each sample names its own reference
+            if isinstance(ref, str) and ref not in refs:
+                refs.append(ref)
     elif (folder / "image").is_dir() and (folder / "mask").is_dir():
         masks = {p.stem: p for p in _images(folder / "mask")}
         pairs = [(p, masks[p.stem]) for p in _images(folder / "image") if p.stem in masks]
@@ -176,7 +168,7 @@ def synthetic_samples(root: str | os.PathLike, category: str, max_per_defect: Op
     for d in sorted(p for p in cat.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if defects is not None and d.name not in defects:
             continue
-        found, rs = _defect_pairs(r, d, max_per_defect)
+        found, rs = _defect_pairs(d, max_per_defect)
         if found:
             pairs[d.name] = found
             refs += [x for x in rs if x not in refs]
