@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ._validate import validate
+from .validation import validate
 from .reference import reference_attention
 from .torch_backend import torch_attention
 

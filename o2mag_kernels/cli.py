@@ -61,7 +61,7 @@ def check(args) -> int:
         if not interpreter_enabled():
             usable.remove("triton")
     failures = 0
-    from ._validate import validate
+    from .validation import validate
     from .parity import bound, max_abs_err
 
     print("\nparity vs float64 reference (B=2, H=2, L=77, D=40, 30% masks, fg_gain=1.4), bound as "

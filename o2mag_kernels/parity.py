@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import Problem
+from .validation import Problem
 from .reference import reference_attention
 
 

@@ -86,7 +86,7 @@ def run_item(item: dict, interpret: bool = False):
 
     from . import tri_source_mask
     from . import triton_backend as tb
-    from ._validate import validate
+    from .validation import validate
     from .parity import bound, max_abs_err
     from .reference import reference_attention
 
@@ -127,7 +127,7 @@ def time_group(item: dict):
 
     from . import tri_source_mask
     from . import triton_backend as tb
-    from ._validate import validate
+    from .validation import validate
     from .torch_backend import torch_attention
 
     D = int(item["head_dim"])

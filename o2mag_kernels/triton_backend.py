@@ -23,7 +23,7 @@ import triton
 
 from . import _triton_kernel as K
 from . import tuning
-from ._validate import Problem, as_mask
+from .validation import Problem, as_mask
 from .flops import useful_flops, useful_key_visits  # noqa: F401  (re-exported for benchmarks)
 from .mask import TriSourceMask
 

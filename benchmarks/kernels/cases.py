@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from o2mag_kernels import tri_source_attention, tri_source_mask
-from o2mag_kernels._validate import validate
+from o2mag_kernels.validation import validate
 from o2mag_kernels.flops import useful_flops as kernel_flops
 from o2mag_kernels.synthetic import mask_set
 

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 
 from o2mag_kernels import parity
-from o2mag_kernels._validate import validate
+from o2mag_kernels.validation import validate
 from o2mag_kernels.parity import max_abs_err  # noqa: F401  (re-exported for the tests)
 
 Density = Union[float, str, None]

@@ -154,7 +154,7 @@ BACKENDS = ["reference", "torch-routed", "torch-stitch"] + (["triton"] if TRITON
 
 def _run(backend, *args, **kw):
     if backend.startswith("torch-"):
-        from o2mag_kernels._validate import validate
+        from o2mag_kernels.validation import validate
 
         args = (*args, None, None)[:8]
         problem = validate(*args, kw.get("scale"), kw.get("fg_gain", 1.0), "torch")
