@@ -1,6 +1,6 @@
 """``o2mag-kernels aot-check``: compile the Triton kernel's variants for sm_80/sm_90 with no GPU.
 
-Variants: every config in ``_triton_kernel.CONFIGS`` x head-dim bucket, for fp16 and fp32, per
+Variants: every config in ``backends/triton_kernel.CONFIGS`` x head-dim bucket, for fp16 and fp32, per
 SM (bf16 shares fp16's tiles and operand sizes, so it is spot-checked: one config per bucket);
 ``--quick`` keeps one config per head dim (fp16) plus one bf16 and two fp32 variants. Each is
 compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; ``cuobjdump
@@ -62,7 +62,7 @@ def min_dot_dim(ttgir: str):
 
 def variants(archs, quick: bool = False):
     """List of dicts (arch, dtype, head_dim, config) to compile."""
-    from . import _triton_kernel as K
+    from .backends import triton_kernel as K
 
     out = []
     for arch in archs:
@@ -94,7 +94,7 @@ def _compile_one(v):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import _triton_kernel as K
+    from .backends import triton_kernel as K
 
     fn = K.tri_source_fwd
     names = fn.arg_names

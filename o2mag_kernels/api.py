@@ -7,15 +7,15 @@ from typing import Dict, Tuple
 import torch
 
 from .validation import validate
-from .reference import reference_attention
-from .torch_backend import torch_attention
+from .backends.reference import reference_attention
+from .backends.torch_backend import torch_attention
 
 
 def _ask_triton(check: str, *args) -> Tuple[bool, str]:
     """``triton_backend.<check>(*args)``, or (False, why) when triton cannot be imported (missing
     or too old): the one guard around the optional dependency."""
     try:
-        from . import triton_backend
+        from .backends import triton_backend
     except ImportError as exc:
         return False, f"triton is not importable: {exc}"
     return getattr(triton_backend, check)(*args)
@@ -115,7 +115,7 @@ def tri_source_attention(
         return reference_attention(*args, return_lse=return_lse)
     if chosen == "torch":
         return torch_attention(*args, return_lse=return_lse)
-    from .triton_backend import triton_attention
+    from .backends.triton_backend import triton_attention
 
     return triton_attention(*args, return_lse=return_lse)
 

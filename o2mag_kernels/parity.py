@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .validation import Problem
-from .reference import reference_attention
+from .backends.reference import reference_attention
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -85,10 +85,10 @@ def run_item(item: dict, interpret: bool = False):
     import torch
 
     from . import tri_source_mask
-    from . import triton_backend as tb
+    from .backends import triton_backend as tb
     from .validation import validate
     from .parity import bound, max_abs_err
-    from .reference import reference_attention
+    from .backends.reference import reference_attention
 
     device = "cpu" if interpret else "cuda"
     dtype = _torch_dtype(item["dtype"])
@@ -126,9 +126,9 @@ def time_group(item: dict):
     import triton.testing
 
     from . import tri_source_mask
-    from . import triton_backend as tb
+    from .backends import triton_backend as tb
     from .validation import validate
-    from .torch_backend import torch_attention
+    from .backends.torch_backend import torch_attention
 
     D = int(item["head_dim"])
     L = TIMED_TOKENS.get(D, 1024)

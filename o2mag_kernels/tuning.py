@@ -28,7 +28,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-from . import _triton_kernel as K
+from .backends import triton_kernel as K
 
 SWEEP_DIR = os.path.join(os.path.dirname(__file__), "sweeps")
 AOT_REPORT = os.path.join(os.path.dirname(__file__), "aot_report.json")
@@ -122,8 +122,9 @@ def spill_free(head_dim: int, dtype, arch: int) -> List[Config]:
 
 @functools.lru_cache(maxsize=None)
 def kernel_hash() -> str:
-    """Hash of the kernel's Triton source (every ``@triton.jit`` function of ``_triton_kernel``,
-    read from the file, so the interpreter and a GPU agree) and of its config list."""
+    """Hash of the kernel's Triton source (every ``@triton.jit`` function of
+    ``backends/triton_kernel.py``, read from the file, so the interpreter and a GPU agree) and of
+    its config list."""
     import ast
     import inspect
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from o2mag_kernels import tri_source_attention
-from o2mag_kernels.torch_backend import STRATEGIES, pick_strategy, torch_attention
+from o2mag_kernels.backends.torch_backend import STRATEGIES, pick_strategy, torch_attention
 
 from tests.kernels.helpers import max_abs_err
 

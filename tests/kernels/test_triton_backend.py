@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from o2mag_kernels import tri_source_attention, tri_source_mask
-from o2mag_kernels import _triton_kernel as K
-from o2mag_kernels import triton_backend as tb
+from o2mag_kernels.backends import triton_kernel as K
+from o2mag_kernels.backends import triton_backend as tb
 from o2mag_kernels import tuning
 from o2mag_kernels.synthetic import mask_set
 from tests.kernels.helpers import max_abs_err

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from o2mag_kernels import _triton_kernel as K
+from o2mag_kernels.backends import triton_kernel as K
 from o2mag_kernels import aot, tuning
 
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .validation import Problem, accumulate_dtype, as_mask
+from ..validation import Problem, accumulate_dtype, as_mask
 
 # Elements of one float32 score chunk on the LSE path (about 64 MiB).
 _LSE_CHUNK_ELEMENTS = 1 << 24

@@ -2,7 +2,7 @@
 
 The routing tables come from a :class:`~o2mag_kernels.TriSourceMask` (prebuilt by the caller, or
 built here from the three masks with a few sync-free torch ops); the kernel
-(``_triton_kernel.tri_source_fwd``) then runs one grid over (query tiles, batch·head).
+(``triton_kernel.tri_source_fwd``) then runs one grid over (query tiles, batch·head).
 
 Eager calls launch directly; under ``torch.compile`` the launch goes through the custom op
 ``o2mag::tri_source_attention_fwd`` (with a fake implementation), one opaque graph node. The op has
@@ -21,11 +21,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from . import _triton_kernel as K
-from . import tuning
-from .validation import Problem, as_mask
-from .flops import useful_flops, useful_key_visits  # noqa: F401  (re-exported for benchmarks)
-from .mask import TriSourceMask
+from . import triton_kernel as K
+from .. import tuning
+from ..validation import Problem, as_mask
+from ..flops import useful_flops, useful_key_visits  # noqa: F401  (re-exported for benchmarks)
+from ..mask import TriSourceMask
 
 __all__ = ["status", "triton_attention", "useful_flops", "useful_key_visits", "is_interpreted"]
 

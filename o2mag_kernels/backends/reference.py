@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import Problem, accumulate_dtype, effective_key_masks
+from ..validation import Problem, accumulate_dtype, effective_key_masks
 
 
 def _masked_softmax_attention(q, k, v, key_mask, logit_scale, compute_dtype):
