@@ -44,16 +44,16 @@ def _fake(**kw):
 
 
 def test_judge_rules():
-    assert aot.judge(_fake()) == ""
-    assert aot.judge(_fake(stack=aot.SPILL_TOLERANCE)) == ""  # a few registers' worth is tolerated
-    assert "spill" in aot.judge(_fake(stack=aot.SPILL_TOLERANCE + 8))
-    assert "spill" in aot.judge(_fake(local=200))
-    assert aot.judge(_fake(dtype="fp32", stack=4000)) == ""  # fp32 spills are reported, not failed
-    assert "Hopper" in aot.judge(_fake(min_dot=32)) and "Hopper" in aot.judge(_fake(min_dot=None))
-    assert "wgmma" in aot.judge(_fake(wgmma=False, mma=True))
-    assert "shared memory" in aot.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
-    assert "mma" in aot.judge(_fake(arch=80, wgmma=False, mma=False))
-    assert "boom" in aot.judge(_fake(ok=False, error="boom"))
+    assert tuning.judge(_fake()) == ""
+    assert tuning.judge(_fake(stack=tuning.SPILL_TOLERANCE)) == ""  # a few registers' worth is tolerated
+    assert "spill" in tuning.judge(_fake(stack=tuning.SPILL_TOLERANCE + 8))
+    assert "spill" in tuning.judge(_fake(local=200))
+    assert tuning.judge(_fake(dtype="fp32", stack=4000)) == ""  # fp32 spills are reported, not failed
+    assert "Hopper" in tuning.judge(_fake(min_dot=32)) and "Hopper" in tuning.judge(_fake(min_dot=None))
+    assert "wgmma" in tuning.judge(_fake(wgmma=False, mma=True))
+    assert "shared memory" in tuning.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
+    assert "mma" in tuning.judge(_fake(arch=80, wgmma=False, mma=False))
+    assert "boom" in tuning.judge(_fake(ok=False, error="boom"))
 
 
 def test_the_committed_aot_report_belongs_to_this_kernel():
