@@ -56,7 +56,7 @@ def check(args) -> int:
         print(f"  {name:9s} {'yes' if ok else 'no ':3s}  {why}")
     usable = [b for b in ("torch", "triton") if status[b][0]]
     if device.type == "cpu" and "triton" in usable:
-        from .api import interpreter_enabled
+        from .backends import interpreter_enabled
 
         if not interpreter_enabled():
             usable.remove("triton")

@@ -86,7 +86,7 @@ def run_item(item: dict, interpret: bool = False):
 
     from . import tri_source_mask
     from .backends import triton_backend as tb
-    from .validation import validate
+    from .validation import as_mask, validate
     from .parity import bound, max_abs_err
     from .backends.reference import reference_attention
 
@@ -109,7 +109,8 @@ def run_item(item: dict, interpret: bool = False):
         if not interpret:
             torch.cuda.synchronize()
         wide = tuple(t.double() for t in tensors)
-        exact = reference_attention(validate(*wide, *masks, None, 1 / 0.7, "reference"), *wide, *masks)
+        wide_problem = validate(*wide, *masks, None, 1 / 0.7, "reference")
+        exact = reference_attention(wide_problem, *wide, as_mask(wide_problem, *masks))
         err = max_abs_err(out, exact)
         limit = bound(problem, args, exact, dtype, fp32_atol=1e-4)
         finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
@@ -142,7 +143,7 @@ def time_group(item: dict):
                                                                store_lse=False, config=c))
             for c in item["configs"]]
     mask.host()  # the torch backend's one host read, at build time as AttentionGraft.prepare does
-    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask, None, None)))
+    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask)))
     for what, fn in runs:
         print(json.dumps(dict(shape, **what, started=True)), flush=True)  # a crash names it
         with torch.no_grad():

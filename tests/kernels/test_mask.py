@@ -154,11 +154,11 @@ BACKENDS = ["reference", "torch-routed", "torch-stitch"] + (["triton"] if TRITON
 
 def _run(backend, *args, **kw):
     if backend.startswith("torch-"):
-        from o2mag_kernels.validation import validate
+        from o2mag_kernels.validation import as_mask, validate
 
         args = (*args, None, None)[:8]
         problem = validate(*args, kw.get("scale"), kw.get("fg_gain", 1.0), "torch")
-        return torch_attention(problem, *args, strategy=backend[6:])
+        return torch_attention(problem, *args[:5], as_mask(problem, *args[5:]), strategy=backend[6:])
     return tri_source_attention(*args, backend=backend, **kw)
 
 
