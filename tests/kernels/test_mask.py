@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from o2mag_kernels import TriSourceMask, tri_source_attention, tri_source_mask
 from o2mag_kernels.mask import true_first
-from o2mag_kernels.synthetic import KINDS, grid_of, mask_set
+from o2mag_kernels.tools.synthetic import KINDS, grid_of, mask_set
 from o2mag_kernels.backends.torch_backend import torch_attention
 from tests.kernels.helpers import max_abs_err
 

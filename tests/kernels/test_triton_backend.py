@@ -23,7 +23,7 @@ from o2mag_kernels import dispatch, tuning
 from o2mag_kernels.backends import triton_backend as tb
 from o2mag_kernels.backends import triton_kernel as K
 from o2mag_kernels.flops import useful_flops
-from o2mag_kernels.synthetic import mask_set
+from o2mag_kernels.tools.synthetic import mask_set
 from tests.kernels.helpers import max_abs_err
 
 CUDA = torch.cuda.is_available()

@@ -23,7 +23,9 @@ What this cannot prove: that the compiled code runs correctly on a card. Triton 
 kernels that passed this check and still faulted on an H100; only ``o2mag-kernels gpu-sweep`` on a
 card proves that.
 
-Compiles run in worker subprocesses with ``TRITON_INTERPRET`` removed from their environment.
+Compiles run in worker subprocesses (``python -m o2mag_kernels.tools.aot --worker``, this module's
+only entry point: the command is ``o2mag-kernels aot-check``) with ``TRITON_INTERPRET`` removed
+from their environment.
 Specialisation compiled: every pointer and stride divisible by 16 (contiguous tensors and
 diffusers' (B, L, H·D) views with 16-aligned rows); other specialisations only change
 vectorisation, not the tiling.
@@ -38,9 +40,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import List
 
-from . import tuning
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
+from .. import tuning
+from ..backends import triton_kernel as K
+
+WORKER = "o2mag_kernels.tools.aot"  # ``python -m`` target of the compile subprocesses
 DTYPES = ("fp16", "bf16", "fp32")
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -57,8 +66,6 @@ def min_dot_dim(ttgir: str):
 
 def variants(archs, quick: bool = False):
     """List of dicts (arch, dtype, head_dim, config) to compile."""
-    from .backends import triton_kernel as K
-
     out = []
     for arch in archs:
         if quick:  # the first config tuning allows per case (from the committed report)
@@ -75,20 +82,12 @@ def variants(archs, quick: bool = False):
 
 
 def cuobjdump_path():
-    import triton
-
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
 def _compile_one(v):
     """Compile one variant in this (non-interpreted) process and measure it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from .backends import triton_kernel as K
-
     fn = K.tri_source_fwd
     names = fn.arg_names
     bm, bn, warps, stages = v["config"]
@@ -158,8 +157,6 @@ def _compile_one(v):
 
 def write_report(results, path: str = tuning.AOT_REPORT) -> None:
     """Store the measurements (and the kernel source hash they belong to) for tuning."""
-    import triton
-
     keep = ("arch", "dtype", "head_dim", "config", "ok", "error", "regs", "stack", "local",
             "static_smem", "dyn_smem", "min_dot", "wgmma", "mma")
     rows = [{k: r[k] for k in keep if k in r} for r in results]
@@ -169,8 +166,15 @@ def write_report(results, path: str = tuning.AOT_REPORT) -> None:
         f.write("\n")
 
 
-def _worker() -> int:
-    """Entry for a compile subprocess: JSON list of variants on stdin, one JSON result per line."""
+def worker_main(argv: List[str]) -> int:
+    """Entry of a compile subprocess (``--worker``): JSON list of variants on stdin, one JSON
+    result per line. The command line is ``o2mag-kernels aot-check`` (:mod:`.cli`); this module
+    never imports the CLI back."""
+    if argv != ["--worker"]:
+        print(f"python -m {WORKER} runs the compile workers of `o2mag-kernels aot-check` (or "
+              f"python -m o2mag_kernels.tools.cli aot-check); usage: python -m {WORKER} --worker",
+              file=sys.stderr)
+        return 2
     todo = json.load(sys.stdin)
     for v in todo:
         print(json.dumps(_compile_one(v)), flush=True)
@@ -192,7 +196,7 @@ def compile_all(todo, jobs=None):
             fin = open(os.path.join(tmp, f"{i}.in"))
             fout = open(os.path.join(tmp, f"{i}.out"), "w")
             ferr = open(os.path.join(tmp, f"{i}.err"), "w")
-            p = subprocess.Popen([sys.executable, "-m", "o2mag_kernels.aot", "--worker"], env=env,
+            p = subprocess.Popen([sys.executable, "-m", WORKER, "--worker"], env=env,
                                  stdin=fin, stdout=fout, stderr=ferr)
             procs.append((p, chunk, (fin, fout, ferr)))
         results = []
@@ -269,9 +273,6 @@ def run(args) -> int:
         print(f"aot-check: ERROR {r['arch']} {r['dtype']} D{r['head_dim']} {r['config']}: {tuning.judge(r)}")
     return 1 if errors or gaps or not results else 0
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        sys.exit(_worker())
-    from .cli import main
 
-    sys.exit(main(["aot-check", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends.reference import reference_attention
-from .validation import Problem, as_mask
+from ..backends.reference import reference_attention
+from ..validation import Problem, as_mask
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
