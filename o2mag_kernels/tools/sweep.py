@@ -217,7 +217,11 @@ def card_slug(name: str) -> str:
 
 
 def run(args) -> int:
-    """CLI entry; returns the exit code (0: every config passed every case)."""
+    """``o2mag-kernels gpu-sweep``; returns the exit code (0: every config passed every case).
+
+    Longer than most functions here on purpose: the two phases (parallel correctness, serial
+    timing) share the result list and the ``.partial`` writer, kept as closures over them so the
+    file on disk always holds exactly what has been measured."""
     interpret = bool(getattr(args, "interpret", False))
     if not interpret and not torch.cuda.is_available():
         print("gpu-sweep: no CUDA device here (use --interpret to exercise the command on CPU)",
