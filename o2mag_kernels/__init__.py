@@ -3,7 +3,7 @@
 Knows nothing of diffusers: it runs wherever torch (and, for the fused kernel, triton) is installed.
 The op's contract is written out in docs/architecture.md of the source repository.
 """
-from ._validate import BACKENDS
+from .validation import BACKENDS
 from .api import available_backends, tri_source_attention
 from .mask import TriSourceMask, tri_source_mask
 

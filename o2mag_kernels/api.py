@@ -1,91 +1,52 @@
-"""Public entry point and backend dispatch for tri-source attention (contract: docs/architecture.md)."""
+"""The public op, typed: :func:`tri_source_attention` and :func:`available_backends`.
+
+The machinery lives elsewhere (contract: docs/architecture.md): argument checks in
+:mod:`~o2mag_kernels.validation`, the routing tables in :mod:`~o2mag_kernels.mask`, the backend
+choice in :mod:`~o2mag_kernels.dispatch`, the backends in :mod:`~o2mag_kernels.backends`.
+"""
 from __future__ import annotations
 
-import os
-from typing import Dict, Tuple
+from typing import Dict, Literal, Optional, Tuple, Union, overload
 
 import torch
 
-from ._validate import validate
-from .reference import reference_attention
-from .torch_backend import torch_attention
+from .backends import REGISTRY
+
+# TEMPORARY alias: tests/o2mag/test_graft.py (owned by the o2mag restructuring) still imports
+# o2mag_kernels.api._triton_status, whose public name is o2mag_kernels.backends.triton_status.
+# Delete this import once that test uses the public name.
+from .backends import triton_status as _triton_status  # noqa: F401
+from .dispatch import describe_backends, pick_backend
+from .mask import TriSourceMask
+from .validation import as_mask, validate
+
+Tensor = torch.Tensor
 
 
-def _ask_triton(check: str, *args) -> Tuple[bool, str]:
-    """``triton_backend.<check>(*args)``, or (False, why) when triton cannot be imported (missing
-    or too old): the one guard around the optional dependency."""
-    try:
-        from . import triton_backend
-    except ImportError as exc:
-        return False, f"triton is not importable: {exc}"
-    return getattr(triton_backend, check)(*args)
+@overload
+def tri_source_attention(
+    q: Tensor, k_fg: Tensor, v_fg: Tensor, k_bg: Tensor, v_bg: Tensor,
+    query_mask: Union[Tensor, TriSourceMask], fg_key_mask: Optional[Tensor] = ...,
+    bg_key_mask: Optional[Tensor] = ..., *, scale: Optional[float] = ..., fg_gain: float = ...,
+    return_lse: Literal[False] = ..., backend: str = ...,
+) -> Tensor: ...
 
 
-def _triton_status(device: torch.device | None = None) -> Tuple[bool, str]:
-    """Whether the fused Triton kernel can run here (for tensors on ``device``) and why not."""
-    return _ask_triton("status", device)
-
-
-def _triton_runnable(device: torch.device) -> Tuple[bool, str]:
-    """The per-call check of an explicit ``backend="triton"`` (cached per device)."""
-    return _ask_triton("runnable", device)
-
-
-def available_backends() -> Dict[str, Tuple[bool, str]]:
-    """Map each backend name to (usable here, reason). ``auto`` says what it would pick on CUDA."""
-    ok_triton, why_triton = _triton_status()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        pick, why_auto = _auto_triton(torch.device("cuda"), torch.float16)
-        auto = ("picks 'triton' for fp16 CUDA tensors: " if pick else
-                "picks 'torch' for fp16 CUDA tensors, not 'triton': ") + why_auto
-        if pick:  # the per-head-dim verdicts (a sweep may find the torch backend faster at some)
-            dims = {d: _auto_triton(torch.device("cuda"), torch.float16, d) for d in (40, 64, 80, 128, 160, 256)}
-            auto += "; " + "; ".join(f"head dim {d}: {'triton' if ok else 'torch'} ({why})"
-                                     for d, (ok, why) in dims.items())
-    else:
-        auto = "picks 'torch' (no CUDA device here)"
-    return {
-        "reference": (True, "literal two-softmax formula, float32/float64; always available"),
-        "torch": (True, "routed / compacted SDPA in PyTorch; CPU and CUDA, differentiable"),
-        "triton": (ok_triton, why_triton),
-        "auto": (True, auto),
-    }
-
-
-def _auto_triton(device: torch.device, dtype, head_dim=None) -> Tuple[bool, str]:
-    return _ask_triton("auto_ok", device, dtype, head_dim)
-
-
-_AUTO_CACHE: Dict[tuple, bool] = {}
-
-
-def _pick(backend: str, q: torch.Tensor, tensors=()) -> str:
-    """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward.
-    An explicit 'triton' that cannot run here raises ``RuntimeError``."""
-    if backend == "triton":
-        ok, why = _triton_runnable(q.device)
-        if not ok:
-            raise RuntimeError(f"backend='triton' is not usable here: {why}")
-        return backend
-    if backend != "auto":
-        return backend
-    if not q.is_cuda or q.dtype == torch.float64 or q.shape[-1] > 256:
-        return "torch"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "torch"
-    key = (q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,
-           q.shape[-1])
-    pick = _AUTO_CACHE.get(key)
-    if pick is None:
-        pick = _AUTO_CACHE[key] = _auto_triton(q.device, q.dtype, q.shape[-1])[0]
-    return "triton" if pick else "torch"
+@overload
+def tri_source_attention(
+    q: Tensor, k_fg: Tensor, v_fg: Tensor, k_bg: Tensor, v_bg: Tensor,
+    query_mask: Union[Tensor, TriSourceMask], fg_key_mask: Optional[Tensor] = ...,
+    bg_key_mask: Optional[Tensor] = ..., *, scale: Optional[float] = ..., fg_gain: float = ...,
+    return_lse: Literal[True], backend: str = ...,
+) -> Tuple[Tensor, Tensor]: ...
 
 
 def tri_source_attention(
-    q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask=None, bg_key_mask=None, *,
-    scale=None, fg_gain=1.0, return_lse=False, backend="auto",
-):
+    q: Tensor, k_fg: Tensor, v_fg: Tensor, k_bg: Tensor, v_bg: Tensor,
+    query_mask: Union[Tensor, TriSourceMask], fg_key_mask: Optional[Tensor] = None,
+    bg_key_mask: Optional[Tensor] = None, *, scale: Optional[float] = None, fg_gain: float = 1.0,
+    return_lse: bool = False, backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention of target queries over a foreground OR a background source, chosen per query.
 
     For batch ``b``, head ``h``, query ``i``: if ``query_mask[b, i]`` and the foreground key set
@@ -109,17 +70,11 @@ def tri_source_attention(
     """
     problem = validate(q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
                        scale, fg_gain, backend)
-    chosen = _pick(backend, q, (q, k_fg, v_fg, k_bg, v_bg))
-    args = (problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask)
-    if chosen == "reference":
-        return reference_attention(*args, return_lse=return_lse)
-    if chosen == "torch":
-        return torch_attention(*args, return_lse=return_lse)
-    from .triton_backend import triton_attention
-
-    return triton_attention(*args, return_lse=return_lse)
+    chosen = pick_backend(backend, q, (q, k_fg, v_fg, k_bg, v_bg))
+    mask = as_mask(problem, query_mask, fg_key_mask, bg_key_mask)
+    return REGISTRY[chosen](problem, q, k_fg, v_fg, k_bg, v_bg, mask, return_lse=return_lse)
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """Map each backend name to (usable here, reason). ``auto`` says what it would pick on CUDA."""
+    return describe_backends()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import Problem, effective_key_masks
+from .validation import Problem, effective_key_masks
 
 
 def useful_key_visits(problem: Problem, query_mask, fg_key_mask, bg_key_mask) -> int:

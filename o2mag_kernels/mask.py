@@ -23,15 +23,26 @@ densely with no table.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 TILE_SIZES = (64, 128)  # background tile sizes the fused kernel may run with (its BLOCK_N)
 
+KeyRows = List[Tuple[torch.Tensor, int]]  # per mask row: (key indices, usable keys first; count)
 
-def true_first(mask: torch.Tensor):
+
+class HostFacts(TypedDict):
+    """What the torch backend reads back to the host once per mask (:meth:`TriSourceMask.host`)."""
+
+    n_qfg: List[int]  # foreground-routed queries per mask row
+    qperm: torch.Tensor  # the query permutation as int64
+    fidx: Optional[KeyRows]  # None for a None foreground key mask
+    bidx: Optional[KeyRows]  # None for a None background key mask
+
+
+def true_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stable permutation (int32, same shape) putting each row's True positions first, and the
     number of True entries per row (int32). O(L) cumsum/scatter, no host sync."""
     n = mask.shape[1]
@@ -46,7 +57,7 @@ def true_first(mask: torch.Tensor):
     return perm, count.squeeze(1)
 
 
-def _tile_lists(bg: torch.Tensor, tile: int):
+def _tile_lists(bg: torch.Tensor, tile: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tiles (Bb, 2, T) int32, n_full (Bb,), n_part (Bb,)) for ``tile``-key background tiles."""
     Bb, Lb = bg.shape
     T = -(-Lb // tile)
@@ -61,7 +72,7 @@ def _tile_lists(bg: torch.Tensor, tile: int):
     return torch.stack([full_perm, part_perm], 1).contiguous(), n_full, n_part
 
 
-def check_mask_type(name: str, m) -> None:
+def check_mask_type(name: str, m: object) -> None:
     """A mask must be a 2-D bool tensor (batch, length); TypeError/ValueError naming it."""
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor, got {type(m).__name__}")
@@ -82,8 +93,11 @@ class TriSourceMask:
     __slots__ = ("query_mask", "fg_key_mask", "bg_key_mask", "use_fg", "fg_any", "qperm", "fidx",
                  "tiles", "bg_bytes", "counts", "batch", "Lq", "Lf", "Lb", "device", "_host")
 
-    def __init__(self, query_mask, fg_key_mask, bg_key_mask, use_fg, fg_any, qperm, fidx, tiles,
-                 bg_bytes, counts, batch, Lf, Lb):
+    def __init__(self, query_mask: torch.Tensor, fg_key_mask: Optional[torch.Tensor],
+                 bg_key_mask: Optional[torch.Tensor], use_fg: torch.Tensor,
+                 fg_any: Optional[torch.Tensor], qperm: torch.Tensor, fidx: Optional[torch.Tensor],
+                 tiles: Optional[Dict[int, torch.Tensor]], bg_bytes: Optional[torch.Tensor],
+                 counts: torch.Tensor, batch: int, Lf: Optional[int], Lb: Optional[int]) -> None:
         self.query_mask: torch.Tensor = query_mask
         self.fg_key_mask: Optional[torch.Tensor] = fg_key_mask
         self.bg_key_mask: Optional[torch.Tensor] = bg_key_mask  # fallback applied
@@ -99,7 +113,7 @@ class TriSourceMask:
         self.Lf: Optional[int] = Lf
         self.Lb: Optional[int] = Lb
         self.device: torch.device = query_mask.device
-        self._host: Optional[dict] = None
+        self._host: Optional[HostFacts] = None
 
     def __repr__(self) -> str:
         lf = "any" if self.Lf is None else self.Lf
@@ -107,7 +121,7 @@ class TriSourceMask:
         return (f"TriSourceMask(batch={self.batch}, Lq={self.Lq}, Lf={lf}, Lb={lb}, "
                 f"device={self.device})")
 
-    def check(self, B: int, Lq: int, Lf: int, Lb: int, device) -> None:
+    def check(self, B: int, Lq: int, Lf: int, Lb: int, device: torch.device) -> None:
         """Raise ``ValueError`` (naming ``query_mask``) when this mask cannot serve a call."""
         if self.batch not in (1, B):
             raise ValueError(f"query_mask: the TriSourceMask has batch {self.batch} but q has batch "
@@ -123,7 +137,7 @@ class TriSourceMask:
         if self.device != device:
             raise ValueError(f"query_mask: the TriSourceMask is on {self.device} but q is on {device}")
 
-    def for_lengths(self, Lf: int, Lb: int) -> "TriSourceMask":
+    def for_lengths(self, Lf: int, Lb: int) -> TriSourceMask:
         """This mask, or (when a ``None`` foreground mask meets an empty foreground source) the
         equivalent explicit one: with no foreground key every query takes the background."""
         if self.fg_key_mask is None and Lf == 0:
@@ -131,7 +145,8 @@ class TriSourceMask:
             return tri_source_mask(self.query_mask, empty, self.bg_key_mask)
         return self
 
-    def effective(self, B: int, Lf: int, Lb: int):
+    def effective(self, B: int, Lf: int,
+                  Lb: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(use_fg (B, Lq), fg keys (B, Lf), bg keys (B, Lb)) bool views for the torch and
         reference backends; ``None`` key masks become all-True."""
         fg = (torch.ones(1, Lf, dtype=torch.bool, device=self.device) if self.fg_key_mask is None
@@ -142,10 +157,16 @@ class TriSourceMask:
             torch.zeros_like(self.use_fg)
         return use_fg.expand(B, self.Lq), fg.expand(B, Lf), bg.expand(B, Lb)
 
-    def host(self) -> dict:
+    @property
+    def host_read(self) -> bool:
+        """Whether :meth:`host` has read its facts yet (after that, no call synchronises)."""
+        return self._host is not None
+
+    def host(self) -> HostFacts:
         """Host-side facts for the torch backend, read once (one synchronisation) and cached:
-        ``n_qfg`` (foreground-routed queries per mask row), ``qperm`` as int64, and ``fidx`` / ``bidx``: per key-mask
-        row (index list with the usable keys first, their count), or None for a ``None`` mask."""
+        ``n_qfg`` (foreground-routed queries per mask row), ``qperm`` as int64, and ``fidx`` /
+        ``bidx``: per key-mask row (index list with the usable keys first, their count), or None
+        for a ``None`` mask."""
         if self._host is None:
             n_q = self.counts[:self.use_fg.shape[0], 0]
             fidx = bidx = n_f = n_b = None
@@ -165,7 +186,8 @@ class TriSourceMask:
         return self._host
 
 
-def tri_source_mask(query_mask, fg_key_mask=None, bg_key_mask=None) -> TriSourceMask:
+def tri_source_mask(query_mask: torch.Tensor, fg_key_mask: Optional[torch.Tensor] = None,
+                    bg_key_mask: Optional[torch.Tensor] = None) -> TriSourceMask:
     """Build the routing tables of a mask set once (see the module docstring).
 
     ``query_mask`` bool (1 or B, Lq): True = the query takes the foreground source;
@@ -192,7 +214,7 @@ def tri_source_mask(query_mask, fg_key_mask=None, bg_key_mask=None) -> TriSource
     batch = max(batches)
 
     ncols = 6
-    parts = {}
+    parts: Dict[int, torch.Tensor] = {}
     if fg_key_mask is None:
         fg_any = None
         use_fg = query_mask

@@ -5,8 +5,9 @@ Two kinds of evidence, kept apart because they prove different things:
 * **compiles cleanly** (``aot_report.json``, written by ``o2mag-kernels aot-check
   --write-report``): every config compiled for sm_80 and sm_90 without a GPU, with its registers,
   spills, shared memory and dot widths. fp16/bf16 configs that fail the check (spills above the
-  tolerance, too much shared memory, a narrow dot) are never run; fp32 (3xTF32) spills at every
-  tile, so it keeps the two configs that spill least. It cannot see a miscompiled kernel that
+  tolerance, too much shared memory, a narrow dot: :func:`judge`, kept here so that the tool only
+  writes evidence and the runtime owns what it means) are never run; fp32 (3xTF32) spills at
+  every tile, so it keeps the two configs that spill least. It cannot see a miscompiled kernel that
   faults or computes wrong values on a card (Triton >= 3.6 had such faults on Hopper).
 * **ran correctly on a card** (sweeps): ``o2mag-kernels gpu-sweep`` runs every compiled-clean
   config x head dim x dtype x mask kind in its own process on a GPU against the float64 reference
@@ -28,7 +29,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-from . import _triton_kernel as K
+from .backends import triton_kernel as K
 
 SWEEP_DIR = os.path.join(os.path.dirname(__file__), "sweeps")
 AOT_REPORT = os.path.join(os.path.dirname(__file__), "aot_report.json")
@@ -44,6 +45,50 @@ def family(arch: int) -> int:
 def _aot_family(arch: int) -> int:
     """The AOT-checked family whose register budget applies (sm_80 for 8.x, sm_90 above)."""
     return 90 if arch >= 90 else 80
+
+
+# ------------------------------------------------------------- the rule that reads the AOT report
+# (``o2mag-kernels aot-check`` measures and writes; this decides what the measurements mean)
+
+# Max dynamic shared memory per block (bytes) by SM version.
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+MIN_DOT = K.MIN_DOT  # narrower dots miscompile on Hopper with Triton >= 3.6; the kernel pads to it
+SPILL_TOLERANCE = 128  # bytes per thread of stack/local a fp16/bf16 variant may use (a few registers)
+
+
+def spill_bytes(r: dict) -> int:
+    """Local memory plus stack frame per thread of one measured variant."""
+    return int(r.get("local", 0)) + int(r.get("stack", 0))
+
+
+def judge(r: dict) -> str:
+    """Empty string when a measured variant (a row of the AOT report) is green, else why it fails.
+
+    It fails on: a compile error, a dot narrower than ``MIN_DOT`` in any dimension (the Hopper
+    miscompile class the kernel is built to avoid), shared memory above the architecture's
+    per-block limit, more registers than the register file holds, (sm_90, warpgroup-sized tiles)
+    no ``wgmma``, (sm_8x) no ``mma.sync``, or -- for fp16/bf16, the fast path -- spills above
+    ``SPILL_TOLERANCE`` bytes. fp32 (3xTF32 dots: operands split into hi/lo halves) spills at every
+    64-wide tile; its spills are reported, not failed, and ``auto`` sends fp32 to the torch backend.
+    """
+    if not r.get("ok"):
+        return r.get("error") or "compile failed"
+    bm, _, warps, _ = r["config"]
+    if r.get("min_dot") is None or r["min_dot"] < MIN_DOT:
+        return f"a dot is {r.get('min_dot')} wide (< {MIN_DOT}: the Hopper miscompile class)"
+    limit = SMEM_LIMIT.get(r["arch"])
+    smem = r["dyn_smem"] + r["static_smem"]
+    if limit is not None and smem > limit:
+        return f"shared memory {smem} B > {limit} B limit of sm_{r['arch']}"
+    if r["regs"] * 32 * warps > 65536:
+        return f"{r['regs']} registers x {32 * warps} threads exceed the register file"
+    if r["arch"] >= 90 and bm >= 16 * warps and not r["wgmma"]:
+        return "no wgmma in sm_90 PTX for a warpgroup-sized tile"
+    if r["arch"] < 90 and not r["mma"]:
+        return "no mma.sync in PTX"
+    if r["dtype"] != "fp32" and spill_bytes(r) > SPILL_TOLERANCE:
+        return f"spills: {r['local']} local bytes, {r['stack']} stack bytes (> {SPILL_TOLERANCE})"
+    return ""
 
 
 def _read_report(path: str) -> dict:
@@ -77,8 +122,6 @@ def _aot_status(path: str, _kernel_hash: str) -> str:
 def aot_table(path: str = AOT_REPORT) -> Dict[Tuple[int, str, int], Tuple[Config, ...]]:
     """(AOT family, dtype class, head-dim bucket) -> configs that compile cleanly, in CONFIGS order
     (every config, unchecked, when the report is missing or stale: see :func:`aot_status`)."""
-    from .aot import judge, spill_bytes
-
     try:
         report = _read_report(path)
     except RuntimeError:
@@ -122,8 +165,9 @@ def spill_free(head_dim: int, dtype, arch: int) -> List[Config]:
 
 @functools.lru_cache(maxsize=None)
 def kernel_hash() -> str:
-    """Hash of the kernel's Triton source (every ``@triton.jit`` function of ``_triton_kernel``,
-    read from the file, so the interpreter and a GPU agree) and of its config list."""
+    """Hash of the kernel's Triton source (every ``@triton.jit`` function of
+    ``backends/triton_kernel.py``, read from the file, so the interpreter and a GPU agree) and of
+    its config list."""
     import ast
     import inspect
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.kernels.cases import Case, make_inputs, runner, useful_flops
-from benchmarks.kernels.suite import _reference_output, run_case
+from benchmarks.kernels.suite import reference_output, run_case
 from benchmarks.report import README_BEGIN, README_END, e2e_table, kernel_table, readme_section, update_readme
 
 SMALL = Case(tokens=77, heads=2, head_dim=40, density=0.2, targets=3, dtype="fp32")
@@ -18,7 +18,7 @@ SMALL = Case(tokens=77, heads=2, head_dim=40, density=0.2, targets=3, dtype="fp3
 @pytest.mark.parametrize("method", ["torch", "reference", "sdpa_stitch"])
 def test_baselines_compute_the_op(method):
     inputs = make_inputs(SMALL, "cpu")
-    expected = _reference_output(inputs)
+    expected = reference_output(inputs)
     out = runner(method, inputs)()
     assert out.shape == expected.shape
     assert (out.double() - expected).abs().max().item() < 1e-4

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .cases import runner
-from .suite import _reference_output, _tolerance, cases, make_inputs, methods
+from .suite import cases, make_inputs, methods, reference_output, tolerance
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = cases(DEVICE, quick=True)
@@ -21,7 +21,7 @@ def inputs_and_expected():
     def get(case):
         if case not in memo:
             inputs = make_inputs(case, DEVICE)
-            memo[case] = (inputs, _reference_output(inputs))
+            memo[case] = (inputs, reference_output(inputs))
         return memo[case]
 
     return get
@@ -34,7 +34,7 @@ def test_kernel(benchmark, inputs_and_expected, case, method):
     fn = runner(method, inputs)
     out = fn()
     if method != "sdpa_plain":
-        assert (out.double() - expected).abs().max().item() <= _tolerance(case.dtype)
+        assert (out.double() - expected).abs().max().item() <= tolerance(case.dtype)
     benchmark.group = case.name
     benchmark.extra_info["method"] = method
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from o2mag_kernels import tri_source_attention
-from o2mag_kernels._validate import validate
+from o2mag_kernels.validation import validate
 from o2mag_kernels.flops import useful_flops as count_useful_flops
 
 L, H, D = 4096, 8, 40

@@ -1,7 +1,7 @@
 """Kernel benchmark cases and the baselines every backend is compared with.
 
 A case is one grafted self-attention layer of SD: N target rows share ONE reference (foreground) and
-ONE normal (background) source. Masks come from :mod:`o2mag_kernels.synthetic`: ``blob`` (the
+ONE normal (background) source. Masks come from :mod:`o2mag_kernels.tools.synthetic`: ``blob`` (the
 reference defect and affine copies of it at new places, as the pipeline makes them) or
 ``scattered`` (random positions at the same density, the worst case for tile skipping); the
 background key mask is NOT M_T per target, as the authors' code excludes normal keys inside M_T.
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from o2mag_kernels import tri_source_attention, tri_source_mask
-from o2mag_kernels._validate import validate
+from o2mag_kernels.validation import validate
 from o2mag_kernels.flops import useful_flops as kernel_flops
-from o2mag_kernels.synthetic import mask_set
+from o2mag_kernels.tools.synthetic import mask_set
 
 FG_GAIN = 1 / 0.7  # the paper preset's foreground sharpening
 

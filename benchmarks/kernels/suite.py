@@ -59,7 +59,7 @@ def methods(device: torch.device):
     return usable + base, skipped
 
 
-def _reference_output(inputs):
+def reference_output(inputs):
     """float64 reference, one target row at a time so the dense scores stay small."""
     q, k_fg, v_fg, k_bg, v_bg, qm, fgm, bgm = inputs
     rows = []
@@ -70,7 +70,9 @@ def _reference_output(inputs):
     return torch.cat(rows)
 
 
-def _tolerance(dtype: str) -> float:
+def tolerance(dtype: str) -> float:
+    """Largest max-abs error vs the float64 reference a benchmarked method may show (a sanity
+    check of the timed result, not a parity test)."""
     return {"fp32": 2e-4, "fp16": 2e-2, "bf16": 6e-2}[dtype]
 
 
@@ -81,7 +83,7 @@ def run_case(case: Case, device, method_list, *, repeats: int, check: bool = Tru
 
     inputs = make_inputs(case, device)
     flops = useful_flops(case, inputs)
-    expected = _reference_output(inputs) if check else None
+    expected = reference_output(inputs) if check else None
     build = median_seconds(lambda: tri_source_mask(*inputs[5:]), device, repeats=repeats)
     results = {}
     for method in method_list:
@@ -102,7 +104,7 @@ def run_case(case: Case, device, method_list, *, repeats: int, check: bool = Tru
         if expected is not None and method != "sdpa_plain":
             err = (out.double() - expected).abs().max().item()
             row["max_err"] = err
-            row["ok"] = bool(err <= _tolerance(case.dtype) and torch.isfinite(out).all())
+            row["ok"] = bool(err <= tolerance(case.dtype) and torch.isfinite(out).all())
         del out
         row["median_ms"] = median_seconds(fn, device, repeats=repeats) * 1e3
         if device.type == "cuda":

@@ -34,7 +34,7 @@ import torch, triton
 print(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
       f"  torch {torch.__version__}  triton {triton.__version__}")
 PY
-card=$("$py" -c "import torch; from o2mag_kernels.sweep import card_slug; print(card_slug(torch.cuda.get_device_name()))")
+card=$("$py" -c "import torch; from o2mag_kernels.tools.sweep import card_slug; print(card_slug(torch.cuda.get_device_name()))")
 results="${OUT:-benchmarks/results}"
 status=0
 
@@ -52,7 +52,7 @@ run() {
     "$@" || status=1
   fi
 }
-sweep() { run "$1" "$py" -m o2mag_kernels.sweep --dtypes "${@:3}" --jobs "${SWEEP_JOBS:-12}" \
+sweep() { run "$1" "$py" -m o2mag_kernels.tools.cli gpu-sweep --dtypes "${@:3}" --jobs "${SWEEP_JOBS:-12}" \
             --timeout 150 --out "o2mag_kernels/sweeps/$2.json"; }
 tests() { run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/o2mag; }
 bench() {

@@ -19,9 +19,9 @@ from typing import Optional, Union
 
 import torch
 
-from o2mag_kernels import parity
-from o2mag_kernels._validate import validate
-from o2mag_kernels.parity import max_abs_err  # noqa: F401  (re-exported for the tests)
+from o2mag_kernels.tools import parity
+from o2mag_kernels.tools.parity import max_abs_err  # noqa: F401  (re-exported for the tests)
+from o2mag_kernels.validation import validate
 
 Density = Union[float, str, None]
 """A mask spec: a float in [0, 1] (Bernoulli probability per position; 0.0 = empty, 1.0 = full),
@@ -135,7 +135,7 @@ def build_case(
 def low_precision_bound(case: Case, exact: torch.Tensor, *, scale=None, fg_gain=1.0,
                         factor: float = 2.0, floor: float = 1e-5) -> float:
     """Largest error vs the float64 formula allowed for a fp16/bf16 result of ``case``: the
-    package's one rule (``o2mag_kernels.parity``), from the reference run in the case's dtype."""
+    package's one rule (``o2mag_kernels.tools.parity``), from the reference run in the case's dtype."""
     dtype = case.q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"low_precision_bound is for float16/bfloat16 cases, got {dtype}")

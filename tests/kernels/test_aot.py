@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from o2mag_kernels import aot
+from o2mag_kernels import tuning
+from o2mag_kernels.tools import aot
 
 ROW = re.compile(
     r"^sm_(?P<arch>\d+)\s+(?P<dtype>fp16|bf16|fp32)\s+(?P<D>\d+)\s+(?P<bm>\d+)\s+(?P<bn>\d+)\s+"
@@ -26,7 +27,8 @@ def quick_report():
     if aot.cuobjdump_path() is None:
         pytest.fail("cuobjdump is missing: it ships with triton (backends/nvidia/bin)")
     env = dict(os.environ, TRITON_INTERPRET="1")  # must work whatever the caller's setting
-    proc = subprocess.run([sys.executable, "-m", "o2mag_kernels.aot", "--quick", "--jobs", "2"],
+    proc = subprocess.run([sys.executable, "-m", "o2mag_kernels.tools.cli", "aot-check", "--quick",
+                           "--jobs", "2"],
                           env=env, capture_output=True, text=True, timeout=1500)
     return proc
 
@@ -40,7 +42,7 @@ def test_quick_aot_check_is_green_and_matches_the_committed_report(quick_report)
     rows = [ROW.match(line) for line in proc.stdout.splitlines() if line.startswith("sm_")]
     assert rows and all(rows), "unparsable table rows:\n" + proc.stdout
     assert len(rows) == len(aot.variants([80, 90], quick=True))
-    with open(aot.REPORT) as f:
+    with open(tuning.AOT_REPORT) as f:
         report = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])): r
                   for r in json.load(f)["results"]}
     for r in rows:

@@ -1,6 +1,6 @@
 """``o2mag-kernels check``: the quick parity-and-speed report exits 0 only when parity holds."""
 import o2mag_kernels
-from o2mag_kernels.cli import main
+from o2mag_kernels.tools.cli import main
 
 
 def test_check_reports_parity_and_timing(capsys):

@@ -7,12 +7,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from o2mag_kernels import TriSourceMask, tri_source_attention, tri_source_mask
 from o2mag_kernels.mask import true_first
-from o2mag_kernels.synthetic import KINDS, grid_of, mask_set
-from o2mag_kernels.torch_backend import torch_attention
+from o2mag_kernels.tools.synthetic import KINDS, grid_of, mask_set
+from o2mag_kernels.backends.torch_backend import torch_attention
 from tests.kernels.helpers import max_abs_err
 
 try:
-    from o2mag_kernels import triton_backend as tb
+    from o2mag_kernels.backends import triton_backend as tb
 
     TRITON = tb.status(torch.device("cpu"))[0]
 except ImportError:  # pragma: no cover - triton is a dependency on Linux
@@ -154,11 +154,11 @@ BACKENDS = ["reference", "torch-routed", "torch-stitch"] + (["triton"] if TRITON
 
 def _run(backend, *args, **kw):
     if backend.startswith("torch-"):
-        from o2mag_kernels._validate import validate
+        from o2mag_kernels.validation import as_mask, validate
 
         args = (*args, None, None)[:8]
         problem = validate(*args, kw.get("scale"), kw.get("fg_gain", 1.0), "torch")
-        return torch_attention(problem, *args, strategy=backend[6:])
+        return torch_attention(problem, *args[:5], as_mask(problem, *args[5:]), strategy=backend[6:])
     return tri_source_attention(*args, backend=backend, **kw)
 
 

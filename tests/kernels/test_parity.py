@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from o2mag_kernels import tri_source_attention
-from o2mag_kernels.torch_backend import STRATEGIES, pick_strategy, torch_attention
+from o2mag_kernels.backends.torch_backend import STRATEGIES, pick_strategy, torch_attention
+from o2mag_kernels.validation import as_mask
 
 from tests.kernels.helpers import max_abs_err
 
@@ -144,7 +145,7 @@ def test_torch_strategies(name, strategy, make_case, formula):
     atol = TIGHT[torch.float64][0] + logit_error_allowance(case, op.get("scale"), op.get("fg_gain", 1.0))
     problem = case.problem(op.get("scale"), op.get("fg_gain", 1.0), "torch")
     for masks in (case.args[5:], (tri_source_mask(*case.args[5:]), None, None)):
-        out = torch_attention(problem, *case.tensors, *masks, strategy=strategy)
+        out = torch_attention(problem, *case.tensors, as_mask(problem, *masks), strategy=strategy)
         assert out.shape == case.q.shape and out.dtype == case.q.dtype
         err = max_abs_err(out, exact)
         assert err <= atol, f"{strategy}: max error {err:.3g} > {atol:g}"

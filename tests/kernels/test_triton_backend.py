@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from o2mag_kernels import tri_source_attention, tri_source_mask
-from o2mag_kernels import _triton_kernel as K
-from o2mag_kernels import triton_backend as tb
-from o2mag_kernels import tuning
-from o2mag_kernels.synthetic import mask_set
+from o2mag_kernels import dispatch, tuning
+from o2mag_kernels.backends import triton_backend as tb
+from o2mag_kernels.backends import triton_kernel as K
+from o2mag_kernels.flops import useful_flops
+from o2mag_kernels.tools.synthetic import mask_set
 from tests.kernels.helpers import max_abs_err
 
 CUDA = torch.cuda.is_available()
@@ -259,7 +260,7 @@ def test_useful_flops_counts_needed_keys(make_case):
         nb = case.k_bg.shape[2]  # empty bg mask: all background keys
         for i in range(20):
             want += int(fm.sum()) if (qm[i] and fm.any()) else nb
-    assert tb.useful_flops(problem, *case.args[5:]) == 4 * 40 * 2 * want
+    assert useful_flops(problem, *case.args[5:]) == 4 * 40 * 2 * want
 
 
 def test_float64_and_too_large_head_dim_rejected(make_case):
@@ -294,11 +295,11 @@ def test_custom_op_fake_and_schema(make_case):
     m = tri_source_mask(*case.args[5:])
     for lse in (True, False):
         torch.library.opcheck(tb.tri_source_attention_op,
-                              (*case.tensors, *tb._tables(m), 0.15, 1.4, False, False, lse),
+                              (*case.tensors, *tb.mask_tables(m), 0.15, 1.4, False, False, lse),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     none = tri_source_mask(case.query_mask)  # no key masks: dummy table pointers, dense walk
     torch.library.opcheck(tb.tri_source_attention_op,
-                          (*case.tensors, *tb._tables(none), 0.15, 1.4, True, True, True),
+                          (*case.tensors, *tb.mask_tables(none), 0.15, 1.4, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -395,7 +396,7 @@ def _compiled_op(case, backend="inductor"):
     """The fused custom op over a prebuilt mask, through ``torch.compile(fullgraph=True)``."""
     mask = tri_source_mask(*case.args[5:])
     flags = (case.q.shape[-1] ** -0.5, 1.0, mask.fg_key_mask is None, mask.bg_key_mask is None, False)
-    op = torch.compile(lambda *t: tb.tri_source_attention_op(*t, *tb._tables(mask), *flags)[0],
+    op = torch.compile(lambda *t: tb.tri_source_attention_op(*t, *tb.mask_tables(mask), *flags)[0],
                        fullgraph=True, backend=backend)
     return op(*case.tensors)
 
@@ -405,17 +406,15 @@ def _compiled_op(case, backend="inductor"):
 def test_gpu_auto_picks_triton_only_where_proven(make_case, monkeypatch):
     """auto runs the kernel for fp16/bf16 once a sweep (or O2MAG_TRITON=on) vouches for this GPU
     family, never for fp32 (the torch backend's exact SDPA), never with O2MAG_TRITON=off."""
-    import o2mag_kernels.api as api
-
     case = on(make_case(B=1, H=2, Lq=64, Lf=64, Lb=64, D=64, dtype=torch.float16), "cuda")
     fp32 = case.to(torch.float32)
     for setting, fp16_pick in (("on", "triton"), ("off", "torch")):
         monkeypatch.setenv("O2MAG_TRITON", setting)
-        api._AUTO_CACHE.clear()
-        assert api._pick("auto", case.q, case.tensors) == fp16_pick
-        assert api._pick("auto", fp32.q, fp32.tensors) == "torch"
-    api._AUTO_CACHE.clear()
+        dispatch.clear_auto_cache()
+        assert dispatch.pick_backend("auto", case.q, case.tensors) == fp16_pick
+        assert dispatch.pick_backend("auto", fp32.q, fp32.tensors) == "torch"
+    dispatch.clear_auto_cache()
     monkeypatch.setenv("O2MAG_TRITON", "on")
     a = tri_source_attention(*case.args, backend="auto")
     assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
-    api._AUTO_CACHE.clear()
+    dispatch.clear_auto_cache()

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from o2mag_kernels import _triton_kernel as K
-from o2mag_kernels import aot, tuning
+from o2mag_kernels.backends import triton_kernel as K
+from o2mag_kernels import tuning
+from o2mag_kernels.tools import aot
 
 
 def test_no_dot_narrower_than_64_for_any_head_dim():
@@ -44,16 +45,16 @@ def _fake(**kw):
 
 
 def test_judge_rules():
-    assert aot.judge(_fake()) == ""
-    assert aot.judge(_fake(stack=aot.SPILL_TOLERANCE)) == ""  # a few registers' worth is tolerated
-    assert "spill" in aot.judge(_fake(stack=aot.SPILL_TOLERANCE + 8))
-    assert "spill" in aot.judge(_fake(local=200))
-    assert aot.judge(_fake(dtype="fp32", stack=4000)) == ""  # fp32 spills are reported, not failed
-    assert "Hopper" in aot.judge(_fake(min_dot=32)) and "Hopper" in aot.judge(_fake(min_dot=None))
-    assert "wgmma" in aot.judge(_fake(wgmma=False, mma=True))
-    assert "shared memory" in aot.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
-    assert "mma" in aot.judge(_fake(arch=80, wgmma=False, mma=False))
-    assert "boom" in aot.judge(_fake(ok=False, error="boom"))
+    assert tuning.judge(_fake()) == ""
+    assert tuning.judge(_fake(stack=tuning.SPILL_TOLERANCE)) == ""  # a few registers' worth is tolerated
+    assert "spill" in tuning.judge(_fake(stack=tuning.SPILL_TOLERANCE + 8))
+    assert "spill" in tuning.judge(_fake(local=200))
+    assert tuning.judge(_fake(dtype="fp32", stack=4000)) == ""  # fp32 spills are reported, not failed
+    assert "Hopper" in tuning.judge(_fake(min_dot=32)) and "Hopper" in tuning.judge(_fake(min_dot=None))
+    assert "wgmma" in tuning.judge(_fake(wgmma=False, mma=True))
+    assert "shared memory" in tuning.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
+    assert "mma" in tuning.judge(_fake(arch=80, wgmma=False, mma=False))
+    assert "boom" in tuning.judge(_fake(ok=False, error="boom"))
 
 
 def test_the_committed_aot_report_belongs_to_this_kernel():
@@ -190,8 +191,9 @@ def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
     table of every (config, case), and a crash in a worker is recorded, not fatal."""
     out = tmp_path / "sweep.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "o2mag_kernels.sweep", "--interpret", "--dtypes",
-                           "fp16", "--head-dims", "40", "--quick", "--out", str(out), "--jobs", "2"],
+    proc = subprocess.run([sys.executable, "-m", "o2mag_kernels.tools.cli", "gpu-sweep", "--interpret",
+                           "--dtypes", "fp16", "--head-dims", "40", "--quick", "--out", str(out),
+                           "--jobs", "2"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -207,7 +209,7 @@ def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
 
 
 def test_a_crashing_worker_is_recorded(monkeypatch):
-    from o2mag_kernels import sweep
+    from o2mag_kernels.tools import sweep
 
     def boom(*a, **k):
         class P:
@@ -216,7 +218,7 @@ def test_a_crashing_worker_is_recorded(monkeypatch):
         return P()
 
     monkeypatch.setattr(sweep.subprocess, "run", boom)
-    got = sweep._run_one({"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3]}, False, 10)
+    got = sweep.run_one({"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3]}, False, 10)
     assert got == [{"dtype": "fp16", "head_dim": 40, "config": [64, 64, 4, 3], "case": "blob-4096",
                     "status": "crash", "error": "worker exited with -11: "}]
 
@@ -227,7 +229,7 @@ def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch,
     the file is ``<out>.partial`` until the end, and tuning then reads its verdicts."""
     import argparse
 
-    from o2mag_kernels import sweep
+    from o2mag_kernels.tools import sweep
 
     monkeypatch.delenv("O2MAG_TRITON", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -249,7 +251,7 @@ def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch,
         status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash) else "ok"
         return [dict(item, case=c, status=status) for c in sweep.CASES[0][:1]]
 
-    monkeypatch.setattr(sweep, "_run_one", fake_run_one)
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
     args = argparse.Namespace(dtypes=["fp16"], head_dims=[40, 80], quick=False, jobs=2, timeout=5,
                               out=str(out), interpret=False)
     assert sweep.run(args) == 1  # one config crashed

@@ -1,21 +1,19 @@
 """``o2mag-kernels aot-check``: compile the Triton kernel's variants for sm_80/sm_90 with no GPU.
 
-Variants: every config in ``_triton_kernel.CONFIGS`` x head-dim bucket, for fp16 and fp32, per
-SM (bf16 shares fp16's tiles and operand sizes, so it is spot-checked: one config per bucket);
+Variants: every config in ``backends/triton_kernel.py: CONFIGS`` x head-dim bucket, for fp16 and
+fp32, per SM (bf16 shares fp16's tiles and operand sizes, so it is spot-checked: one config per bucket);
 ``--quick`` keeps one config per head dim (fp16) plus one bf16 and two fp32 variants. Each is
 compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; ``cuobjdump
 -res-usage`` (bundled with triton) reads registers, static shared memory and spill bytes (local
 memory + stack frame) from the cubin; the PTX says whether the dots became ``wgmma`` (sm_90) or
 ``mma.sync`` (sm_80); the TTGIR gives every dot's operand shapes.
 
-A variant fails on: a compile error, a dot narrower than 64 in any dimension (the Hopper
-miscompile class the kernel is built to avoid), shared memory above the architecture's per-block
-limit, (sm_90, warpgroup-sized tiles) no ``wgmma``, or -- for fp16/bf16, the fast path -- spills
-above ``SPILL_TOLERANCE`` bytes. fp32 (3xTF32 dots: operands split into hi/lo halves) spills at
-every 64-wide tile; its spills are reported, not failed, and ``auto`` sends fp32 to the torch
-backend. A failed variant is simply never run (tuning excludes it); the exit code is non-zero on
-what the kernel must never have: a compile error, a narrow dot, or a head dim and dtype class left
-with no clean config on an architecture.
+This module only WRITES evidence. Whether a variant passes is the rule that reads it,
+:func:`o2mag_kernels.tuning.judge` (a compile error, a dot narrower than 64, too much shared
+memory, no tensor-core instructions, or fp16/bf16 spills above ``tuning.SPILL_TOLERANCE``); the
+table printed here applies it. A failed variant is simply never run (tuning excludes it); the exit
+code is non-zero on what the kernel must never have: a compile error, a narrow dot, or a head dim
+and dtype class left with no clean config on an architecture.
 
 ``--write-report`` stores the measurements with the kernel's source hash in
 ``o2mag_kernels/aot_report.json``; :mod:`o2mag_kernels.tuning` derives the configs each GPU family
@@ -25,7 +23,9 @@ What this cannot prove: that the compiled code runs correctly on a card. Triton 
 kernels that passed this check and still faulted on an H100; only ``o2mag-kernels gpu-sweep`` on a
 card proves that.
 
-Compiles run in worker subprocesses with ``TRITON_INTERPRET`` removed from their environment.
+Compiles run in worker subprocesses (``python -m o2mag_kernels.tools.aot --worker``, this module's
+only entry point: the command is ``o2mag-kernels aot-check``) with ``TRITON_INTERPRET`` removed
+from their environment.
 Specialisation compiled: every pointer and stride divisible by 16 (contiguous tensors and
 diffusers' (B, L, H·D) views with 16-aligned rows); other specialisations only change
 vectorisation, not the tiling.
@@ -40,18 +40,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import List
 
-# Max dynamic shared memory per block (bytes) by SM version.
-SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .. import tuning
+from ..backends import triton_kernel as K
+
+WORKER = "o2mag_kernels.tools.aot"  # ``python -m`` target of the compile subprocesses
 DTYPES = ("fp16", "bf16", "fp32")
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 # operand shapes of every tensor-core dot in the TTGIR: "(M)x(K)x<type> * (K)x(N)x<type>"
 _DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x[^*]*"
                   r"\* (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x")
-MIN_DOT = 64  # narrower dots miscompile on Hopper with Triton >= 3.6; the kernel pads instead
-SPILL_TOLERANCE = 128  # bytes per thread of stack/local a fp16/bf16 variant may use (a few registers)
-REPORT = os.path.join(os.path.dirname(__file__), "aot_report.json")
 
 
 def min_dot_dim(ttgir: str):
@@ -62,17 +66,13 @@ def min_dot_dim(ttgir: str):
 
 def variants(archs, quick: bool = False):
     """List of dicts (arch, dtype, head_dim, config) to compile."""
-    from . import _triton_kernel as K
-
     out = []
     for arch in archs:
         if quick:  # the first config tuning allows per case (from the committed report)
-            from .tuning import spill_free
-
-            picks = [("fp16", d, spill_free(d, "fp16", arch)[0]) for d in K.HEAD_DIMS]
-            picks.append(("bf16", 80, spill_free(80, "bf16", arch)[0]))
-            picks.append(("fp32", 64, spill_free(64, "fp32", arch)[0]))
-            picks.append(("fp32", 160, spill_free(160, "fp32", arch)[0]))  # column-chunked
+            picks = [("fp16", d, tuning.spill_free(d, "fp16", arch)[0]) for d in K.HEAD_DIMS]
+            picks.append(("bf16", 80, tuning.spill_free(80, "bf16", arch)[0]))
+            picks.append(("fp32", 64, tuning.spill_free(64, "fp32", arch)[0]))
+            picks.append(("fp32", 160, tuning.spill_free(160, "fp32", arch)[0]))  # column-chunked
         else:
             picks = [(dt, d, cfg) for dt in ("fp16", "fp32") for d in K.HEAD_DIMS for cfg in K.CONFIGS]
             picks += [("bf16", d, K.CONFIGS[i % len(K.CONFIGS)]) for i, d in enumerate(K.HEAD_DIMS)]
@@ -82,20 +82,12 @@ def variants(archs, quick: bool = False):
 
 
 def cuobjdump_path():
-    import triton
-
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
 def _compile_one(v):
     """Compile one variant in this (non-interpreted) process and measure it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from . import _triton_kernel as K
-
     fn = K.tri_source_fwd
     names = fn.arg_names
     bm, bn, warps, stages = v["config"]
@@ -163,49 +155,26 @@ def _compile_one(v):
     return res
 
 
-def spill_bytes(r) -> int:
-    return int(r.get("local", 0)) + int(r.get("stack", 0))
-
-
-def judge(r) -> str:
-    """Empty string when the variant is green, else why it fails (see the module docstring)."""
-    if not r.get("ok"):
-        return r.get("error") or "compile failed"
-    bm, _, warps, _ = r["config"]
-    if r.get("min_dot") is None or r["min_dot"] < MIN_DOT:
-        return f"a dot is {r.get('min_dot')} wide (< {MIN_DOT}: the Hopper miscompile class)"
-    limit = SMEM_LIMIT.get(r["arch"])
-    smem = r["dyn_smem"] + r["static_smem"]
-    if limit is not None and smem > limit:
-        return f"shared memory {smem} B > {limit} B limit of sm_{r['arch']}"
-    if r["regs"] * 32 * warps > 65536:
-        return f"{r['regs']} registers x {32 * warps} threads exceed the register file"
-    if r["arch"] >= 90 and bm >= 16 * warps and not r["wgmma"]:
-        return "no wgmma in sm_90 PTX for a warpgroup-sized tile"
-    if r["arch"] < 90 and not r["mma"]:
-        return "no mma.sync in PTX"
-    if r["dtype"] != "fp32" and spill_bytes(r) > SPILL_TOLERANCE:
-        return f"spills: {r['local']} local bytes, {r['stack']} stack bytes (> {SPILL_TOLERANCE})"
-    return ""
-
-
-def write_report(results, path: str = REPORT) -> None:
+def write_report(results, path: str = tuning.AOT_REPORT) -> None:
     """Store the measurements (and the kernel source hash they belong to) for tuning."""
-    import triton
-
-    from .tuning import kernel_hash
-
     keep = ("arch", "dtype", "head_dim", "config", "ok", "error", "regs", "stack", "local",
             "static_smem", "dyn_smem", "min_dot", "wgmma", "mma")
     rows = [{k: r[k] for k in keep if k in r} for r in results]
     with open(path, "w") as f:
-        json.dump({"kernel_hash": kernel_hash(), "triton": triton.__version__,
-                   "spill_tolerance": SPILL_TOLERANCE, "results": rows}, f, indent=0)
+        json.dump({"kernel_hash": tuning.kernel_hash(), "triton": triton.__version__,
+                   "spill_tolerance": tuning.SPILL_TOLERANCE, "results": rows}, f, indent=0)
         f.write("\n")
 
 
-def _worker() -> int:
-    """Entry for a compile subprocess: JSON list of variants on stdin, one JSON result per line."""
+def worker_main(argv: List[str]) -> int:
+    """Entry of a compile subprocess (``--worker``): JSON list of variants on stdin, one JSON
+    result per line. The command line is ``o2mag-kernels aot-check`` (:mod:`.cli`); this module
+    never imports the CLI back."""
+    if argv != ["--worker"]:
+        print(f"python -m {WORKER} runs the compile workers of `o2mag-kernels aot-check` (or "
+              f"python -m o2mag_kernels.tools.cli aot-check); usage: python -m {WORKER} --worker",
+              file=sys.stderr)
+        return 2
     todo = json.load(sys.stdin)
     for v in todo:
         print(json.dumps(_compile_one(v)), flush=True)
@@ -227,7 +196,7 @@ def compile_all(todo, jobs=None):
             fin = open(os.path.join(tmp, f"{i}.in"))
             fout = open(os.path.join(tmp, f"{i}.out"), "w")
             ferr = open(os.path.join(tmp, f"{i}.err"), "w")
-            p = subprocess.Popen([sys.executable, "-m", "o2mag_kernels.aot", "--worker"], env=env,
+            p = subprocess.Popen([sys.executable, "-m", WORKER, "--worker"], env=env,
                                  stdin=fin, stdout=fout, stderr=ferr)
             procs.append((p, chunk, (fin, fout, ferr)))
         results = []
@@ -255,7 +224,7 @@ def format_table(results) -> str:
     lines = [head]
     for r in results:
         bm, bn, w, s = r["config"]
-        why = judge(r)
+        why = tuning.judge(r)
         if r.get("ok"):
             mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "none")
             cols = (f"{r['regs']:>5} {r['dyn_smem'] + r['static_smem']:>7} {r['local'] + r['stack']:>7} "
@@ -284,13 +253,14 @@ def run(args) -> int:
             json.dump(results, f, indent=1)
     if getattr(args, "write_report", False):
         write_report(results)
-        print(f"aot-check: wrote {REPORT}")
-    bad = [r for r in results if judge(r)]
-    errors = [r for r in bad if not r.get("ok") or r.get("min_dot") is None or r["min_dot"] < MIN_DOT]
+        print(f"aot-check: wrote {tuning.AOT_REPORT}")
+    bad = [r for r in results if tuning.judge(r)]
+    errors = [r for r in bad
+              if not r.get("ok") or r.get("min_dot") is None or r["min_dot"] < tuning.MIN_DOT]
     cells = {}
     for r in results:
         key = (r["arch"], "fp32" if r["dtype"] == "fp32" else "half", r["head_dim"])
-        cells[key] = cells.get(key, False) or not judge(r)
+        cells[key] = cells.get(key, False) or not tuning.judge(r)
     gaps = sorted(k for k, ok in cells.items() if not ok)
     print(f"aot-check: {len(results) - len(bad)}/{len(results)} variants OK, {len(bad)} failed "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -300,12 +270,9 @@ def run(args) -> int:
     for arch, kind, d in gaps:
         print(f"aot-check: ERROR no clean config for sm_{arch} {kind} head dim {d}")
     for r in errors:
-        print(f"aot-check: ERROR {r['arch']} {r['dtype']} D{r['head_dim']} {r['config']}: {judge(r)}")
+        print(f"aot-check: ERROR {r['arch']} {r['dtype']} D{r['head_dim']} {r['config']}: {tuning.judge(r)}")
     return 1 if errors or gaps or not results else 0
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        sys.exit(_worker())
-    from .cli import main
 
-    sys.exit(main(["aot-check", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import Problem
-from .reference import reference_attention
+from ..backends.reference import reference_attention
+from ..validation import Problem, as_mask
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -28,7 +28,7 @@ def low_precision_bound(problem: Problem, args, exact: torch.Tensor, dtype: torc
     (q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask in ``dtype``)."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"low_precision_bound is for float16/bfloat16, got {dtype}")
-    lowp = reference_attention(problem, *args, compute_dtype=dtype)
+    lowp = reference_attention(problem, *args[:5], as_mask(problem, *args[5:]), compute_dtype=dtype)
     own_error = max_abs_err(lowp, exact)
     top = float(exact.abs().max()) if exact.numel() else 0.0
     return factor * own_error + 0.5 * torch.finfo(dtype).eps * top + floor

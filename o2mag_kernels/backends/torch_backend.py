@@ -25,12 +25,13 @@ before compiling avoids it).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._validate import Problem, accumulate_dtype, as_mask
+from ..mask import TriSourceMask
+from ..validation import Problem, accumulate_dtype
 
 # Elements of one float32 score chunk on the LSE path (about 64 MiB).
 _LSE_CHUNK_ELEMENTS = 1 << 24
@@ -198,20 +199,20 @@ def _masked(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask):
 
 
 def torch_attention(
-    problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
-    *, return_lse: bool = False, strategy: Optional[str] = None,
-):
-    """Tri-source attention in PyTorch. Arguments were validated; ``query_mask`` may be a
-    :class:`~o2mag_kernels.TriSourceMask`. ``strategy`` overrides :func:`pick_strategy`."""
+    problem: Problem, q: torch.Tensor, k_fg: torch.Tensor, v_fg: torch.Tensor, k_bg: torch.Tensor,
+    v_bg: torch.Tensor, mask: TriSourceMask, *, return_lse: bool = False,
+    strategy: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Tri-source attention in PyTorch over the call's validated arguments and its mask
+    (:func:`o2mag_kernels.validation.as_mask`). ``strategy`` overrides :func:`pick_strategy`."""
     if problem.Lq == 0:
         out = q.clone()  # empty; a clone (not new_empty) keeps the result in q's autograd graph
         lse_dtype = accumulate_dtype(q.dtype)
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
-    mask = as_mask(problem, query_mask, fg_key_mask, bg_key_mask)
     strategy = strategy or pick_strategy(q.device)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if mask._host is None and not return_lse and torch.compiler.is_compiling():
+    if not mask.host_read and not return_lse and torch.compiler.is_compiling():
         strategy = "masked"
     if strategy == "masked" and not return_lse:
         return _masked(problem, q, k_fg, v_fg, k_bg, v_bg, mask)

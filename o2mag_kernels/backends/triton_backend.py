@@ -1,8 +1,8 @@
 """Triton backend of :func:`o2mag_kernels.tri_source_attention`: one fused launch for the whole op.
 
-The routing tables come from a :class:`~o2mag_kernels.TriSourceMask` (prebuilt by the caller, or
-built here from the three masks with a few sync-free torch ops); the kernel
-(``_triton_kernel.tri_source_fwd``) then runs one grid over (query tiles, batch·head).
+The routing tables come from the call's :class:`~o2mag_kernels.TriSourceMask` (prebuilt by the
+caller, or built by the api from the three masks with a few sync-free torch ops); the kernel
+(``triton_kernel.tri_source_fwd``) then runs one grid over (query tiles, batch·head).
 
 Eager calls launch directly; under ``torch.compile`` the launch goes through the custom op
 ``o2mag::tri_source_attention_fwd`` (with a fake implementation), one opaque graph node. The op has
@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
 
-from . import _triton_kernel as K
-from . import tuning
-from ._validate import Problem, as_mask
-from .flops import useful_flops, useful_key_visits  # noqa: F401  (re-exported for benchmarks)
-from .mask import TriSourceMask
+from . import triton_kernel as K
+from .. import tuning
+from ..mask import TriSourceMask
+from ..validation import Problem
 
-__all__ = ["status", "triton_attention", "useful_flops", "useful_key_visits", "is_interpreted"]
+__all__ = ["status", "runnable", "auto_ok", "is_interpreted", "triton_attention", "run_op",
+           "mask_tables", "tri_source_attention_op", "POISON_OUTPUT"]
 
 MIN_TRITON = (3, 0)
 MIN_CAPABILITY = (8, 0)  # tensor-core (mma.sync / wgmma) GPUs
@@ -158,7 +158,7 @@ def _tuned_kernel():
     return _tuned
 
 
-def _tables(mask: TriSourceMask):
+def mask_tables(mask: TriSourceMask) -> Tuple[torch.Tensor, ...]:
     """(qperm, fidx, tiles64, tiles128, bg_bytes, counts); a dummy pointer for absent tables."""
     dummy = mask.counts
     tiles = mask.tiles or {}
@@ -256,7 +256,7 @@ def run_op(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask: TriSourceMask, *, 
            config=None):
     """Launch over a mask object: directly when eager (no dispatcher overhead), through the custom
     op while ``torch.compile`` traces."""
-    tables = _tables(mask)
+    tables = mask_tables(mask)
     flags = (float(problem.scale), float(problem.fg_gain), mask.fg_key_mask is None,
              mask.bg_key_mask is None, store_lse)
     if config is None and torch.compiler.is_compiling():
@@ -265,10 +265,11 @@ def run_op(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask: TriSourceMask, *, 
 
 
 def triton_attention(
-    problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
-    *, return_lse: bool = False,
-):
-    """Fused tri-source attention (forward only). Arguments were validated by the caller.
+    problem: Problem, q: torch.Tensor, k_fg: torch.Tensor, v_fg: torch.Tensor, k_bg: torch.Tensor,
+    v_bg: torch.Tensor, mask: TriSourceMask, *, return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fused tri-source attention (forward only) over the call's validated arguments and its mask
+    (:func:`o2mag_kernels.validation.as_mask`).
 
     Raises ``TypeError`` for float64 (no fp64 tensor-core path), ``ValueError`` for head dims
     above 256, and ``RuntimeError`` when autograd would need a backward (use ``backend="torch"``).
@@ -284,6 +285,5 @@ def triton_attention(
         raise RuntimeError(
             "backend='triton' is forward-only and an input requires grad: use backend='torch' "
             "(differentiable) or 'auto', or call it under torch.no_grad()")
-    mask = as_mask(problem, query_mask, fg_key_mask, bg_key_mask)
     out, lse = run_op(problem, q, k_fg, v_fg, k_bg, v_bg, mask, store_lse=return_lse)
     return (out, lse) if return_lse else out

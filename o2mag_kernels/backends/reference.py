@@ -6,9 +6,12 @@ slow on purpose: it is written to be obviously right, not fast.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple, Union
+
 import torch
 
-from ._validate import Problem, accumulate_dtype, effective_key_masks
+from ..mask import TriSourceMask
+from ..validation import Problem, accumulate_dtype
 
 
 def _masked_softmax_attention(q, k, v, key_mask, logit_scale, compute_dtype):
@@ -21,17 +24,19 @@ def _masked_softmax_attention(q, k, v, key_mask, logit_scale, compute_dtype):
 
 
 def reference_attention(
-    problem: Problem, q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask,
-    *, compute_dtype=None, return_lse=False,
-):
-    """Tri-source attention by the literal formula (docs/architecture.md, "The op").
+    problem: Problem, q: torch.Tensor, k_fg: torch.Tensor, v_fg: torch.Tensor, k_bg: torch.Tensor,
+    v_bg: torch.Tensor, mask: TriSourceMask, *, compute_dtype: Optional[torch.dtype] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Tri-source attention by the literal formula (docs/architecture.md, "The op"), over the
+    call's validated arguments and its mask (:func:`o2mag_kernels.validation.as_mask`).
 
     ``compute_dtype`` defaults to float64 for float64 inputs and float32 otherwise; tests also run it
     in float16/bfloat16 to measure how much error plain low-precision arithmetic makes.
     """
     if compute_dtype is None:
         compute_dtype = accumulate_dtype(q.dtype)
-    use_fg, fg_mask, bg_mask = effective_key_masks(problem, query_mask, fg_key_mask, bg_key_mask)
+    use_fg, fg_mask, bg_mask = mask.effective(problem.B, problem.Lf, problem.Lb)
     # Rows with no usable foreground key never take the foreground result; give them a dummy key
     # set so their (unused) softmax stays finite.
     fg_mask_safe = fg_mask | ~fg_mask.any(dim=1, keepdim=True)

@@ -5,7 +5,7 @@ memory access) poisons the CUDA context of the process it happens in, so one pro
 keeps every other result clean. A worker runs the config on a set of cases (blob, scattered,
 empty and full masks, odd and SD-sized lengths, per-target and shared masks, diffusers-strided
 inputs) with the outputs poisoned with NaN first, and compares each with the float64 reference
-under the package's parity rule (:mod:`o2mag_kernels.parity`); it also times the config on the
+under the package's parity rule (:mod:`o2mag_kernels.tools.parity`); it also times the config on the
 SD-sized blob case. A crash, a timeout, a non-finite or unwritten element, or an error above the
 bound marks the config failed for that dtype class and head-dim bucket.
 
@@ -27,6 +27,21 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.testing
+
+from .. import tuning
+from ..backends import triton_backend as tb
+from ..backends.reference import reference_attention
+from ..backends.torch_backend import torch_attention
+from ..mask import tri_source_mask
+from ..validation import as_mask, validate
+from .parity import bound, max_abs_err
+from .synthetic import mask_set
+
+WORKER = "o2mag_kernels.tools.sweep"  # ``python -m`` target of the worker processes
 
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (40, 64, 80, 128, 160, 256)
@@ -55,18 +70,12 @@ TIMED_CASE = "timed-sd"
 
 
 def _torch_dtype(name: str):
-    import torch
-
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def _inputs(kind, B, L, D, dtype, shared, device, seed, heads=HEADS):
     """Diffusers-like inputs: (B, L, H*D) projections viewed as (B, H, L, D); one reference and
-    one normal source (batch 1) serving B targets; masks from :mod:`o2mag_kernels.synthetic`."""
-    import torch
-
-    from .synthetic import mask_set
-
+    one normal source (batch 1) serving B targets; masks from :mod:`o2mag_kernels.tools.synthetic`."""
     g = torch.Generator().manual_seed(seed)
 
     def proj(b):
@@ -82,14 +91,6 @@ def _inputs(kind, B, L, D, dtype, shared, device, seed, heads=HEADS):
 
 def run_item(item: dict, interpret: bool = False):
     """Run one (dtype, head_dim, config) on every case; yields one result dict per case."""
-    import torch
-
-    from . import tri_source_mask
-    from . import triton_backend as tb
-    from ._validate import validate
-    from .parity import bound, max_abs_err
-    from .reference import reference_attention
-
     device = "cpu" if interpret else "cuda"
     dtype = _torch_dtype(item["dtype"])
     D = int(item["head_dim"])
@@ -109,7 +110,8 @@ def run_item(item: dict, interpret: bool = False):
         if not interpret:
             torch.cuda.synchronize()
         wide = tuple(t.double() for t in tensors)
-        exact = reference_attention(validate(*wide, *masks, None, 1 / 0.7, "reference"), *wide, *masks)
+        wide_problem = validate(*wide, *masks, None, 1 / 0.7, "reference")
+        exact = reference_attention(wide_problem, *wide, as_mask(wide_problem, *masks))
         err = max_abs_err(out, exact)
         limit = bound(problem, args, exact, dtype, fp32_atol=1e-4)
         finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
@@ -122,14 +124,6 @@ def time_group(item: dict):
     """Time, on the head dim's SD layer with a mask built once as the grafting layer does, every
     config in ``item["configs"]`` and the torch backend; yields one row each (median ms). Runs
     while no other sweep work uses the GPU (the sweep's serial phase)."""
-    import torch
-    import triton.testing
-
-    from . import tri_source_mask
-    from . import triton_backend as tb
-    from ._validate import validate
-    from .torch_backend import torch_attention
-
     D = int(item["head_dim"])
     L = TIMED_TOKENS.get(D, 1024)
     shape = {"case": TIMED_CASE, "tokens": L, "targets": TIMED_TARGETS, "heads": TIMED_HEADS}
@@ -142,7 +136,7 @@ def time_group(item: dict):
                                                                store_lse=False, config=c))
             for c in item["configs"]]
     mask.host()  # the torch backend's one host read, at build time as AttentionGraft.prepare does
-    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask, None, None)))
+    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask)))
     for what, fn in runs:
         print(json.dumps(dict(shape, **what, started=True)), flush=True)  # a crash names it
         with torch.no_grad():
@@ -152,7 +146,16 @@ def time_group(item: dict):
         yield dict(shape, **what, status="ok", ms=ms)
 
 
-def _worker(interpret: bool) -> int:
+def worker_main(argv: List[str]) -> int:
+    """Entry of a worker process (``--worker [--interpret]``): one item as JSON on stdin, one JSON
+    line per result. The command line is ``o2mag-kernels gpu-sweep`` (:mod:`.cli`); this module
+    never imports the CLI back."""
+    if not argv or argv[0] != "--worker" or not set(argv[1:]) <= {"--interpret"}:
+        print(f"python -m {WORKER} runs the workers of `o2mag-kernels gpu-sweep` (or python -m "
+              f"o2mag_kernels.tools.cli gpu-sweep); usage: python -m {WORKER} --worker "
+              "[--interpret]", file=sys.stderr)
+        return 2
+    interpret = "--interpret" in argv
     item = json.load(sys.stdin)
     results = time_group(item) if "configs" in item else run_item(item, interpret)
     for res in results:
@@ -163,8 +166,6 @@ def _worker(interpret: bool) -> int:
 def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = False):
     """The correctness work list: every spill-free config per (dtype, head dim) bucket
     (``quick``: two, for a smoke run)."""
-    from . import tuning
-
     out = []
     for dt in dtypes:
         for d in head_dims:
@@ -175,14 +176,14 @@ def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = F
     return out
 
 
-def _run_one(item, interpret: bool, timeout: float):
+def run_one(item, interpret: bool, timeout: float):
     """One worker process for one item; returns its case results (a crash or timeout included)."""
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "o2mag_kernels.sweep", "--worker"] + (["--interpret"] if interpret else [])
+    cmd = [sys.executable, "-m", WORKER, "--worker"] + (["--interpret"] if interpret else [])
     with tempfile.TemporaryFile("w+") as err:
         try:
             proc = subprocess.run(cmd, input=json.dumps(item), stdout=subprocess.PIPE, stderr=err,
@@ -216,12 +217,11 @@ def card_slug(name: str) -> str:
 
 
 def run(args) -> int:
-    """CLI entry; returns the exit code (0: every config passed every case)."""
-    import torch
-    import triton
+    """``o2mag-kernels gpu-sweep``; returns the exit code (0: every config passed every case).
 
-    from . import tuning
-
+    Longer than most functions here on purpose: the two phases (parallel correctness, serial
+    timing) share the result list and the ``.partial`` writer, kept as closures over them so the
+    file on disk always holds exactly what has been measured."""
     interpret = bool(getattr(args, "interpret", False))
     if not interpret and not torch.cuda.is_available():
         print("gpu-sweep: no CUDA device here (use --interpret to exercise the command on CPU)",
@@ -276,7 +276,7 @@ def run(args) -> int:
 
     # phase 1, in parallel: correctness, one process per config (results as they complete)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(_run_one, it, interpret, args.timeout) for it in todo]
+        futures = [pool.submit(run_one, it, interpret, args.timeout) for it in todo]
         for fut in as_completed(futures):
             got = fut.result()
             results += got
@@ -291,7 +291,7 @@ def run(args) -> int:
             if (it["dtype"], it["head_dim"], tuple(it["config"])) not in bad:
                 passed.setdefault((it["dtype"], it["head_dim"]), []).append(it["config"])
         for (dt, d), cfgs in sorted(passed.items()):
-            got = _run_one({"dtype": dt, "head_dim": d, "configs": cfgs}, False, args.timeout)
+            got = run_one({"dtype": dt, "head_dim": d, "configs": cfgs}, False, args.timeout)
             results += got
             write(complete=False)
             report(got)
@@ -306,8 +306,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv[1:]:
-        sys.exit(_worker("--interpret" in sys.argv[1:]))
-    from .cli import main
-
-    sys.exit(main(["gpu-sweep", *sys.argv[1:]]))
+    sys.exit(worker_main(sys.argv[1:]))

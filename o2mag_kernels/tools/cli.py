@@ -14,11 +14,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+# ``check`` calls the public op as the package exports it, looked up when the command runs: it
+# exercises exactly what a user calls (and a test may swap it there)
+import o2mag_kernels
 
-def _case(B, H, L, D, density, dtype, device, seed=0):
+from ..backends import interpreter_enabled, load_triton
+from ..validation import validate
+from .parity import bound, max_abs_err
+
+Case = Tuple[torch.Tensor, ...]  # (q, k_fg, v_fg, k_bg, v_bg, query_mask, fg_key_mask, bg_key_mask)
+
+
+def _case(B: int, H: int, L: int, D: int, density: float, dtype: torch.dtype,
+          device: torch.device, seed: int = 0) -> Case:
+    """Seeded random arguments of one call: batch-1 sources, ``density`` masks, bg = not query."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape):
@@ -31,7 +44,8 @@ def _case(B, H, L, D, density, dtype, device, seed=0):
     return q, k_fg, v_fg, k_bg, v_bg, qm, fm, ~qm
 
 
-def _median_time(fn, repeats):
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` synchronised calls after one warm-up call."""
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -46,63 +60,101 @@ def _median_time(fn, repeats):
     return times[len(times) // 2]
 
 
-def check(args) -> int:
-    from . import available_backends, tri_source_attention
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"o2mag-kernels check on {device} (torch {torch.__version__})")
-    status = available_backends()
+def _usable_backends(device: torch.device) -> List[str]:
+    """Print the availability report; the fast backends that can run on ``device``."""
+    status = o2mag_kernels.available_backends()
     for name, (ok, why) in status.items():
         print(f"  {name:9s} {'yes' if ok else 'no ':3s}  {why}")
     usable = [b for b in ("torch", "triton") if status[b][0]]
-    if device.type == "cpu" and "triton" in usable:
-        from .api import interpreter_enabled
+    if device.type == "cpu" and "triton" in usable and not interpreter_enabled():
+        usable.remove("triton")
+    return usable
 
-        if not interpreter_enabled():
-            usable.remove("triton")
+
+def _parity(device: torch.device, usable: Sequence[str]) -> int:
+    """Each usable backend in fp32 and fp16 against the float64 reference, under the tests' bound;
+    prints a line each and returns the number of failures."""
+    op = o2mag_kernels.tri_source_attention
     failures = 0
-    from ._validate import validate
-    from .parity import bound, max_abs_err
-
     print("\nparity vs float64 reference (B=2, H=2, L=77, D=40, 30% masks, fg_gain=1.4), bound as "
           "in the tests:")
     case64 = _case(2, 2, 77, 40, 0.3, torch.float64, device)
-    ref = tri_source_attention(*case64, fg_gain=1.4, backend="reference")
+    ref = op(*case64, fg_gain=1.4, backend="reference")
     for backend in usable:
         for dtype in (torch.float32, torch.float16):
             args_lp = [t.to(dtype) if t.is_floating_point() else t for t in case64]
-            out = tri_source_attention(*args_lp, fg_gain=1.4, backend=backend)
+            out = op(*args_lp, fg_gain=1.4, backend=backend)
             err = max_abs_err(out, ref)
             tol = bound(validate(*args_lp, None, 1.4, "reference"), args_lp, ref, dtype, fp32_atol=1e-4)
             ok = err <= tol and torch.isfinite(out).all().item()
             failures += not ok
             print(f"  {backend:7s} {str(dtype):14s} max|err| = {err:.2e} (bound {tol:.1e})  "
                   f"{'ok' if ok else 'FAIL'}")
+    return failures
 
-    from . import tri_source_mask
 
-    L = args.length
+def _timing(device: torch.device, usable: Sequence[str], L: int, repeats: int) -> None:
+    """Median time of the reference and each usable backend (a prebuilt mask) against one plain
+    SDPA call over the same keys."""
+    op = o2mag_kernels.tri_source_attention
     print(f"\ntiming (B=1, H=8, L={L}, D=40, float32, 5% masks, prebuilt TriSourceMask; median of "
-          f"{args.repeats}):")
+          f"{repeats}):")
     case = _case(1, 8, L, 40, 0.05, torch.float32, device)
     q, _, _, k_bg, v_bg = case[:5]
-    mask = tri_source_mask(*case[5:])
+    mask = o2mag_kernels.tri_source_mask(*case[5:])
     sdpa = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_bg, v_bg),
-                        args.repeats)
+                        repeats)
     print(f"  {'plain SDPA':22s} {sdpa * 1e3:9.2f} ms   1.00x")
-    rows = [("reference", "reference")] + [(b, b) for b in usable if not (b == "triton" and device.type == "cpu")]
+    rows = [("reference", "reference")] + [(b, b) for b in usable
+                                           if not (b == "triton" and device.type == "cpu")]
     for label, backend in rows:
-        t = _median_time(lambda: tri_source_attention(*case[:5], mask, backend=backend), args.repeats)
+        t = _median_time(lambda: op(*case[:5], mask, backend=backend), repeats)
         print(f"  {label:22s} {t * 1e3:9.2f} ms   {t / sdpa:.2f}x of SDPA")
-    from .tuning import aot_status
 
-    stale = aot_status()
+
+def _compile_report() -> str:
+    """'' when the committed AOT report belongs to this kernel, else why not. tuning describes the
+    Triton kernel and imports triton, an optional dependency: it is imported only once the one
+    guard (:func:`~o2mag_kernels.backends.load_triton`) has imported triton."""
+    module, why = load_triton()
+    if module is None:
+        return why
+    from .. import tuning  # needs triton (optional): see the docstring
+
+    return tuning.aot_status()
+
+
+def check(args: argparse.Namespace) -> int:
+    """``o2mag-kernels check``: availability, parity and timing on this machine; exit code 1 when a
+    parity check fails."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"o2mag-kernels check on {device} (torch {torch.__version__})")
+    usable = _usable_backends(device)
+    failures = _parity(device, usable)
+    _timing(device, usable, args.length, args.repeats)
+    stale = _compile_report()
     print(f"\ncompile report: {'current' if not stale else stale}")
     print("\nall parity checks passed" if not failures else f"\n{failures} parity check(s) FAILED")
     return 1 if failures else 0
 
 
-def main(argv=None) -> int:
+def aot_check(args: argparse.Namespace) -> int:
+    """``o2mag-kernels aot-check`` (:mod:`.aot`). The tool compiles with triton, which the op and
+    ``check`` do without, so it is imported when the subcommand runs, not with the command."""
+    from . import aot  # needs triton (optional): see the docstring
+
+    return aot.run(args)
+
+
+def gpu_sweep(args: argparse.Namespace) -> int:
+    """``o2mag-kernels gpu-sweep`` (:mod:`.sweep`); imported when it runs, as for ``aot-check``."""
+    from . import sweep  # needs triton (optional): see aot_check
+
+    return sweep.run(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry of the ``o2mag-kernels`` command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="o2mag-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-report", action="store_true",
                    help="store the measurements as o2mag_kernels/aot_report.json (the table tuning "
                         "derives each GPU family's configs from)")
-    p.set_defaults(func=lambda a: __import__("o2mag_kernels.aot", fromlist=["run"]).run(a))
+    p.set_defaults(func=aot_check)
     p = sub.add_parser("gpu-sweep", help="run every kernel config on this GPU against the float64 "
                                          "reference, one process per config; writes the JSON "
                                          "table tuning reads")
@@ -133,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--interpret", action="store_true",
                    help="run on CPU under TRITON_INTERPRET=1 with tiny cases (tests the command; "
                         "proves nothing about a GPU, and tuning ignores its file)")
-    p.set_defaults(func=lambda a: __import__("o2mag_kernels.sweep", fromlist=["run"]).run(a))
+    p.set_defaults(func=gpu_sweep)
     args = parser.parse_args(argv)
     return args.func(args)
 
