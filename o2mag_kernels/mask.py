@@ -91,7 +91,8 @@ class TriSourceMask:
     """
 
     __slots__ = ("query_mask", "fg_key_mask", "bg_key_mask", "use_fg", "fg_any", "qperm", "fidx",
-                 "tiles", "bg_bytes", "counts", "batch", "Lq", "Lf", "Lb", "device", "_host")
+                 "tiles", "bg_bytes", "counts", "batch", "Lq", "Lf", "Lb", "device", "_host",
+                 "_columns")
 
     def __init__(self, query_mask: torch.Tensor, fg_key_mask: Optional[torch.Tensor],
                  bg_key_mask: Optional[torch.Tensor], use_fg: torch.Tensor,
@@ -114,6 +115,7 @@ class TriSourceMask:
         self.Lb: Optional[int] = Lb
         self.device: torch.device = query_mask.device
         self._host: Optional[HostFacts] = None
+        self._columns: Dict[Tuple[torch.dtype, float], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         lf = "any" if self.Lf is None else self.Lf
@@ -156,6 +158,20 @@ class TriSourceMask:
         use_fg = self.use_fg if (self.fg_key_mask is not None or Lf > 0) else \
             torch.zeros_like(self.use_fg)
         return use_fg.expand(B, self.Lq), fg.expand(B, Lf), bg.expand(B, Lb)
+
+    def exclusion_columns(self, dtype: torch.dtype, value: float) -> torch.Tensor:
+        """(rows, Lb) in ``dtype``: ``value`` at the background keys a row may not use, 0 at the
+        usable ones (the torch backend's augmented strategy appends these to the keys' head
+        dim). Built on the mask's device without a host read, cached per (dtype, value); needs a
+        background key mask."""
+        if self.bg_key_mask is None:
+            raise ValueError("exclusion_columns: this mask has no background key mask")
+        key = (dtype, float(value))
+        cols = self._columns.get(key)
+        if cols is None:
+            zero = torch.zeros((), dtype=dtype, device=self.device)
+            cols = self._columns[key] = torch.where(self.bg_key_mask, zero, zero + value)
+        return cols
 
     @property
     def host_read(self) -> bool:

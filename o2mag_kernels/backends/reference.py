@@ -20,7 +20,9 @@ def _masked_softmax_attention(q, k, v, key_mask, logit_scale, compute_dtype):
     s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s.float() if compute_dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
     p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v.to(compute_dtype)), lse
+    # a key the row may not read contributes nothing, not even 0 * NaN (the op's NaN rule)
+    v = v.to(compute_dtype).masked_fill(~key_mask[:, None, :, None], 0)
+    return torch.matmul(p, v), lse
 
 
 def reference_attention(

@@ -36,11 +36,11 @@ def _grad_inputs(case):
     return tuple(t.detach().clone().requires_grad_(True) for t in case.tensors)
 
 
-@pytest.mark.parametrize("strategy", ["routed", "stitch"])
+@pytest.mark.parametrize("strategy", ["routed", "stitch", "augmented"])
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
 @pytest.mark.parametrize("layout", ["per-row-masks", "shared-masks", "broadcast-sources"])
 def test_gradcheck(layout, return_lse, strategy, make_case, monkeypatch):
-    """Both torch strategies (``O2MAG_TORCH_STRATEGY``; the LSE always takes the routed one)."""
+    """The torch strategies (``O2MAG_TORCH_STRATEGY``; the LSE always takes the routed one)."""
     monkeypatch.setenv("O2MAG_TORCH_STRATEGY", strategy)
     if layout == "per-row-masks":
         case = make_case(B=2, seed=1, **SMALL)

@@ -369,3 +369,87 @@ def test_cpu_backends_on_cuda_tensors(name, dtype, make_case, formula, lowp_boun
         check_tight(case, formula, **op)
     else:
         check_low_precision(case, formula, lowp_bound, **op)
+
+
+# The augmented strategy (per-target background exclusion inside plain SDPA calls): the shapes
+# where its bookkeeping can go wrong. Each runs in float64 (tight) and, where listed, fp16/bf16.
+AUGMENTED = {
+    # 30 targets at head dim 40: two folded SDPA calls (fold_width(40) == 24)
+    "beyond-fold": (dict(B=30, H=2, Lq=64, Lf=64, Lb=130, D=40, Bf=1, Bb=1, q_mask_batch=30,
+                         fg_mask_batch=1, bg_mask_batch=30), {}),
+    # head dim 80: 16 targets per call
+    "fold-80": (dict(B=17, H=1, Lq=33, Lf=40, Lb=77, D=80, Bf=1, Bb=1, fg_mask_batch=1,
+                     bg_mask_batch=17, bg_density=0.9), dict(fg_gain=1 / 0.7)),
+    # per-target sources and masks: one appended column per target
+    "per-target-sources": (dict(B=3, H=2, Lq=40, Lf=50, Lb=70, D=64), {}),
+    # |logits| up to ~50 (the exclusion margin is 1e4 logit units)
+    "large-logits": (dict(B=4, H=2, Lq=64, Lf=64, Lb=128, D=40, Bf=1, Bb=1, fg_mask_batch=1,
+                          bg_mask_batch=4, q_magnitude=5.0, k_magnitude=5.0), {}),
+    "strided-views": (dict(B=5, H=3, Lq=64, Lf=64, Lb=96, D=40, Bf=1, Bb=1, fg_mask_batch=1,
+                           bg_mask_batch=5, strided=True, expand_sources=True), {}),
+}
+
+
+def _augmented_case(make_case, name, dtype, leading_excluded=True):
+    spec, op = AUGMENTED[name]
+    case = make_case(dtype=dtype, seed=zlib.crc32(name.encode()) % 991, **spec)
+    bg = case.bg_key_mask.clone()
+    if leading_excluded and bg.shape[0] > 2:
+        bg[0, : bg.shape[1] // 2] = False  # fully excluded leading tiles for target 0
+        bg[1] = False                      # target 1 may use no key: the fallback (all keys)
+        bg[2] = True                       # target 2 uses every key
+    return case.__class__(*case.args[:7], bg), op
+
+
+@pytest.mark.parametrize("name", list(AUGMENTED))
+def test_augmented_tight(name, make_case, formula):
+    case, op = _augmented_case(make_case, name, torch.float64)
+    exact, _ = formula(*case.args, **op)
+    atol = TIGHT[torch.float64][0] + logit_error_allowance(case, op.get("scale"), op.get("fg_gain", 1.0))
+    problem = case.problem(op.get("scale"), op.get("fg_gain", 1.0), "torch")
+    out = torch_attention(problem, *case.tensors, as_mask(problem, *case.args[5:]),
+                          strategy="augmented")
+    assert max_abs_err(out, exact) <= atol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("name", ["beyond-fold", "large-logits", "strided-views"])
+def test_augmented_precision(name, dtype, make_case, formula, lowp_bound):
+    case, op = _augmented_case(make_case, name, dtype)
+    exact, _ = formula(*case.args, **op)
+    problem = case.problem(op.get("scale"), op.get("fg_gain", 1.0), "torch")
+    out = torch_attention(problem, *case.tensors, as_mask(problem, *case.args[5:]),
+                          strategy="augmented")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if dtype == torch.float32:
+        bound = TIGHT[dtype][0] + logit_error_allowance(case, op.get("scale"), op.get("fg_gain", 1.0))
+    else:
+        bound = lowp_bound(case, exact, **op)
+    assert max_abs_err(out, exact) <= bound
+
+
+def test_augmented_falls_back_where_the_columns_cannot_be_finite(make_case, formula, lowp_bound):
+    """fp16 with a tiny scale: s² would overflow fp16's products, so the background takes the
+    boolean-mask path -- still exact."""
+    from o2mag_kernels.backends.torch_backend import exclusion_column
+
+    case, _ = _augmented_case(make_case, "fold-80", torch.float16)
+    problem = case.problem(1e-4, 1.0, "torch")
+    assert exclusion_column(problem, torch.float16) is None
+    assert exclusion_column(problem, torch.float32) is not None
+    exact, _ = formula(*case.args, scale=1e-4)
+    out = torch_attention(problem, *case.tensors, as_mask(problem, *case.args[5:]),
+                          strategy="augmented")
+    assert max_abs_err(out, exact) <= lowp_bound(case, exact, scale=1e-4)
+
+
+def test_augmented_columns_are_built_once_per_dtype(make_case):
+    from o2mag_kernels import tri_source_mask
+
+    case, _ = _augmented_case(make_case, "fold-80", torch.float32)
+    m = tri_source_mask(*case.args[5:])
+    a = m.exclusion_columns(torch.float32, -3.0)
+    assert m.exclusion_columns(torch.float32, -3.0) is a
+    assert torch.equal(a == -3.0, ~m.bg_key_mask) and torch.equal(a == 0, m.bg_key_mask)
+    assert m.exclusion_columns(torch.float16, -3.0).dtype == torch.float16
