@@ -13,16 +13,24 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from .backends import triton_auto_ok, triton_runnable, triton_status
+from .backends import auto_choice, triton_auto_ok, triton_runnable, triton_status
 
-# (CUDA device index, dtype, head dim) -> whether auto picks the fused kernel
-_AUTO_CACHE: Dict[Tuple[int, torch.dtype, int], bool] = {}
+# (CUDA device index, dtype, head dim, token bucket) -> the registry name auto runs
+_AUTO_CACHE: Dict[Tuple[int, torch.dtype, int, int], str] = {}
 _REPORT_HEAD_DIMS = (40, 64, 80, 128, 160, 256)  # SD's head dims, for the per-dim verdicts
 
 
+def _token_bucket(n: int) -> int:
+    """Power-of-two bucket of a key length (auto's verdicts are cached per bucket)."""
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
 def pick_backend(backend: str, q: torch.Tensor, tensors: Sequence[torch.Tensor] = ()) -> str:
-    """Backend for a call; 'auto' avoids the forward-only Triton op when autograd needs a backward.
-    An explicit 'triton' that cannot run here raises ``RuntimeError``."""
+    """Registry name for a call (:data:`o2mag_kernels.backends.REGISTRY`): the backend asked for,
+    or what 'auto' picks -- the torch backend off CUDA, for float64, above head dim 256 and when
+    autograd needs a backward; otherwise the fastest of the kernel and the torch strategies that
+    the committed sweeps measured at this head dim and length (``torch:<strategy>``). An explicit
+    'triton' that cannot run here raises ``RuntimeError``."""
     if backend == "triton":
         ok, why = triton_runnable(q.device)
         if not ok:
@@ -34,12 +42,13 @@ def pick_backend(backend: str, q: torch.Tensor, tensors: Sequence[torch.Tensor] 
         return "torch"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "torch"
+    tokens = tensors[3].shape[2] if len(tensors) > 3 else q.shape[2]
     key = (q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,
-           q.shape[-1])
+           q.shape[-1], _token_bucket(tokens))
     pick = _AUTO_CACHE.get(key)
     if pick is None:
-        pick = _AUTO_CACHE[key] = triton_auto_ok(q.device, q.dtype, q.shape[-1])[0]
-    return "triton" if pick else "torch"
+        pick = _AUTO_CACHE[key] = auto_choice(q.device, q.dtype, q.shape[-1], key[3])[0]
+    return pick
 
 
 def clear_auto_cache() -> None:

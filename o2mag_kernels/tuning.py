@@ -26,6 +26,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -220,31 +221,84 @@ def _passed(sweep: dict) -> Dict[Tuple[str, int], Dict[Config, float]]:
     return table
 
 
-def _timed(sweep: dict, dtype: str, head_dim: int) -> Tuple[Dict[Config, float], Optional[float]]:
-    """({config: median ms}, torch backend's median ms or None) on the sweep's timed case, read at
-    the swept head dim nearest ``head_dim`` in its bucket (40 and 64 share a bucket but are timed
-    on different SD layers: their times must not be mixed)."""
+def _near_tokens(rows: List[dict], tokens: Optional[int]) -> List[dict]:
+    """The rows timed at the token count nearest ``tokens`` (log scale; all rows when None)."""
+    if tokens is None or not rows:
+        return rows
+    have = {int(r.get("tokens", 0)) for r in rows}
+    near = min(have, key=lambda n: (abs(math.log2(max(n, 1)) - math.log2(max(tokens, 1))), -n))
+    return [r for r in rows if int(r.get("tokens", 0)) == near]
+
+
+def _timed_rows(sweep: dict, dtype: str, head_dim: int, tokens: Optional[int]) -> List[dict]:
+    """The sweep's timing rows for ``dtype`` at the swept head dim nearest ``head_dim`` in its
+    bucket (40 and 64 share a bucket but are timed on different SD layers: their times must not
+    be mixed), then at the token count nearest ``tokens``."""
     bucket = K.head_dim_bucket(head_dim)
     rows = [r for r in sweep.get("results", []) if r["dtype"] == dtype and "ms" in r
             and r.get("status") == "ok" and K.head_dim_bucket(int(r["head_dim"])) == bucket]
     if not rows:
-        return {}, None
+        return []
     near = min({int(r["head_dim"]) for r in rows}, key=lambda d: (abs(d - head_dim), d))
-    rows = [r for r in rows if int(r["head_dim"]) == near]
+    return _near_tokens([r for r in rows if int(r["head_dim"]) == near], tokens)
+
+
+def torch_strategy_of(row: dict) -> str:
+    """The torch strategy a baseline row timed (rows written before strategies were recorded
+    timed the CUDA default of their day, ``stitch``)."""
+    return str(row.get("strategy", "stitch"))
+
+
+def _timed(sweep: dict, dtype: str, head_dim: int,
+           tokens: Optional[int] = None) -> Tuple[Dict[Config, float], Dict[str, float]]:
+    """({config: median ms}, {torch strategy: median ms}) on the sweep's timed layer nearest
+    (``head_dim``, ``tokens``) (see :func:`_timed_rows`)."""
+    rows = _timed_rows(sweep, dtype, head_dim, tokens)
     ours = {tuple(r["config"]): float(r["ms"]) for r in rows if "config" in r}
-    torch_ms = [float(r["ms"]) for r in rows if r.get("baseline") == "torch"]
-    return ours, (torch_ms[0] if torch_ms else None)
+    strategies = {torch_strategy_of(r): float(r["ms"]) for r in rows if r.get("baseline") == "torch"}
+    return ours, strategies
 
 
-def timed_best(sweep: dict, dtype: str, head_dim: int) -> Tuple[Optional[Config], Optional[float],
-                                                              Optional[float]]:
-    """(fastest config that passed every case in the bucket, its ms, the torch backend's ms) on
-    the sweep's timed layer for ``head_dim`` (see :func:`_timed`); None where not timed."""
-    ours, torch_ms = _timed(sweep, dtype, head_dim)
+def timed_best(sweep: dict, dtype: str, head_dim: int, tokens: Optional[int] = None
+               ) -> Tuple[Optional[Config], Optional[float], Optional[float]]:
+    """(fastest config that passed every case in the bucket, its ms, the fastest torch
+    strategy's ms) on the sweep's timed layer nearest (``head_dim``, ``tokens``) (see
+    :func:`_timed`); None where not timed."""
+    ours, strategies = _timed(sweep, dtype, head_dim, tokens)
     good = _passed(sweep).get((dtype, K.head_dim_bucket(head_dim)), {})
     ours = {c: t for c, t in ours.items() if c in good}
     best = min(ours, key=ours.get) if ours else None
-    return best, (ours[best] if best else None), torch_ms
+    return best, (ours[best] if best else None), (min(strategies.values()) if strategies else None)
+
+
+def torch_timings(capability: Tuple[int, int], dtype="fp16", head_dim: int = 40,
+                  tokens: Optional[int] = None, sweeps=None) -> Dict[str, float]:
+    """{torch strategy: ms} measured on this GPU family at the swept layer nearest (``head_dim``,
+    ``tokens``), slowest of the family's sweeps per strategy. Every sweep of the family counts,
+    stale kernel or not: the torch backend does not depend on the kernel's source."""
+    arch = 10 * capability[0] + capability[1]
+    sweeps = load_sweeps() if sweeps is None else sweeps
+    out: Dict[str, float] = {}
+    for s in sweeps:
+        if s.get("interpreted") or "capability" not in s:
+            continue
+        if family(10 * s["capability"][0] + s["capability"][1]) != family(arch):
+            continue
+        for strategy, ms in _timed(s, dtype_name(dtype), head_dim, tokens)[1].items():
+            out[strategy] = max(out.get(strategy, 0.0), ms)
+    return out
+
+
+def torch_strategy(capability: Tuple[int, int], dtype="fp16", head_dim: int = 40,
+                   tokens: Optional[int] = None, sweeps=None) -> Tuple[Optional[str], str]:
+    """(the torch strategy that measured fastest on this GPU family at that layer, why), or
+    (None, why) when no sweep timed one there (the device's default strategy then runs)."""
+    times = torch_timings(capability, dtype, head_dim, tokens, sweeps)
+    if not times:
+        return None, "no committed sweep timed the torch strategies here"
+    best = min(times, key=times.get)
+    others = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items()) if k != best)
+    return best, f"{best} {times[best]:.3f} ms" + (f" (vs {others})" if others else "")
 
 
 def _family_sweeps(arch: int, sweeps=None):
@@ -282,12 +336,12 @@ def allowed_configs(head_dim: int, dtype="fp16", arch: int = 90, sweeps=None) ->
 
 
 def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] = None,
-            sweeps=None) -> Tuple[bool, str]:
+            sweeps=None, tokens: Optional[int] = None) -> Tuple[bool, str]:
     """Whether ``auto`` may pick the kernel for ``dtype`` on a GPU of this capability, and why
     (not). A committed sweep of this family must cover the dtype; with ``head_dim`` given, a
     config must also have passed every case in its bucket (never overridden: nothing could run)
-    and the best of them must have measured faster than the torch backend on the sweep's timed
-    layer for that head dim (a sweep cut short before timing it proves no speed).
+    and the best of them must have measured faster than every torch strategy timed on the sweep's
+    layer nearest (``head_dim``, ``tokens``) (a sweep cut short before timing it proves no speed).
     ``O2MAG_TRITON=on`` waives the coverage and speed conditions, ``off`` refuses."""
     setting = os.environ.get("O2MAG_TRITON", "auto").lower()
     if setting == "off":
@@ -310,20 +364,48 @@ def trusted(capability: Tuple[int, int], dtype="fp16", head_dim: Optional[int] =
         return True, f"{name} proven on {fam} by {len(covering)} committed sweep(s)"
     if p is None:
         return False, f"the committed sweeps of {fam} did not reach head dim {head_dim} ({name})"
+    where_tokens = "" if tokens is None else f", {tokens} tokens"
     ratios = []
     for s in covering:
-        _, best, torch_ms = timed_best(s, name, head_dim)
+        _, best, torch_ms = timed_best(s, name, head_dim, tokens)
         where = os.path.basename(s.get("path", "a sweep"))
         if torch_ms is None or best is None:
             return False, (f"{where} did not time the kernel and the torch backend at head dim "
-                           f"{head_dim} ({name}) on {fam}")
+                           f"{head_dim}{where_tokens} ({name}) on {fam}")
         if best >= torch_ms:
             return False, (f"the torch backend measured faster on {fam} for head dim "
-                           f"{head_dim} ({name}): {torch_ms:.3f} ms against the kernel's "
-                           f"{best:.3f} ms in {where}")
+                           f"{head_dim}{where_tokens} ({name}): {torch_ms:.3f} ms against the "
+                           f"kernel's {best:.3f} ms in {where}")
         ratios.append(torch_ms / best)
-    return True, (f"head dim {head_dim} {name} proven on {fam}; {min(ratios):.2f}x the torch "
-                  "backend's speed on the sweep's SD layer")
+    return True, (f"head dim {head_dim}{where_tokens} {name} proven on {fam}; "
+                  f"{min(ratios):.2f}x the torch backend's speed on the sweep's SD layer")
+
+
+def timing_table(capability: Tuple[int, int], dtype="fp16", sweeps=None
+                 ) -> List[Tuple[int, int, Dict[str, float], str]]:
+    """Every (head dim, tokens) layer the family's sweeps timed: (head dim, tokens, {candidate:
+    ms}, what ``auto`` picks there) -- the table ``o2mag-kernels check`` prints. Candidates are
+    ``triton`` (the best proven config, from sweeps of the current kernel only) and
+    ``torch:<strategy>``."""
+    arch = 10 * capability[0] + capability[1]
+    sweeps = load_sweeps() if sweeps is None else sweeps
+    name = dtype_name(dtype)
+    layers = sorted({(int(r["head_dim"]), int(r.get("tokens", 0)))
+                     for s in sweeps if not s.get("interpreted") and "capability" in s
+                     and family(10 * s["capability"][0] + s["capability"][1]) == family(arch)
+                     for r in s.get("results", []) if "ms" in r and r["dtype"] == name})
+    table = []
+    for d, n in layers:
+        cells = {f"torch:{k}": v for k, v in torch_timings(capability, name, d, n, sweeps).items()}
+        mine, _ = _family_sweeps(arch, sweeps)
+        kernel = [timed_best(s, name, d, n)[1] for s in mine]
+        if kernel and all(t is not None for t in kernel):
+            cells["triton"] = max(kernel)
+        ok, _ = trusted(capability, name, d, sweeps, tokens=n)
+        strategy, _ = torch_strategy(capability, name, d, n, sweeps)
+        pick = "triton" if ok else f"torch:{strategy or 'default'}"
+        table.append((d, n, cells, pick))
+    return table
 
 
 def describe(capability: Tuple[int, int]) -> str:

@@ -13,6 +13,7 @@ the package (it counts only if set before triton is imported).
 """
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Dict, Optional, Protocol, Tuple, Union
@@ -22,7 +23,7 @@ import torch
 from ..mask import TriSourceMask
 from ..validation import Problem
 from .reference import reference_attention
-from .torch_backend import torch_attention
+from .torch_backend import STRATEGIES, torch_attention
 
 Result = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,6 +67,14 @@ def triton_auto_ok(device: torch.device, dtype: torch.dtype,
     return (False, why) if module is None else module.auto_ok(device, dtype, head_dim)
 
 
+def auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int,
+                tokens: int) -> Tuple[str, str]:
+    """(registry name, why) of what ``backend="auto"`` runs for a CUDA call (the triton backend's
+    :func:`auto_choice`); ("torch", why) when triton is not importable."""
+    module, why = load_triton()
+    return ("torch", why) if module is None else module.auto_choice(device, dtype, head_dim, tokens)
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -86,3 +95,5 @@ REGISTRY: Dict[str, Backend] = {
     "torch": torch_attention,
     "triton": _fused,
 }
+# what ``auto`` may also run: the torch backend with the strategy a hardware sweep measured fastest
+REGISTRY.update({f"torch:{s}": functools.partial(torch_attention, strategy=s) for s in STRATEGIES})

@@ -26,7 +26,7 @@ from .. import tuning
 from ..mask import TriSourceMask
 from ..validation import Problem
 
-__all__ = ["status", "runnable", "auto_ok", "is_interpreted", "triton_attention", "run_op",
+__all__ = ["status", "runnable", "auto_ok", "auto_choice", "is_interpreted", "triton_attention", "run_op",
            "mask_tables", "tri_source_attention_op", "POISON_OUTPUT"]
 
 MIN_TRITON = (3, 0)
@@ -103,6 +103,25 @@ def auto_ok(device: torch.device, dtype=torch.float16, head_dim=None) -> Tuple[b
     if dtype not in (torch.float16, torch.bfloat16):
         return False, f"{dtype}: auto runs fp32 on the torch backend (exact fp32 SDPA)"
     return tuning.trusted(torch.cuda.get_device_capability(device), dtype, head_dim)
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int,
+                tokens: int) -> Tuple[str, str]:
+    """(registry name, why) of what ``backend="auto"`` runs for a CUDA call: the kernel where it is
+    proven and measured fastest at this layer (:func:`auto_ok`), else the torch strategy the
+    committed sweeps measured fastest there (``torch:<strategy>``), else ``torch`` (the device's
+    default strategy, or the one ``O2MAG_TORCH_STRATEGY`` forces)."""
+    ok, why = runnable(device)
+    if ok and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        ok, why = tuning.trusted(torch.cuda.get_device_capability(device), dtype, head_dim,
+                                 tokens=tokens)
+        if ok:
+            return "triton", why
+    if os.environ.get("O2MAG_TORCH_STRATEGY") or device.type != "cuda" or dtype == torch.float64:
+        return "torch", why
+    strategy, reason = tuning.torch_strategy(torch.cuda.get_device_capability(device),
+                                             tuning.dtype_name(dtype), head_dim, tokens)
+    return ("torch" if strategy is None else f"torch:{strategy}"), f"{why}; {reason}"
 
 
 # ---------------------------------------------------------------------------------------- launch

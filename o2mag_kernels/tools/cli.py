@@ -124,6 +124,38 @@ def _compile_report() -> str:
     return tuning.aot_status()
 
 
+def _auto_table(device: torch.device) -> None:
+    """What ``auto`` runs on each GPU family the committed sweeps timed: per (head dim, tokens)
+    layer, each candidate's measured ms (fp16) and the pick (this GPU's family first)."""
+    module, why = load_triton()
+    if module is None:
+        print(f"\nauto's choices: none measured ({why})")
+        return
+    from .. import tuning  # needs triton (optional): see _compile_report
+
+    families = {}
+    for s in tuning.load_sweeps():
+        if not s.get("interpreted") and "capability" in s:
+            families.setdefault(tuning.family(10 * s["capability"][0] + s["capability"][1]),
+                                (tuple(s["capability"]), s.get("device", "?")))
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        families = {tuning.family(10 * cap[0] + cap[1]): (cap, torch.cuda.get_device_name(device)),
+                    **families}
+    if not families:
+        print("\nauto's choices: no committed hardware sweep (auto runs the torch backend's "
+              "default strategy on CUDA)")
+        return
+    for fam, (cap, name) in families.items():
+        table = tuning.timing_table(cap, "fp16")
+        print(f"\nauto's choices on sm_{fam // 10}x (fp16, committed sweeps, e.g. {name}):")
+        if not table:
+            print("  nothing timed: the torch backend's default strategy runs")
+        for d, n, cells, pick in table:
+            times = "  ".join(f"{k} {v:.3f}" for k, v in sorted(cells.items()))
+            print(f"  head dim {d:3d}, {n:5d} tokens: {times} ms  -> {pick}")
+
+
 def check(args: argparse.Namespace) -> int:
     """``o2mag-kernels check``: availability, parity and timing on this machine; exit code 1 when a
     parity check fails."""
@@ -134,6 +166,7 @@ def check(args: argparse.Namespace) -> int:
     _timing(device, usable, args.length, args.repeats)
     stale = _compile_report()
     print(f"\ncompile report: {'current' if not stale else stale}")
+    _auto_table(device)
     print("\nall parity checks passed" if not failures else f"\n{failures} parity check(s) FAILED")
     return 1 if failures else 0
 

@@ -8,6 +8,9 @@ def test_check_reports_parity_and_timing(capsys):
     out = capsys.readouterr().out
     assert "all parity checks passed" in out
     assert "torch   torch.float32" in out and "plain SDPA" in out and "x of SDPA" in out
+    # auto's choices per GPU family and layer, from the committed sweeps (the H200's at least)
+    assert "auto's choices on sm_9x" in out and "head dim  40,  4096 tokens" in out
+    assert "torch:stitch" in out and "-> " in out
 
 
 def test_check_fails_when_a_backend_is_wrong(capsys, monkeypatch):

@@ -268,3 +268,69 @@ def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch,
     ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(data,))
     assert not ok and "torch backend measured faster" in why
     assert crash not in tuning.proven(80, "fp16", 90, sweeps=(data,))
+
+
+def _timing(dtype, d, tokens, ms, *, config=None, strategy=None):
+    r = {"dtype": dtype, "head_dim": d, "case": "timed-sd", "status": "ok", "tokens": tokens,
+         "ms": ms}
+    if config is not None:
+        r["config"] = list(config)
+    else:
+        r["baseline"] = "torch"
+        if strategy is not None:
+            r["strategy"] = strategy
+    return r
+
+
+def test_auto_weighs_every_torch_strategy_per_head_dim_and_tokens(monkeypatch):
+    """auto's evidence per (family, head dim, tokens): the kernel must beat the FASTEST torch
+    strategy timed at the nearest swept layer; among the torch strategies the fastest is run."""
+    monkeypatch.delenv("O2MAG_TRITON", raising=False)
+    cfg = tuning.spill_free(64, "fp16", 90)[0]
+    rows = _rows("fp16", 64, cfg)
+    rows += [_timing("fp16", 64, 4096, 1.0, config=cfg), _timing("fp16", 64, 256, 0.050, config=cfg),
+             _timing("fp16", 64, 4096, 1.2, strategy="stitch"),
+             _timing("fp16", 64, 4096, 0.8, strategy="augmented"),
+             _timing("fp16", 64, 256, 0.090, strategy="stitch"),
+             _timing("fp16", 64, 256, 0.060, strategy="augmented")]
+    sweep = _sweep(results=rows)
+    # 4096 tokens: augmented (0.8) beats the kernel (1.0): no kernel, torch:augmented
+    ok, why = tuning.trusted((9, 0), "fp16", 64, sweeps=(sweep,), tokens=4096)
+    assert not ok and "0.800" in why
+    assert tuning.torch_strategy((9, 0), "fp16", 64, 4096, sweeps=(sweep,))[0] == "augmented"
+    # 256 tokens (and 200: nearest swept is 256; 3000: nearest is 4096): the kernel wins at 256
+    assert tuning.trusted((9, 0), "fp16", 64, sweeps=(sweep,), tokens=256)[0]
+    assert tuning.trusted((9, 0), "fp16", 64, sweeps=(sweep,), tokens=200)[0]
+    assert not tuning.trusted((9, 0), "fp16", 64, sweeps=(sweep,), tokens=3000)[0]
+    table = tuning.timing_table((9, 0), "fp16", sweeps=(sweep,))
+    assert [(d, n, pick) for d, n, _, pick in table] == [(64, 256, "triton"), (64, 4096, "torch:augmented")]
+    assert table[1][2] == {"torch:stitch": 1.2, "torch:augmented": 0.8, "triton": 1.0}
+    # another family's sweep says nothing about this one
+    assert tuning.torch_strategy((8, 0), "fp16", 64, 4096, sweeps=(sweep,))[0] is None
+
+
+def test_torch_timings_outlive_a_stale_kernel():
+    """A sweep of an older kernel proves nothing about the kernel, but its torch strategy timings
+    still count (the torch backend does not depend on the kernel's source)."""
+    stale = _sweep(results=[_timing("fp16", 40, 4096, 1.1),  # no strategy recorded: stitch
+                            _timing("fp16", 40, 4096, 0.7, strategy="augmented")],
+                   kernel_hash="0" * 16)
+    assert not stale["valid"]
+    assert tuning.torch_timings((9, 0), "fp16", 40, 4096, sweeps=(stale,)) == {
+        "stitch": 1.1, "augmented": 0.7}
+    assert not tuning.trusted((9, 0), "fp16", 40, sweeps=(stale,), tokens=4096)[0]
+    assert tuning.timing_table((9, 0), "fp16", sweeps=(stale,))[0][3] == "torch:augmented"
+
+
+def test_auto_registry_names_run_their_strategy(make_case):
+    """``torch:<strategy>`` (what auto may pick) is the torch backend with that strategy."""
+    from o2mag_kernels.backends import REGISTRY
+    from o2mag_kernels.backends.torch_backend import STRATEGIES, torch_attention
+    from o2mag_kernels.validation import as_mask
+
+    case = make_case(B=3, H=2, Lq=40, Lf=30, Lb=50, D=40, dtype=torch.float64, seed=9)
+    problem = case.problem()
+    mask = as_mask(problem, *case.args[5:])
+    for s in STRATEGIES:
+        got = REGISTRY[f"torch:{s}"](problem, *case.tensors, mask, return_lse=False)
+        assert torch.equal(got, torch_attention(problem, *case.tensors, mask, strategy=s))
