@@ -45,9 +45,13 @@ def _triton_version() -> Tuple[int, ...]:
 
 
 def is_interpreted() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+    The interpreter's module imports numpy; where numpy is missing the kernel cannot have been
+    built for it, so the answer is False rather than an ImportError."""
+    try:  # imported here, not at the top: it pulls in numpy (see the docstring)
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
     return isinstance(K.tri_source_fwd, InterpretedFunction)
 
 

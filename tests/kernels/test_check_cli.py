@@ -1,4 +1,6 @@
 """``o2mag-kernels check``: the quick parity-and-speed report exits 0 only when parity holds."""
+import pytest
+
 import o2mag_kernels
 from o2mag_kernels.tools.cli import main
 
@@ -23,3 +25,39 @@ def test_check_fails_when_a_backend_is_wrong(capsys, monkeypatch):
     monkeypatch.setattr(o2mag_kernels, "tri_source_attention", off_by_a_bit)
     assert main(["check", "--device", "cpu", "--length", "64", "--repeats", "1"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+NO_NUMPY = """
+import sys
+sys.modules["numpy"] = None  # as if numpy were not installed (torch and triton are)
+import torch, o2mag_kernels
+from o2mag_kernels.tools.cli import main
+ok, why = o2mag_kernels.available_backends()["triton"]
+assert not ok and why, why
+q = torch.randn(1, 1, 8, 8)
+m = torch.ones(1, 8, dtype=torch.bool)
+try:
+    o2mag_kernels.tri_source_attention(q, q, q, q, q, m, backend="triton")
+except RuntimeError as exc:
+    assert "not usable here" in str(exc), exc
+else:
+    raise AssertionError("backend='triton' ran without numpy on CPU")
+assert o2mag_kernels.tri_source_attention(q, q, q, q, q, m, backend="torch").shape == q.shape
+assert main(["check", "--device", "cpu", "--length", "64", "--repeats", "1"]) == 0
+print("TRITON", why)
+"""
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_without_numpy_the_backends_report_instead_of_crashing(interpret):
+    """A kernels-only environment without numpy (Triton's interpreter imports it): the report,
+    the check command and an explicit backend='triton' say why, the torch backend runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    done = subprocess.run([sys.executable, "-c", NO_NUMPY], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TRITON" in done.stdout
