@@ -55,6 +55,11 @@ def test_judge_rules():
     assert "shared memory" in tuning.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
     assert "mma" in tuning.judge(_fake(arch=80, wgmma=False, mma=False))
     assert "boom" in tuning.judge(_fake(ok=False, error="boom"))
+    # a tma build must use the TMA on sm_90; load counts are reported, not judged
+    assert "TMA" in tuning.judge(_fake(variant="tma", cp_async_bulk=0))
+    assert tuning.judge(_fake(variant="tma", cp_async_bulk=4)) == ""
+    assert tuning.judge(_fake(arch=80, wgmma=False, mma=True, variant="tma")) == ""
+    assert tuning.judge(_fake(ld_global_b16=224, cp_async=0)) == ""
 
 
 def test_the_committed_aot_report_belongs_to_this_kernel():
@@ -63,13 +68,58 @@ def test_the_committed_aot_report_belongs_to_this_kernel():
     assert tuning.aot_status() == "", tuning.aot_status()
     with open(tuning.AOT_REPORT) as f:
         report = json.load(f)
-    variants = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in report["results"]}
-    want = {(v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) for v in aot.variants([80, 90])}
+    variants = {aot.variant_key(r) for r in report["results"]}
+    want = {aot.variant_key(v) for v in aot.variants([80, 90])}
     assert variants == want
     for arch in (80, 90):  # every SD head dim keeps something to run, fp16/bf16 and fp32
         for d in (40, 64, 80, 160):
             for dt in ("fp16", "bf16", "fp32"):
                 assert tuning.spill_free(d, dt, arch), (arch, d, dt)
+    for d in (40, 64, 80, 160):  # and every variant a card can choose, on Hopper
+        for v in K.VARIANTS:
+            assert tuning.spill_free(d, "fp16", 90, variant=v.name), (d, v.name)
+
+
+def test_allowed_configs_load_16_bytes_at_a_time_at_diffusers_strides():
+    """Issue 16: at diffusers' (B, L, H·D) strides the kernel once compiled to 2-byte scalar loads
+    of q, K and V with no cp.async (head dim 40's per-head offset is not 16-divisible). Every
+    config the committed report allows on sm_90 for fp16/bf16 at SD's head dims, in every
+    variant, must load them with vector loads or async copies: no 2-byte element load at all."""
+    with open(tuning.AOT_REPORT) as f:
+        rows = json.load(f)["results"]
+    seen = 0
+    for v in K.VARIANTS:
+        for d in (40, 64, 80, 160):
+            allowed = set(tuning.spill_free(d, "fp16", 90, variant=v.name))
+            for r in rows:
+                if (r["arch"], r["head_dim"], r.get("strides"), r.get("variant")) == \
+                        (90, d, "diffusers", v.name) and r["dtype"] in ("fp16", "bf16") \
+                        and tuple(r["config"]) in allowed:
+                    seen += 1
+                    assert r["ld_global_b16"] == 0, (v.name, d, r["config"], r["ld_global_b16"])
+                    assert r["cp_async"] > 0, (v.name, d, r["config"])
+                    assert r["aligned"], (v.name, d, r["config"])
+    assert seen >= 12
+
+
+def test_a_config_must_compile_clean_at_every_stride_specialisation(tmp_path):
+    """tuning allows a config only when every stride specialisation compiled for it is clean:
+    a build that spills at diffusers' strides must not run on such inputs, even if its contiguous
+    build is clean; another variant's rows do not gate the default's."""
+    a, b = K.CONFIGS[0], K.CONFIGS[1]
+    rows = [_fake(config=list(a), strides="contiguous"), _fake(config=list(a), strides="diffusers"),
+            _fake(config=list(b), strides="contiguous"),
+            _fake(config=list(b), strides="diffusers", stack=tuning.SPILL_TOLERANCE + 64),
+            _fake(config=list(b), strides="diffusers", variant="bg_dense")]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"kernel_hash": tuning.kernel_hash(), "results": rows}))
+    table = tuning.aot_table(str(path))
+    assert table[(90, "half", 64, "default")] == (a,)
+    assert table[(90, "half", 64, "bg_dense")] == (b,)
+    path.write_text(json.dumps({"kernel_hash": "0" * 16, "results": rows}))
+    tuning.aot_table.cache_clear()
+    assert table != tuning.aot_table(str(path))  # a stale report: everything, unchecked
+    tuning.aot_table.cache_clear()
 
 
 def _sweep(cap=(9, 0), results=(), **kw):
