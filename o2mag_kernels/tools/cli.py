@@ -182,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=4, help="worker processes at a time (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per config (default 300)")
     p.add_argument("--quick", action="store_true", help="two configs per head dim (smoke run)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="kernel variants to sweep: default, bg_dense, tma (default: all; the "
+                        "variants other than default run in fp16, into the file's variant_results)")
     p.add_argument("--interpret", action="store_true",
                    help="run on CPU under TRITON_INTERPRET=1 with tiny cases (tests the command; "
                         "proves nothing about a GPU, and tuning ignores its file)")

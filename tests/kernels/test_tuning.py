@@ -248,11 +248,19 @@ def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["interpreted"] and data["kernel_hash"] == tuning.kernel_hash()
-    assert data["complete"] and data["items"] == 2
+    assert data["complete"] and data["items"] == 2 * len(K.VARIANTS)  # 2 configs per variant
     configs = {tuple(r["config"]) for r in data["results"]}
     assert len(configs) == 2 and all(r["status"] == "ok" for r in data["results"])
+    assert {r["variant"] for r in data["results"]} == {"default"}
     assert {r["case"] for r in data["results"]} == set(data["cases"])
     assert all(r["max_err"] <= r["bound"] for r in data["results"])
+    # the other variants ran the same cases, into their own list (tuning reads "results" only)
+    assert data["variants"] == [v.name for v in K.VARIANTS[1:]]
+    others = data["variant_results"]
+    assert {r["variant"] for r in others} == set(data["variants"])
+    assert all(r["status"] == "ok" and r["max_err"] <= r["bound"] for r in others)
+    assert {(r["variant"], r["case"]) for r in others} == {
+        (v, c) for v in data["variants"] for c in data["cases"]}
     # tuning refuses an interpreter sweep
     data["path"], data["valid"] = str(out), False
     assert tuning.proven(40, "fp16", 90, sweeps=(data,)) is None
@@ -292,27 +300,38 @@ def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch,
     def fake_run_one(item, interpret, timeout):
         seen_partial.append((item, os.path.exists(str(out) + ".partial") and not out.exists()))
         calls.append(item)
+        var = item.get("variant", "default")
         if "configs" in item:  # phase 2: kernel 1.0 ms per config at 80, torch 2.0; 40: torch faster
-            assert item["head_dim"] != 80 or all(tuple(c) != crash for c in item["configs"])
+            assert item["head_dim"] != 80 or var != "default" or all(tuple(c) != crash for c in item["configs"])
             kernel, torch_ms = (1.0, 2.0) if item["head_dim"] == 80 else (3.0, 2.0)
+            if var != "default":  # the bg_dense variant measures faster: it must not count
+                kernel = 0.5
             rows = [{"case": "timed-sd", "config": c, "status": "ok", "ms": kernel} for c in item["configs"]]
-            rows.append({"case": "timed-sd", "baseline": "torch", "status": "ok", "ms": torch_ms})
-            return [dict(dtype=item["dtype"], head_dim=item["head_dim"], **r) for r in rows]
-        status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash) else "ok"
+            if var == "default":
+                rows.append({"case": "timed-sd", "baseline": "torch", "status": "ok", "ms": torch_ms})
+            return [dict(dtype=item["dtype"], head_dim=item["head_dim"], variant=var, **r) for r in rows]
+        status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash
+                             and var == "default") else "ok"
         return [dict(item, case=c, status=status) for c in sweep.CASES[0][:1]]
 
     monkeypatch.setattr(sweep, "run_one", fake_run_one)
     args = argparse.Namespace(dtypes=["fp16"], head_dims=[40, 80], quick=False, jobs=2, timeout=5,
-                              out=str(out), interpret=False)
+                              out=str(out), interpret=False, variants=["default", "bg_dense"])
     assert sweep.run(args) == 1  # one config crashed
     groups = [c for c in calls if "configs" in c]
-    assert [(g["dtype"], g["head_dim"]) for g in groups] == [("fp16", 40), ("fp16", 80)]
-    assert calls.index(groups[0]) == len(calls) - 2  # timing only after every correctness run
+    assert [(g["variant"], g["dtype"], g["head_dim"]) for g in groups] == [
+        ("default", "fp16", 40), ("default", "fp16", 80), ("bg_dense", "fp16", 40),
+        ("bg_dense", "fp16", 80)]  # the default variant first
+    assert calls.index(groups[0]) == len(calls) - 4  # timing only after every correctness run
+    # it crashed in the default variant only: the bg_dense variant times all its clean configs
+    assert groups[3]["configs"] == [list(c) for c in tuning.spill_free(80, "fp16", 90, variant="bg_dense")]
     # while timing, the results so far are in <out>.partial and <out> does not exist yet
     assert all(p for c, p in seen_partial if "configs" in c)
     assert out.exists() and not os.path.exists(str(out) + ".partial")
     data = json.loads(out.read_text())
     assert data["complete"] and data["kernel_hash"] == tuning.kernel_hash()
+    assert {r["variant"] for r in data["results"]} == {"default"}
+    assert {r["variant"] for r in data["variant_results"]} == {"bg_dense"}
     data["path"], data["valid"] = str(out), True
     assert tuning.trusted((9, 0), "fp16", 80, sweeps=(data,))[0]
     ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(data,))
