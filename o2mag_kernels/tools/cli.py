@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -124,6 +125,32 @@ def _compile_report() -> str:
     return tuning.aot_status()
 
 
+SWEEP_COMMAND = "bash tests/kernels/gpu_check.sh sweep"
+
+
+def _sweep_report() -> List[str]:
+    """One line per committed hardware sweep: whether it belongs to this kernel source (a stale
+    one proves nothing: ``auto`` keeps the torch backend on that GPU family until the sweep is
+    rerun on a card) -- imported behind the same guard as :func:`_compile_report`."""
+    module, why = load_triton()
+    if module is None:
+        return [f"hardware sweeps: not read ({why})"]
+    from .. import tuning  # needs triton (optional): see _compile_report
+
+    lines = []
+    for sweep in tuning.load_sweeps():
+        name = os.path.basename(sweep["path"])
+        if sweep["valid"]:
+            lines.append(f"hardware sweep {name}: current (kernel {tuning.kernel_hash()})")
+        else:
+            lines.append(
+                f"hardware sweep {name}: STALE -- swept kernel {sweep.get('kernel_hash')}, this is "
+                f"kernel {tuning.kernel_hash()}; auto keeps the torch backend on {sweep['device']}'s "
+                f"GPU family until it is rerun on such a card: {SWEEP_COMMAND} (then commit "
+                f"o2mag_kernels/sweeps/{name})")
+    return lines or [f"hardware sweeps: none committed; run {SWEEP_COMMAND} on a card"]
+
+
 def check(args: argparse.Namespace) -> int:
     """``o2mag-kernels check``: availability, parity and timing on this machine; exit code 1 when a
     parity check fails."""
@@ -134,6 +161,8 @@ def check(args: argparse.Namespace) -> int:
     _timing(device, usable, args.length, args.repeats)
     stale = _compile_report()
     print(f"\ncompile report: {'current' if not stale else stale}")
+    for line in _sweep_report():
+        print(line)
     print("\nall parity checks passed" if not failures else f"\n{failures} parity check(s) FAILED")
     return 1 if failures else 0
 
