@@ -84,7 +84,8 @@ def test_allowed_configs_load_16_bytes_at_a_time_at_diffusers_strides():
     """Issue 16: at diffusers' (B, L, H·D) strides the kernel once compiled to 2-byte scalar loads
     of q, K and V with no cp.async (head dim 40's per-head offset is not 16-divisible). Every
     config the committed report allows on sm_90 for fp16/bf16 at SD's head dims, in every
-    variant, must load them with vector loads or async copies: no 2-byte element load at all."""
+    variant, must load them with vector loads (and async copies where it pipelines): no 2-byte
+    element load at all."""
     with open(tuning.AOT_REPORT) as f:
         rows = json.load(f)["results"]
     seen = 0
@@ -97,7 +98,8 @@ def test_allowed_configs_load_16_bytes_at_a_time_at_diffusers_strides():
                         and tuple(r["config"]) in allowed:
                     seen += 1
                     assert r["ld_global_b16"] == 0, (v.name, d, r["config"], r["ld_global_b16"])
-                    assert r["cp_async"] > 0, (v.name, d, r["config"])
+                    if r["config"][3] > 1:  # one stage: no pipeline, plain (vector) loads
+                        assert r["cp_async"] > 0, (v.name, d, r["config"])
                     assert r["aligned"], (v.name, d, r["config"])
     assert seen >= 12
 
