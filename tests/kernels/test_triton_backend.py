@@ -499,6 +499,7 @@ def _poison(case, which, index, value=float("nan")):
 
 def _rows_equal(a, b, keep):
     """a and b are bitwise equal on the rows where ``keep`` (B, H, Lq) is True."""
+    keep = keep.to(a.device)
     return torch.equal(a[keep], b[keep])
 
 
@@ -510,6 +511,10 @@ def test_nan_reaches_exactly_the_rows_that_read_it(tile, variant, make_case):
     no row may read (excluded foreground key; background keys in a skipped tile and in a partial
     tile; another head's columns next to this head's in a (B, L, H·D) view) changes nothing."""
     case, use_fg = _nan_case(make_case)
+    _check_nan_rule(case, use_fg, tile, variant)
+
+
+def _check_nan_rule(case, use_fg, tile, variant):
     run = lambda c: run_triton(c, config=tile, variant=variant, finite=False)  # noqa: E731
     clean, clean_lse = run(case)
     assert torch.isfinite(clean).all()
@@ -533,14 +538,14 @@ def test_nan_reaches_exactly_the_rows_that_read_it(tile, variant, make_case):
     row = torch.zeros(2, 2, 150, dtype=torch.bool)
     row[1, 0, 7] = True
     assert torch.isnan(out[1, 0, 7]).all() and torch.isnan(lse[1, 0, 7])
-    assert _rows_equal(out, clean, ~row) and torch.equal(lse[~row], clean_lse[~row])
+    assert _rows_equal(out, clean, ~row) and _rows_equal(lse, clean_lse, ~row)
     # a usable key or value: the rows of its source and head, all of them, and no other
     for which, index, readers in (("k_fg", (0, 1, 4), fg_rows & head), ("v_fg", (0, 1, 4), fg_rows & head),
                                   ("k_bg", (0, 1, 300), ~fg_rows & head),  # a full tile
                                   ("v_bg", (0, 1, 201), ~fg_rows & head),  # a partial tile
                                   ("k_bg", (0, 0, 515), ~fg_rows & ~head)):  # the tail
         out, _ = run(_poison(case, which, index))
-        assert torch.isnan(out[readers]).all(), (which, index)
+        assert torch.isnan(out[readers.to(out.device)]).all(), (which, index)
         assert _rows_equal(out, clean, ~readers), (which, index)
 
 
@@ -624,3 +629,44 @@ def test_gpu_auto_picks_triton_only_where_proven(make_case, monkeypatch):
     a = tri_source_attention(*case.args, backend="auto")
     assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
     dispatch.clear_auto_cache()
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("variant", VARIANTS, ids=VIDS)
+def test_gpu_variants_and_nan_rule(variant, make_case, formula, lowp_bound):
+    """Every variant on the card at each config its build compiled clean for (fp16 and bf16, a
+    diffusers-strided case), and the NaN rule at the first of them."""
+    assert not tb.is_interpreted(), "unset TRITON_INTERPRET to test the kernel on the GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if variant.tma and major < 9:
+        pytest.skip("the tma variant needs sm_90 (TMA)")
+    configs = tuning.spill_free(80, "fp16", 10 * major + minor, variant=variant.name)
+    assert configs, variant.name
+    for dtype in LOWP:
+        case = on(make_case(B=2, H=8, Lq=300, Lf=250, Lb=330, D=80, dtype=dtype, strided=True,
+                            Bf=1, Bb=1, q_density=0.3, bg_density=0.8), "cuda")
+        for cfg in configs:
+            check(case, formula, lowp_bound, config=cfg, variant=variant, fg_gain=1 / 0.7,
+                  fp32_atol=1e-4)
+    case, use_fg = _nan_case(make_case)
+    _check_nan_rule(on(case, "cuda"), use_fg, tuning.spill_free(40, "fp16", 10 * major + minor,
+                                                                  variant=variant.name)[0], variant)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_cached_config_launches_directly(make_case, monkeypatch):
+    """After the first (autotuned) launch of a shape bucket, later launches reuse its config
+    without the autotuner and give the same bits."""
+    monkeypatch.setattr(tb, "_CHOSEN", {})
+    case = on(make_case(B=2, H=4, Lq=256, Lf=256, Lb=256, D=40, dtype=torch.float16,
+                        strided=True), "cuda")
+    first = tri_source_attention(*case.args, backend="triton")
+    assert len(tb.chosen_configs()) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("the autotuner ran again")
+
+    monkeypatch.setattr(tb, "_tuned_kernel", boom)
+    assert torch.equal(tri_source_attention(*case.args, backend="triton"), first)
