@@ -68,9 +68,12 @@ def judge(r: dict) -> str:
     It fails on: a compile error, a dot narrower than ``MIN_DOT`` in any dimension (the Hopper
     miscompile class the kernel is built to avoid), shared memory above the architecture's
     per-block limit, more registers than the register file holds, (sm_90, warpgroup-sized tiles)
-    no ``wgmma``, (sm_8x) no ``mma.sync``, or -- for fp16/bf16, the fast path -- spills above
+    no ``wgmma``, (sm_8x) no ``mma.sync``, (the ``tma`` variant on sm_90) no TMA copy
+    (``cp.async.bulk``) in the PTX, or -- for fp16/bf16, the fast path -- spills above
     ``SPILL_TOLERANCE`` bytes. fp32 (3xTF32 dots: operands split into hi/lo halves) spills at every
     64-wide tile; its spills are reported, not failed, and ``auto`` sends fp32 to the torch backend.
+    The load counts (``ld_global_b16``, ``cp_async``) are reported, not judged: a test holds the
+    configs this rule allows to no 2-byte element loads at diffusers' strides.
     """
     if not r.get("ok"):
         return r.get("error") or "compile failed"
@@ -87,6 +90,9 @@ def judge(r: dict) -> str:
         return "no wgmma in sm_90 PTX for a warpgroup-sized tile"
     if r["arch"] < 90 and not r["mma"]:
         return "no mma.sync in PTX"
+    if "tma" in r.get("variant", "default").split("+") and r["arch"] >= 90 \
+            and not r.get("cp_async_bulk"):
+        return "a tma build without a TMA copy (cp.async.bulk) in its PTX"
     if r["dtype"] != "fp32" and spill_bytes(r) > SPILL_TOLERANCE:
         return f"spills: {r['local']} local bytes, {r['stack']} stack bytes (> {SPILL_TOLERANCE})"
     return ""
@@ -120,29 +126,38 @@ def _aot_status(path: str, _kernel_hash: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def aot_table(path: str = AOT_REPORT) -> Dict[Tuple[int, str, int], Tuple[Config, ...]]:
-    """(AOT family, dtype class, head-dim bucket) -> configs that compile cleanly, in CONFIGS order
-    (every config, unchecked, when the report is missing or stale: see :func:`aot_status`)."""
+def aot_table(path: str = AOT_REPORT) -> Dict[Tuple[int, str, int, str], Tuple[Config, ...]]:
+    """(AOT family, dtype class, head-dim bucket, variant name) -> configs that compile cleanly,
+    in CONFIGS order (every config, unchecked, when the report is missing or stale: see
+    :func:`aot_status`). A config is clean for a variant only when every stride specialisation
+    compiled for it is (``"contiguous"`` and ``"diffusers"`` for the default variant): the
+    autotuner does not know which strides a call will bring, and a build at diffusers' strides that
+    spills or overflows shared memory must not run on such inputs."""
     try:
         report = _read_report(path)
     except RuntimeError:
-        return {(f, kind, d): tuple(K.CONFIGS) for f in (80, 90) for kind in ("half", "fp32")
-                for d in K.HEAD_DIMS}
+        return {(f, kind, d, v.name): tuple(K.CONFIGS) for f in (80, 90)
+                for kind in ("half", "fp32") for d in K.HEAD_DIMS for v in K.VARIANTS}
     order = {c: i for i, c in enumerate(K.CONFIGS)}
-    table: Dict[Tuple[int, str, int], list] = {}
+    rows: Dict[Tuple[int, str, int, str, Config], list] = {}
     for r in report["results"]:
         cfg = tuple(r["config"])
         if cfg not in order or r["dtype"] == "bf16":
             continue  # bf16 runs fp16's tiles (spot-checked only)
         kind = K.dtype_class(4 if r["dtype"] == "fp32" else 2)
-        table.setdefault((r["arch"], kind, r["head_dim"]), []).append((judge(r), spill_bytes(r), cfg))
+        key = (r["arch"], kind, r["head_dim"], r.get("variant", "default"), cfg)
+        rows.setdefault(key, []).append((judge(r), spill_bytes(r)))
+    table: Dict[Tuple[int, str, int, str], list] = {}
+    for (*cell, cfg), got in rows.items():
+        clean = not any(why for why, _ in got)
+        table.setdefault(tuple(cell), []).append((clean, max(b for _, b in got), cfg))
     out = {}
-    for key, rows in table.items():
+    for key, cfgs in table.items():
         if key[1] == "fp32":  # reported, not failed, on spills: keep the least-spilling ones
-            clean = sorted((b, order[c], c) for why, b, c in rows if not why)[:FP32_KEEP]
+            clean = sorted((b, order[c], c) for ok, b, c in cfgs if ok)[:FP32_KEEP]
             out[key] = tuple(sorted((c for _, _, c in clean), key=order.get))
         else:
-            out[key] = tuple(sorted((c for why, _, c in rows if not why), key=order.get))
+            out[key] = tuple(sorted((c for ok, _, c in cfgs if ok), key=order.get))
     return out
 
 
@@ -157,10 +172,11 @@ def dtype_name(dtype) -> str:
     return name
 
 
-def spill_free(head_dim: int, dtype, arch: int) -> List[Config]:
-    """Configs (in CONFIGS order) that compile cleanly for this head dim, dtype and SM."""
+def spill_free(head_dim: int, dtype, arch: int, variant: str = "default") -> List[Config]:
+    """Configs (in CONFIGS order) that compile cleanly for this head dim, dtype and SM, for the
+    kernel variant named ``variant`` (``KernelVariant.name``; the autotuner's is "default")."""
     kind = "fp32" if dtype_name(dtype) == "fp32" else "half"
-    key = (_aot_family(arch), kind, K.head_dim_bucket(head_dim))
+    key = (_aot_family(arch), kind, K.head_dim_bucket(head_dim), variant)
     return list(aot_table().get(key, ()))
 
 

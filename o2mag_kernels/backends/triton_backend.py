@@ -14,20 +14,23 @@ narrowed to those a committed hardware sweep of the GPU's family proved).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
 
 from . import triton_kernel as K
+from .triton_kernel import DEFAULT_VARIANT, KernelVariant
 from .. import tuning
 from ..mask import TriSourceMask
 from ..validation import Problem
 
-__all__ = ["status", "runnable", "auto_ok", "auto_choice", "is_interpreted", "triton_attention", "run_op",
-           "mask_tables", "tri_source_attention_op", "POISON_OUTPUT"]
+__all__ = ["status", "runnable", "auto_ok", "auto_choice", "is_interpreted", "triton_attention",
+           "run_op", "mask_tables", "tri_source_attention_op", "POISON_OUTPUT", "KernelVariant",
+           "inputs_aligned", "kernel_args", "chosen_configs"]
 
 MIN_TRITON = (3, 0)
 MIN_CAPABILITY = (8, 0)  # tensor-core (mma.sync / wgmma) GPUs
@@ -131,14 +134,27 @@ def auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int,
 # ---------------------------------------------------------------------------------------- launch
 
 
-def _batch_stride(t: torch.Tensor) -> int:
-    """Stride of dim 0, or 0 when the tensor has batch 1 (it serves every target)."""
-    return 0 if t.shape[0] == 1 else t.stride(0)
-
-
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     """The kernel assumes unit stride along the head dim (true for diffusers views)."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def inputs_aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    """The kernel's ``ALIGNED`` condition, checked on the tensors of one launch (host facts only,
+    no sync): every stride but the last of every tensor the kernel reads or writes is a multiple
+    of 8 elements (16 bytes in fp16/bf16) and every base pointer is 16-byte aligned. A dimension of
+    size 1 is exempt: the kernel only ever multiplies its stride by 0. When it holds, the kernel
+    declares every offset it forms from a stride a multiple of 8 elements, which gives Triton
+    16-byte vector loads and ``cp.async`` on diffusers' ``(B, L, H·D)`` views (head dim 40's
+    per-head offset is 40 elements: not 16-divisible, so the launcher alone cannot prove it)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        strides = t.stride()
+        for i in range(len(strides) - 1):
+            if strides[i] % 8 and t.shape[i] > 1:
+                return False
+    return True
 
 
 def _dot_settings(dtype: torch.dtype):
@@ -157,28 +173,64 @@ def _grid(Lq: int, BH: int):
     return lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) + 1, BH)
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    q = args["Q"]
-    cap = torch.cuda.get_device_capability(q.device)
-    keep = set(tuning.prune(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"], q.dtype,
-                            10 * cap[0] + cap[1]))
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                   c.num_stages) in keep]
+def _allowed(head_dim: int, lq: int, lk: int, dtype: torch.dtype, arch: int,
+             variant: KernelVariant, sweeps=None):
+    """The configs the autotuner may time for one call: tuning's rule for the default variant
+    (compiled clean, proven by a sweep, fastest first); for another variant, those whose build
+    of that variant compiled clean (unproven: only a benchmark forces a variant), or the default
+    variant's for a dtype the AOT check does not compile that variant in (fp32)."""
+    if variant == DEFAULT_VARIANT:
+        return tuning.prune(head_dim, lq, lk, dtype, arch, sweeps=sweeps)
+    fits = tuning.spill_free(head_dim, dtype, arch, variant=variant.name)
+    if not fits and tuning.dtype_name(dtype) == "fp32":
+        fits = tuning.spill_free(head_dim, dtype, arch)
+    if not fits:
+        raise RuntimeError(f"no config of the {variant.name} variant compiles cleanly for head dim "
+                           f"{head_dim} ({tuning.dtype_name(dtype)}) on sm_{arch}")
+    return [c for c in fits if c[0] <= max(64, lq) and c[1] <= max(64, lk)] or fits[-1:]
 
 
-_tuned = None
+def _pruner(variant: KernelVariant):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        cap = torch.cuda.get_device_capability(q.device)
+        keep = set(_allowed(args["HEAD_DIM"], args["LQ_BUCKET"], args["LK_BUCKET"], q.dtype,
+                            10 * cap[0] + cap[1], variant))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in keep]
+    return prune
 
 
-def _tuned_kernel():
-    """The autotuned kernel (built lazily: the interpreter path never needs it)."""
-    global _tuned
-    if _tuned is None:
+_TUNED: Dict[KernelVariant, object] = {}
+
+
+def _tuned_kernel(variant: KernelVariant = DEFAULT_VARIANT):
+    """The autotuned kernel of a variant (built lazily: the interpreter path never needs it)."""
+    if variant not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                    for bm, bn, w, s in K.CONFIGS]
-        _tuned = triton.autotune(configs=configs, key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM"],
-                                 prune_configs_by={"early_config_prune": _prune})(K.tri_source_fwd)
-    return _tuned
+        _TUNED[variant] = triton.autotune(
+            configs=configs, key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM"],
+            prune_configs_by={"early_config_prune": _pruner(variant)})(K.tri_source_fwd)
+    return _TUNED[variant]
+
+
+# (device index, q dtype, head dim, Lq bucket, Lk bucket, stores lse, variant) -> the config the
+# autotuner chose there: later launches with that key skip the autotuner's per-call work and
+# launch the jit function directly (the autotuner's own key is the same: its key arguments and
+# the dtypes of the tensor arguments, of which only q's and the lse slot's vary).
+_CHOSEN: Dict[tuple, Tuple[int, int, int, int]] = {}
+
+
+def chosen_configs() -> Dict[tuple, Tuple[int, int, int, int]]:
+    """The configs chosen so far per shape bucket (a copy; see ``_CHOSEN``)."""
+    return dict(_CHOSEN)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (the TMA variant)."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
 
 
 def mask_tables(mask: TriSourceMask) -> Tuple[torch.Tensor, ...]:
@@ -189,16 +241,79 @@ def mask_tables(mask: TriSourceMask) -> Tuple[torch.Tensor, ...]:
             tiles.get(128, dummy), dummy if mask.bg_bytes is None else mask.bg_bytes, mask.counts)
 
 
+def kernel_args(q, k_fg, v_fg, k_bg, v_bg, out, lse, qperm, fidx, tiles64, tiles128, bg_bytes,
+                counts, scale: float, fg_gain: float) -> tuple:
+    """The kernel's positional arguments for one launch (``lse``: the lse tensor, or any int32
+    table when it is not stored); a table's batch stride is 0 when it has batch 1 (it serves every
+    target). Also what ``aot-check`` compiles at: the values Triton's launcher specialises on
+    come from here."""
+    B, H, Lq, _ = q.shape
+    Lf, Lb = k_fg.shape[2], k_bg.shape[2]
+    return (
+        q, k_fg, v_fg, k_bg, v_bg, out, lse,
+        qperm, fidx, tiles64, tiles128, bg_bytes, counts,
+        *q.stride()[:3], *k_fg.stride()[:3], *v_fg.stride()[:3],
+        *k_bg.stride()[:3], *v_bg.stride()[:3], *out.stride()[:3],
+        *(0 if t.shape[0] == 1 else t.stride(0) for t in (qperm, fidx, bg_bytes, counts)),
+        B // k_fg.shape[0], B // k_bg.shape[0], H, Lq, Lf, Lb,
+        scale * fg_gain * K.LOG2E, scale * K.LOG2E,
+        K.length_bucket(Lq), K.length_bucket(max(Lf, Lb)),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_meta(head_dim: int, dtype: torch.dtype, fg_all: bool, bg_all: bool, store_lse: bool,
+                aligned: bool, variant: KernelVariant) -> dict:
+    """The kernel's constexprs for one launch but the tile (BLOCK_M, BLOCK_N); cached (a launch's
+    host time matters): callers must not modify the dict."""
+    d0, d1 = K.split_head_dim(head_dim)
+    dot_fp32, precision = _dot_settings(dtype)
+    d_chunk, k_chunk = K.chunking(head_dim, 4 if dtype == torch.float32 else 2)
+    return dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, FG_ALL=fg_all, BG_ALL=bg_all,
+                STORE_LSE=store_lse, DOT_FP32=dot_fp32, PREC=precision, D_CHUNK=d_chunk,
+                K_CHUNK=k_chunk, ALIGNED=aligned, BG_DENSE=variant.bg_dense, TMA=variant.tma)
+
+
+def _check_variant(variant: KernelVariant, aligned: bool, meta: dict, device: torch.device) -> None:
+    """ValueError when this launch cannot run ``variant`` as asked (a forced variant must not
+    silently time something else)."""
+    why = variant.problem()
+    if not why and variant.tma:
+        if not aligned:
+            why = ("tma needs every stride but the last a multiple of 8 elements and 16-byte "
+                   "aligned base pointers (inputs_aligned)")
+        elif meta["D_CHUNK"] > 0:
+            why = "tma runs the whole-head path only (not fp32 above head dim 64)"
+        elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+            why = "tma needs a Hopper (sm_90) or newer GPU"
+    if why:
+        raise ValueError(f"variant: {why}")
+
+
+_NO_LSE: Dict[torch.device, torch.Tensor] = {}
+
+
+def _no_lse(device: torch.device) -> torch.Tensor:
+    """The empty lse of a launch that does not store it (one per device: nothing is written)."""
+    t = _NO_LSE.get(device)
+    if t is None:
+        t = _NO_LSE[device] = torch.empty((0,), dtype=torch.float32, device=device)
+    return t
+
+
 def _launch(q, k_fg, v_fg, k_bg, v_bg, qperm, fidx, tiles64, tiles128, bg_bytes, counts,
             scale: float, fg_gain: float, fg_all: bool, bg_all: bool, store_lse: bool,
-            config=None):
+            config=None, variant: Optional[KernelVariant] = None):
     """Allocate the outputs and launch once. ``config`` forces a tile (BLOCK_M, BLOCK_N,
-    num_warps, num_stages); otherwise autotune on a GPU, the first allowed config under the
-    interpreter. Returns (out, lse); lse is empty unless ``store_lse``."""
+    num_warps, num_stages); otherwise the config chosen earlier for this shape bucket, or the
+    autotuner on a GPU (its choice is then remembered), or the first allowed config under the
+    interpreter. ``variant`` (a :class:`KernelVariant`; None: the default) picks the background
+    loop. Returns (out, lse); lse is empty unless ``store_lse``."""
+    variant = DEFAULT_VARIANT if variant is None else variant
     B, H, Lq, D = q.shape
-    Lf, Lb = k_fg.shape[2], k_bg.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Lq) if store_lse else (0,), dtype=torch.float32, device=q.device)
+    lse = (torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if store_lse else
+           _no_lse(q.device))
     if POISON_OUTPUT:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
@@ -207,47 +322,44 @@ def _launch(q, k_fg, v_fg, k_bg, v_bg, qperm, fidx, tiles64, tiles128, bg_bytes,
     if B * H > 65535:
         raise ValueError(f"q: batch*heads must be at most 65535 for the triton backend, got {B * H}")
     q, k_fg, v_fg, k_bg, v_bg = (_last_dim_unit(t) for t in (q, k_fg, v_fg, k_bg, v_bg))
-    d0, d1 = K.split_head_dim(D)
-    dot_fp32, precision = _dot_settings(q.dtype)
-    lq_bucket = K.length_bucket(Lq)
-    lk_bucket = K.length_bucket(max(Lf, Lb))
-    args = (
-        q, k_fg, v_fg, k_bg, v_bg, out, lse if store_lse else counts,
-        qperm, fidx, tiles64, tiles128, bg_bytes, counts,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_fg.stride(0), k_fg.stride(1), k_fg.stride(2),
-        v_fg.stride(0), v_fg.stride(1), v_fg.stride(2),
-        k_bg.stride(0), k_bg.stride(1), k_bg.stride(2),
-        v_bg.stride(0), v_bg.stride(1), v_bg.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        _batch_stride(qperm), _batch_stride(fidx), _batch_stride(tiles64),
-        _batch_stride(tiles128), _batch_stride(bg_bytes), _batch_stride(counts),
-        B // k_fg.shape[0], B // k_bg.shape[0], H, Lq, Lf, Lb,
-        tiles64.shape[-1], tiles128.shape[-1],
-        scale * fg_gain * K.LOG2E, scale * K.LOG2E,
-        lq_bucket, lk_bucket,
-    )
-    d_chunk, k_chunk = K.chunking(D, q.element_size())
-    meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, FG_ALL=fg_all, BG_ALL=bg_all,
-                STORE_LSE=store_lse, DOT_FP32=dot_fp32, PREC=precision, D_CHUNK=d_chunk,
-                K_CHUNK=k_chunk)
-    if config is None and is_interpreted():
-        # the interpreter is no GPU family: committed sweeps do not reorder its configs
-        config = tuning.prune(D, lq_bucket, lk_bucket, q.dtype, 90, sweeps=())[0]
+    aligned = inputs_aligned((q, k_fg, v_fg, k_bg, v_bg, out))
+    meta = kernel_meta(D, q.dtype, fg_all, bg_all, store_lse, aligned, variant)
+    if variant is not DEFAULT_VARIANT:
+        _check_variant(variant, aligned, meta, q.device)
+    args = kernel_args(q, k_fg, v_fg, k_bg, v_bg, out, lse if store_lse else counts, qperm, fidx,
+                       tiles64, tiles128, bg_bytes, counts, scale, fg_gain)
+    grid = _grid(Lq, B * H)
+    interpreted = is_interpreted()
     if config is None:
+        key = (q.device.index, q.dtype, D, args[-2], args[-1], store_lse, variant)
+        config = _CHOSEN.get(key)
+    if config is None and interpreted:
+        # the interpreter is no GPU family: committed sweeps do not reorder its configs
+        config = _CHOSEN[key] = tuple(_allowed(D, args[-2], args[-1], q.dtype, 90, variant,
+                                               sweeps=())[0])
+    if config is None:  # first launch of this shape bucket on a GPU: autotune, remember
+        if variant.tma:
+            triton.set_allocator(_tma_allocator)
+        tuned = _tuned_kernel(variant)
         with torch.cuda.device(q.device):
-            _tuned_kernel()[_grid(Lq, B * H)](*args, **meta)
-    else:
-        bm, bn, warps, stages = config
-        if bn not in K.TILE_SIZES:
-            raise ValueError(f"config: BLOCK_N must be one of {K.TILE_SIZES}, got {bn}")
-        grid = _grid(Lq, B * H)({"BLOCK_M": bm})
-        if is_interpreted():
-            K.tri_source_fwd[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-        else:
-            with torch.cuda.device(q.device):
-                K.tri_source_fwd[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                       num_warps=warps, num_stages=stages)
+            tuned[grid](*args, **meta)
+        best = tuned.best_config
+        _CHOSEN[key] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps,
+                        best.num_stages)
+        return out, lse
+    bm, bn, warps, stages = config
+    if bn not in K.TILE_SIZES:
+        raise ValueError(f"config: BLOCK_N must be one of {K.TILE_SIZES}, got {bn}")
+    g = grid({"BLOCK_M": bm})
+    if interpreted:
+        K.tri_source_fwd[g](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        return out, lse
+    if variant.tma:
+        triton.set_allocator(_tma_allocator)
+    here = q.device.index is None or q.device.index == torch.cuda.current_device()
+    with contextlib.nullcontext() if here else torch.cuda.device(q.device):
+        K.tri_source_fwd[g](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                            num_stages=stages)
     return out, lse
 
 
@@ -276,15 +388,17 @@ def _(q, k_fg, v_fg, k_bg, v_bg, qperm, fidx, tiles64, tiles128, bg_bytes, count
 
 
 def run_op(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask: TriSourceMask, *, store_lse: bool,
-           config=None):
+           config=None, variant: Optional[KernelVariant] = None):
     """Launch over a mask object: directly when eager (no dispatcher overhead), through the custom
-    op while ``torch.compile`` traces."""
+    op while ``torch.compile`` traces (default variant, autotuned). ``config`` forces a tile
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) and ``variant`` a :class:`KernelVariant` (a
+    benchmark's knobs; a variant this launch cannot run raises ``ValueError``)."""
     tables = mask_tables(mask)
     flags = (float(problem.scale), float(problem.fg_gain), mask.fg_key_mask is None,
              mask.bg_key_mask is None, store_lse)
-    if config is None and torch.compiler.is_compiling():
+    if config is None and variant is None and torch.compiler.is_compiling():
         return tri_source_attention_op(q, k_fg, v_fg, k_bg, v_bg, *tables, *flags)
-    return _launch(q, k_fg, v_fg, k_bg, v_bg, *tables, *flags, config=config)
+    return _launch(q, k_fg, v_fg, k_bg, v_bg, *tables, *flags, config=config, variant=variant)
 
 
 def triton_attention(

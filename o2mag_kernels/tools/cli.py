@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -124,6 +125,32 @@ def _compile_report() -> str:
     return tuning.aot_status()
 
 
+SWEEP_COMMAND = "bash tests/kernels/gpu_check.sh sweep"
+
+
+def _sweep_report() -> List[str]:
+    """One line per committed hardware sweep: whether it belongs to this kernel source (a stale
+    one proves nothing: ``auto`` keeps the torch backend on that GPU family until the sweep is
+    rerun on a card) -- imported behind the same guard as :func:`_compile_report`."""
+    module, why = load_triton()
+    if module is None:
+        return [f"hardware sweeps: not read ({why})"]
+    from .. import tuning  # needs triton (optional): see _compile_report
+
+    lines = []
+    for sweep in tuning.load_sweeps():
+        name = os.path.basename(sweep["path"])
+        if sweep["valid"]:
+            lines.append(f"hardware sweep {name}: current (kernel {tuning.kernel_hash()})")
+        else:
+            lines.append(
+                f"hardware sweep {name}: STALE -- swept kernel {sweep.get('kernel_hash')}, this is "
+                f"kernel {tuning.kernel_hash()}; auto keeps the torch backend on {sweep['device']}'s "
+                f"GPU family until it is rerun on such a card: {SWEEP_COMMAND} (then commit "
+                f"o2mag_kernels/sweeps/{name})")
+    return lines or [f"hardware sweeps: none committed; run {SWEEP_COMMAND} on a card"]
+
+
 def _auto_table(device: torch.device) -> None:
     """What ``auto`` runs on each GPU family the committed sweeps timed: per (head dim, tokens)
     layer, each candidate's measured ms (fp16) and the pick (this GPU's family first)."""
@@ -166,6 +193,8 @@ def check(args: argparse.Namespace) -> int:
     _timing(device, usable, args.length, args.repeats)
     stale = _compile_report()
     print(f"\ncompile report: {'current' if not stale else stale}")
+    for line in _sweep_report():
+        print(line)
     _auto_table(device)
     print("\nall parity checks passed" if not failures else f"\n{failures} parity check(s) FAILED")
     return 1 if failures else 0
@@ -215,6 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=4, help="worker processes at a time (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per config (default 300)")
     p.add_argument("--quick", action="store_true", help="two configs per head dim (smoke run)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="kernel variants to sweep: default, bg_dense, tma (default: all; the "
+                        "variants other than default run in fp16, into the file's variant_results)")
     p.add_argument("--interpret", action="store_true",
                    help="run on CPU under TRITON_INTERPRET=1 with tiny cases (tests the command; "
                         "proves nothing about a GPU, and tuning ignores its file)")

@@ -14,6 +14,13 @@ kernel's source hash and every (config, case) result; committed, it is what
 :mod:`o2mag_kernels.tuning` allows on that GPU family (and what lets ``auto`` pick the kernel).
 ``--interpret`` runs the same machinery on CPU under ``TRITON_INTERPRET=1`` with tiny cases (for
 tests of this command; the file it writes proves nothing about a GPU and is refused by tuning).
+
+Kernel variants (``triton_kernel.VARIANTS``: ``bg_dense``, ``tma``) are swept too, in fp16 (bf16
+runs the same tiles) at the configs whose build of that variant compiled clean
+(``tuning.spill_free(..., variant=name)``), through the same cases and the same timed layer. Their
+rows go to the file's ``variant_results``, not ``results``: the autotuner and ``auto`` run the
+default variant, and :mod:`o2mag_kernels.tuning` reads ``results`` only; a GPU "decide" script
+compares the two lists (same case names, same timed layer) to choose a default.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import triton.testing
 
 from .. import tuning
 from ..backends import triton_backend as tb
+from ..backends.triton_kernel import DEFAULT_VARIANT, VARIANTS, KernelVariant
 from ..backends.reference import reference_attention
 from ..backends.torch_backend import torch_attention
 from ..mask import tri_source_mask
@@ -90,11 +98,13 @@ def _inputs(kind, B, L, D, dtype, shared, device, seed, heads=HEADS):
 
 
 def run_item(item: dict, interpret: bool = False):
-    """Run one (dtype, head_dim, config) on every case; yields one result dict per case."""
+    """Run one (dtype, head_dim, config[, variant]) on every case; yields one result dict per
+    case."""
     device = "cpu" if interpret else "cuda"
     dtype = _torch_dtype(item["dtype"])
     D = int(item["head_dim"])
     config = tuple(item["config"])
+    variant = KernelVariant.named(item.get("variant", "default"))
     cases = INTERPRET_CASES if interpret else CASES
     for name, kind, B, L, shared in cases:
         res = {"case": name, "status": "running"}
@@ -106,7 +116,8 @@ def run_item(item: dict, interpret: bool = False):
         mask = tri_source_mask(*masks)
         tb.POISON_OUTPUT = True
         with torch.no_grad():
-            out, lse = tb.run_op(problem, *tensors, mask, store_lse=True, config=config)
+            out, lse = tb.run_op(problem, *tensors, mask, store_lse=True, config=config,
+                                 variant=variant)
         if not interpret:
             torch.cuda.synchronize()
         wide = tuple(t.double() for t in tensors)
@@ -122,9 +133,11 @@ def run_item(item: dict, interpret: bool = False):
 
 def time_group(item: dict):
     """Time, on the head dim's SD layer with a mask built once as the grafting layer does, every
-    config in ``item["configs"]`` and the torch backend; yields one row each (median ms). Runs
-    while no other sweep work uses the GPU (the sweep's serial phase)."""
+    config in ``item["configs"]`` (of ``item["variant"]``) and, for the default variant, the torch
+    backend; yields one row each (median ms). Runs while no other sweep work uses the GPU (the
+    sweep's serial phase)."""
     D = int(item["head_dim"])
+    variant = KernelVariant.named(item.get("variant", "default"))
     L = TIMED_TOKENS.get(D, 1024)
     shape = {"case": TIMED_CASE, "tokens": L, "targets": TIMED_TARGETS, "heads": TIMED_HEADS}
     tensors, masks = _inputs("blob", TIMED_TARGETS, L, D, _torch_dtype(item["dtype"]), False,
@@ -133,10 +146,12 @@ def time_group(item: dict):
     problem = validate(*tensors, mask, None, None, None, 1 / 0.7, "torch")
     tb.POISON_OUTPUT = False
     runs = [({"config": list(c)}, lambda c=tuple(c): tb.run_op(problem, *tensors, mask,
-                                                               store_lse=False, config=c))
+                                                               store_lse=False, config=c,
+                                                               variant=variant))
             for c in item["configs"]]
-    mask.host()  # the torch backend's one host read, at build time as AttentionGraft.prepare does
-    runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask)))
+    if variant == DEFAULT_VARIANT:
+        mask.host()  # the torch backend's one host read, at build time as AttentionGraft.prepare does
+        runs.append(({"baseline": "torch"}, lambda: torch_attention(problem, *tensors, mask)))
     for what, fn in runs:
         print(json.dumps(dict(shape, **what, started=True)), flush=True)  # a crash names it
         with torch.no_grad():
@@ -163,16 +178,27 @@ def worker_main(argv: List[str]) -> int:
     return 0
 
 
-def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = False):
-    """The correctness work list: every spill-free config per (dtype, head dim) bucket
-    (``quick``: two, for a smoke run)."""
+def items(dtypes, head_dims, arch: int, quick: bool = False, interpret: bool = False,
+          variants=None):
+    """The correctness work list: every spill-free config per (dtype, head dim) bucket of the
+    default variant, then of each other variant in ``variants`` (names; None: all) in fp16 where
+    it can run on ``arch`` (``quick``: two configs each, for a smoke run)."""
+    names = [v.name for v in VARIANTS] if variants is None else list(variants)
+    unknown = set(names) - {v.name for v in VARIANTS}
+    if unknown:
+        raise ValueError(f"unknown kernel variant(s) {sorted(unknown)}: the kernel has "
+                         f"{[v.name for v in VARIANTS]}")
     out = []
-    for dt in dtypes:
-        for d in head_dims:
-            cfgs = tuning.spill_free(d, dt, arch)
-            if quick:
-                cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
-            out += [{"dtype": dt, "head_dim": d, "config": list(c)} for c in cfgs]
+    for var in [v for v in VARIANTS if v.name in names]:
+        for dt in dtypes:
+            if var != DEFAULT_VARIANT and (dt != "fp16" or (var.tma and arch < 90)):
+                continue
+            for d in head_dims:
+                cfgs = tuning.spill_free(d, dt, arch, variant=var.name)
+                if quick:
+                    cfgs = cfgs[:1] + cfgs[-1:] if len(cfgs) > 1 else cfgs
+                out += [{"dtype": dt, "head_dim": d, "config": list(c), "variant": var.name}
+                        for c in cfgs]
     return out
 
 
@@ -212,6 +238,11 @@ def run_one(item, interpret: bool, timeout: float):
     return [dict(base, **r) for r in results]
 
 
+def _item_key(r: dict) -> tuple:
+    """(variant, dtype, head dim, config) of a work item or a result row."""
+    return (r.get("variant", "default"), r["dtype"], r["head_dim"], tuple(r["config"]))
+
+
 def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -232,14 +263,16 @@ def run(args) -> int:
     else:
         cap, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
     arch = 90 if interpret else 10 * cap[0] + cap[1]
-    todo = items(args.dtypes, args.head_dims, arch, args.quick, interpret)
+    todo = items(args.dtypes, args.head_dims, arch, args.quick, interpret,
+                 getattr(args, "variants", None))
     out_path = args.out or os.path.join(tuning.SWEEP_DIR, card_slug(name) + ".json")
     jobs = max(1, args.jobs)
-    print(f"gpu-sweep on {name} (sm_{arch}): {len(todo)} (dtype, head dim, config) items x "
+    print(f"gpu-sweep on {name} (sm_{arch}): {len(todo)} (dtype, head dim, config, variant) items x "
           f"{len(INTERPRET_CASES if interpret else CASES)} cases, {jobs} processes at a time",
           flush=True)
     t0 = time.perf_counter()
-    results = []
+    results = []  # the default variant's rows: what tuning reads
+    variant_results = []  # the other variants' rows: for a decide script, never read by tuning
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     partial = out_path + ".partial"
 
@@ -256,6 +289,8 @@ def run(args) -> int:
             "cases": [c[0] for c in INTERPRET_CASES] if interpret else
                      [c[0] for c in CASES] + [TIMED_CASE],
             "results": results,
+            "variants": [v.name for v in VARIANTS if v != DEFAULT_VARIANT],
+            "variant_results": variant_results,
         }
         tmp = partial + ".tmp"
         with open(tmp, "w") as f:
@@ -264,11 +299,17 @@ def run(args) -> int:
         if complete and os.path.exists(partial):
             os.remove(partial)
 
+    def file_rows(got):
+        """The default variant's rows to ``results``, the others' to ``variant_results``."""
+        for r in got:
+            (results if r.get("variant", "default") == "default" else variant_results).append(r)
+
     def report(got):
         bad = [r for r in got if r["status"] != "ok"]
         it = got[0] if got else {}
         what = "timing" if any(r.get("case") == TIMED_CASE for r in got) else tuple(it.get("config", ()))
-        print(f"  {it.get('dtype')} D{it.get('head_dim')} {what}: "
+        var = it.get("variant", "default")
+        print(f"  {it.get('dtype')} D{it.get('head_dim')} {'' if var == 'default' else var + ' '}{what}: "
               + ("ok" if not bad else f"FAIL {bad[0]['case']} {tuple(bad[0].get('config', ())) or ''}: "
                  f"{bad[0]['status']} {bad[0].get('error') or bad[0].get('max_err')}")
               + "".join(f" {tuple(r['config']) if 'config' in r else r.get('baseline')} "
@@ -279,25 +320,30 @@ def run(args) -> int:
         futures = [pool.submit(run_one, it, interpret, args.timeout) for it in todo]
         for fut in as_completed(futures):
             got = fut.result()
-            results += got
+            file_rows(got)
             write(complete=False)
             report(got)
-    # phase 2, one process at a time and nothing else on the GPU: per (dtype, head dim), time
-    # every config that passed and the torch backend on the head dim's SD layer
+    # phase 2, one process at a time and nothing else on the GPU: per (variant, dtype, head dim),
+    # time every config that passed (and, for the default variant, the torch backend) on the head
+    # dim's SD layer; the default variant first
     if not interpret:
-        passed: Dict[Tuple[str, int], List[list]] = {}
-        bad = {(r["dtype"], r["head_dim"], tuple(r["config"])) for r in results if r["status"] != "ok"}
+        passed: Dict[Tuple[int, str, str, int], List[list]] = {}
+        rank = {v.name: i for i, v in enumerate(VARIANTS)}
+        bad = {_item_key(r) for r in results + variant_results if r["status"] != "ok"}
         for it in todo:
-            if (it["dtype"], it["head_dim"], tuple(it["config"])) not in bad:
-                passed.setdefault((it["dtype"], it["head_dim"]), []).append(it["config"])
-        for (dt, d), cfgs in sorted(passed.items()):
-            got = run_one({"dtype": dt, "head_dim": d, "configs": cfgs}, False, args.timeout)
-            results += got
+            if _item_key(it) not in bad:
+                var = it.get("variant", "default")
+                passed.setdefault((rank[var], var, it["dtype"], it["head_dim"]), []).append(it["config"])
+        for (_, var, dt, d), cfgs in sorted(passed.items()):
+            got = run_one({"dtype": dt, "head_dim": d, "configs": cfgs, "variant": var}, False,
+                          args.timeout)
+            file_rows(got)
             write(complete=False)
             report(got)
     write(complete=True)
-    failed = sorted({(r["dtype"], r["head_dim"], str(tuple(r["config"])) if "config" in r
-                      else r.get("baseline", "?")) for r in results if r["status"] != "ok"})
+    failed = sorted({(r.get("variant", "default"), r["dtype"], r["head_dim"],
+                      str(tuple(r["config"])) if "config" in r else r.get("baseline", "?"))
+                     for r in results + variant_results if r["status"] != "ok"})
     print(f"gpu-sweep: {len(todo) - len(failed)}/{len(todo)} configs passed every case "
           f"({time.perf_counter() - t0:.0f} s); wrote {out_path}")
     for f_ in failed:

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Everything the kernel owes a GPU, for a machine with a CUDA GPU (never run on CI).
 # Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all|lease|o2mag]
-#   sweep       o2mag-kernels gpu-sweep for fp16 and bf16 (each config in its own process) ->
-#               o2mag_kernels/sweeps/<card>.json: commit it; it is what lets `auto` pick the kernel
+#   sweep       o2mag-kernels gpu-sweep for fp16 and bf16, and the kernel variants (bg_dense, tma) in
+#               fp16 (each config in its own process) -> o2mag_kernels/sweeps/<card>.json: commit it;
+#               it is what lets `auto` pick the kernel (a sweep of another kernel source is stale:
+#               `o2mag-kernels check` says so, and auto keeps the torch backend until this is rerun)
 #   sweep-fp32  the same for fp32 -> o2mag_kernels/sweeps/<card>-fp32.json
 #   tests       the cuda-marked tests (parity over dims/dtypes/lengths, every allowed config,
 #               CUDA graph and torch.compile smoke tests, the torch backend on CUDA)
 #   bench       python -m benchmarks --quick, kernel suite then end-to-end suite, each its own
 #               result file -> benchmarks/results/ (or $OUT)
 #   all         sweep, sweep-fp32, tests, bench
-#   lease       sweep, tests, bench under one time limit (GPU_CHECK_SECONDS, default 560): each
+#   lease       sweep (default variant only), tests, bench under one time limit (GPU_CHECK_SECONDS,
+#               default 560): each
 #               step gets a share and the last one what is left; a step cut short keeps what it
 #               wrote (a sweep cut short leaves <card>.json.partial beside the committed file,
 #               benchmark rows are printed as they land)
@@ -52,8 +55,13 @@ run() {
     "$@" || status=1
   fi
 }
-sweep() { run "$1" "$py" -m o2mag_kernels.tools.cli gpu-sweep --dtypes "${@:3}" --jobs "${SWEEP_JOBS:-12}" \
-            --timeout 150 --out "o2mag_kernels/sweeps/$2.json"; }
+# sweep SHARE NAME VARIANTS DTYPES...: VARIANTS is "all" or a space-separated list of names
+sweep() {
+  local variants=()
+  [ "$3" != all ] && read -r -a variants <<< "--variants $3"
+  run "$1" "$py" -m o2mag_kernels.tools.cli gpu-sweep --dtypes "${@:4}" "${variants[@]}" \
+    --jobs "${SWEEP_JOBS:-12}" --timeout 150 --out "o2mag_kernels/sweeps/$2.json"
+}
 tests() { run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/o2mag; }
 bench() {
   run "$1" "$py" -m benchmarks --quick --suite kernels --no-plot --results-dir "$results"
@@ -69,12 +77,12 @@ o2mag_checks() {
   rm -rf "$tmp"
 }
 case "$step" in
-  sweep) sweep 0 "$card" fp16 bf16 ;;
-  sweep-fp32) sweep 0 "$card-fp32" fp32 ;;
+  sweep) sweep 0 "$card" all fp16 bf16 ;;
+  sweep-fp32) sweep 0 "$card-fp32" default fp32 ;;
   tests) tests 0 ;;
   bench) bench 0 0 ;;
-  all) sweep 0 "$card" fp16 bf16; sweep 0 "$card-fp32" fp32; tests 0; bench 0 0 ;;
-  lease) sweep 290 "$card" fp16 bf16; tests 120; bench 100 0 ;;
+  all) sweep 0 "$card" all fp16 bf16; sweep 0 "$card-fp32" default fp32; tests 0; bench 0 0 ;;
+  lease) sweep 290 "$card" default fp16 bf16; tests 120; bench 100 0 ;;
   o2mag) o2mag_checks 0 0 0 ;;
   *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
 esac

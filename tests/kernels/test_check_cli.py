@@ -61,3 +61,19 @@ def test_without_numpy_the_backends_report_instead_of_crashing(interpret):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "TRITON" in done.stdout
+
+
+def test_check_says_when_a_committed_sweep_is_stale(capsys, monkeypatch):
+    """A sweep of another kernel source proves nothing: ``check`` names it stale and says what to
+    run on a card; a sweep of this kernel is reported current."""
+    from o2mag_kernels import tuning
+
+    fake = ({"path": "sweeps/fake-gpu.json", "device": "Fake GPU", "kernel_hash": "0" * 16,
+             "valid": False},
+            {"path": "sweeps/other-gpu.json", "device": "Other GPU",
+             "kernel_hash": tuning.kernel_hash(), "valid": True})
+    monkeypatch.setattr(tuning, "load_sweeps", lambda *a: fake)
+    assert main(["check", "--device", "cpu", "--length", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fake-gpu.json: STALE" in out and "bash tests/kernels/gpu_check.sh sweep" in out
+    assert f"other-gpu.json: current (kernel {tuning.kernel_hash()})" in out

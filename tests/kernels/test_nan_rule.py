@@ -123,11 +123,7 @@ def test_a_usable_background_key_poisons_the_rows_that_read_it(backend, which):
 @pytest.mark.parametrize("which", ["k_fg", "v_fg", "k_bg", "v_bg"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
                          ids=["nan", "inf", "-inf"])
-def test_a_key_no_row_may_read_changes_nothing(backend, which, value, request):
-    if backend == "triton" and which == "v_bg":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the kernel still loads the values of excluded keys in partial "
-                                "background tiles (0 * NaN); the kernel fix removes this marker"))
+def test_a_key_no_row_may_read_changes_nothing(backend, which, value):
     tensors, masks = _case()
     idx = {"k_fg": 1, "v_fg": 2, "k_bg": 3, "v_bg": 4}[which]
     if which.endswith("fg"):

@@ -35,40 +35,54 @@ if not CUDA and not tb.is_interpreted():
 
 # every (BLOCK_M, BLOCK_N) the configs use, with 4 warps / 2 stages (the interpreter ignores both)
 TILES = sorted({(bm, bn, 4, 2) for bm, bn, _, _ in K.CONFIGS})
+# every kernel variant; the interpreter runs each (TMA through its emulation of tensor descriptors)
+VARIANTS = K.VARIANTS
+VIDS = [v.name for v in VARIANTS]
 
 
-def run_triton(case, *, scale=None, fg_gain=1.0, config=None, prebuilt=False):
+def tma_refused(case) -> bool:
+    """Whether the tma variant must refuse this case: unaligned inputs or fp32's column chunks."""
+    chunked = K.chunking(case.q.shape[-1], case.q.element_size()) != (0, 0)
+    return chunked or not tb.inputs_aligned(case.tensors)
+
+
+def run_triton(case, *, scale=None, fg_gain=1.0, config=None, prebuilt=False, variant=None,
+               finite=True):
     """(out, lse) from the fused kernel, with the outputs poisoned with NaN before the launch.
-    ``config`` forces a tile; ``prebuilt`` passes a TriSourceMask instead of the three masks."""
+    ``config`` forces a tile and ``variant`` a kernel variant; ``prebuilt`` passes a
+    TriSourceMask instead of the three masks. ``finite``: every element must be finite."""
     args = case.args
-    if prebuilt or config is not None:
+    if prebuilt or config is not None or variant is not None:
         args = (*case.args[:5], tri_source_mask(*case.args[5:]), None, None)
     old = tb.POISON_OUTPUT
     tb.POISON_OUTPUT = True
     try:
-        if config is None:
+        if config is None and variant is None:
             out, lse = tri_source_attention(*args, scale=scale, fg_gain=fg_gain, return_lse=True,
                                             backend="triton")
         else:
             problem = case.problem(scale, fg_gain, backend="triton")
-            out, lse = tb.run_op(problem, *case.tensors, args[5], store_lse=True, config=config)
+            out, lse = tb.run_op(problem, *case.tensors, args[5], store_lse=True, config=config,
+                                 variant=variant)
     finally:
         tb.POISON_OUTPUT = old
     B, H, Lq, D = case.q.shape
     assert out.shape == (B, H, Lq, D) and out.dtype == case.q.dtype
     assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32
-    assert torch.isfinite(out).all(), "an output element is non-finite or was left unwritten"
-    assert torch.isfinite(lse).all(), "an lse element is non-finite or was left unwritten"
+    if finite:
+        assert torch.isfinite(out).all(), "an output element is non-finite or was left unwritten"
+        assert torch.isfinite(lse).all(), "an lse element is non-finite or was left unwritten"
     return out, lse
 
 
 def check(case, formula, lowp_bound, *, scale=None, fg_gain=1.0, config=None, fp32_atol=1e-5,
-          prebuilt=False):
+          prebuilt=False, variant=None):
     """Parity with the float64 formula. fp32: tight; fp16/bf16: at most twice the low-precision
     reference's own error (+ half an ulp of the output); lse fp32-accurate in every dtype (logits
     are accumulated in fp32 from the exactly representable inputs)."""
     exact, exact_lse = formula(*case.args, scale=scale, fg_gain=fg_gain)
-    out, lse = run_triton(case, scale=scale, fg_gain=fg_gain, config=config, prebuilt=prebuilt)
+    out, lse = run_triton(case, scale=scale, fg_gain=fg_gain, config=config, prebuilt=prebuilt,
+                          variant=variant)
     err = max_abs_err(out, exact)
     top = float(exact.abs().max()) if exact.numel() else 0.0
     if case.q.dtype == torch.float32:
@@ -224,11 +238,13 @@ def test_large_magnitudes_stay_finite(dtype, make_case, formula, lowp_bound):
     assert max_abs_err(out, exact) <= 5 * lowp_bound(case, exact, fg_gain=1 / 0.7) + 0.05
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VIDS)
 @pytest.mark.parametrize("tile", TILES, ids=str)
-def test_every_tile_config(tile, make_case, formula, lowp_bound):
-    """Each (BLOCK_M, BLOCK_N) the autotuner may pick, on cases whose query tiles are foreground,
-    background and split between them, with full, partial and skipped key tiles (blob masks: most
-    tiles whole; scattered: most partial), fp16 and fp32 column-chunked."""
+def test_every_tile_config(tile, variant, make_case, formula, lowp_bound):
+    """Each (BLOCK_M, BLOCK_N) the autotuner may pick, in every kernel variant, on cases whose
+    query tiles are foreground, background and split between them, with full, partial and
+    skipped key tiles (blob masks: most tiles whole; scattered: most partial), fp16 and fp32
+    column-chunked (which tma refuses)."""
     for kind, L, D in (("blob", 576, 40), ("scattered", 300, 80)):
         case = make_case(B=2, H=1, Lq=L, Lf=L, Lb=L, D=D, dtype=torch.float16, seed=L)
         q, fg, bg = mask_set(kind, 2, L, density=0.1, seed=1)
@@ -239,8 +255,13 @@ def test_every_tile_config(tile, make_case, formula, lowp_bound):
         if kind == "blob":
             assert (full > 0).all() and (part > 0).all(), "the case must have full and partial tiles"
             assert (full + part < m.tiles[tile[1]].shape[-1]).all(), "and skipped ones"
-        check(case, formula, lowp_bound, config=tile, fg_gain=1 / 0.7)
-    check(case.to(torch.float32), formula, lowp_bound, config=tile)  # column-chunked (D=80 > 64)
+        check(case, formula, lowp_bound, config=tile, fg_gain=1 / 0.7, variant=variant)
+    fp32 = case.to(torch.float32)  # column-chunked (D=80 > 64)
+    if variant.tma:
+        with pytest.raises(ValueError, match="whole-head"):
+            run_triton(fp32, config=tile, variant=variant)
+    else:
+        check(fp32, formula, lowp_bound, config=tile, variant=variant)
 
 
 def test_empty_sources_and_queries(make_case, formula, lowp_bound):
@@ -312,17 +333,22 @@ def test_custom_op_fake_and_schema(make_case):
        fd=st.sampled_from([None, 0.0, 0.05, 0.5, 1.0, "single"]),
        bd=st.sampled_from([None, 0.0, 0.3, 1.0, "single"]),
        shared=st.booleans(), strided=st.booleans(), gain=st.sampled_from([1.0, 1 / 0.7, 4.0]),
-       tile=st.sampled_from([None] + TILES))
+       tile=st.sampled_from([None] + TILES), variant=st.sampled_from((None,) + VARIANTS))
 def test_random_shapes_and_masks(B, H, Lq, Lf, Lb, D, dtype, qd, fd, bd, shared, strided, gain,
-                                 tile, make_case, formula, lowp_bound):
-    """Odd head dims (padded), tiles smaller/larger than the lengths, split query tiles."""
+                                 tile, variant, make_case, formula, lowp_bound):
+    """Odd head dims (padded; unaligned below a multiple of 8), tiles smaller/larger than the
+    lengths, split query tiles, every kernel variant (tma must refuse what it cannot run)."""
     if Lf == 0 and fd == "single":
         fd = None
     one = 1 if shared else None
     case = make_case(B=B, H=H, Lq=Lq, Lf=Lf, Lb=Lb, D=D, dtype=dtype, q_density=qd,
                      fg_density=fd, bg_density=bd, Bf=one, Bb=one, q_mask_batch=one,
                      strided=strided, seed=Lq * 7 + Lb)
-    check(case, formula, lowp_bound, fg_gain=gain, config=tile)
+    if variant is not None and variant.tma and tma_refused(case):
+        with pytest.raises(ValueError, match="tma"):
+            run_triton(case, fg_gain=gain, config=tile, variant=variant)
+        return
+    check(case, formula, lowp_bound, fg_gain=gain, config=tile, variant=variant)
 
 
 def test_traces_under_torch_compile(make_case):
@@ -336,6 +362,191 @@ def test_traces_under_torch_compile(make_case):
     torch._dynamo.reset()
     assert torch.equal(_compiled_op(case, backend="aot_eager"), tri_source_attention(*case.args,
                                                                                    backend="triton"))
+
+
+# ----------------------------------------------------------- alignment hints: the host's decision
+
+
+def _diffusers(B, L, H, D, dtype=torch.float16, offset=0):
+    """(B, H, L, D) view of a (B, L, H·D) projection that starts ``offset`` elements into a wider
+    buffer (offset 0: diffusers' layout)."""
+    buf = torch.zeros(B, L, H * D + offset, dtype=dtype)
+    return buf[..., offset:].view(B, L, H, D).transpose(1, 2)
+
+
+def _shifted(t):
+    """The same values, contiguous, at a base pointer one element past 16-byte alignment."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("make, aligned", [
+    (lambda: torch.zeros(2, 8, 64, 40, dtype=torch.float16), True),  # contiguous, D=40
+    (lambda: torch.zeros(2, 8, 64, 64, dtype=torch.float16), True),  # contiguous, D=64
+    (lambda: _diffusers(2, 64, 8, 40), True),  # SD 1.x: (B, L, 320) as 8 heads of 40
+    (lambda: _diffusers(2, 64, 8, 80), True),
+    (lambda: _diffusers(2, 64, 8, 160), True),
+    (lambda: _diffusers(2, 64, 5, 64), True),  # SD 2.x: 5 heads of 64
+    (lambda: _diffusers(2, 64, 10, 64, torch.bfloat16), True),
+    (lambda: _diffusers(2, 64, 3, 40), True),  # odd H: h·40 and 3·40 are still multiples of 8
+    (lambda: _diffusers(2, 64, 8, 40, torch.float32), True),  # fp32: 8 elements = 32 bytes
+    (lambda: _diffusers(2, 64, 8, 40, offset=8), True),  # 16 bytes in, row stride 328
+    (lambda: _diffusers(2, 64, 8, 40, offset=1), False),  # odd offset: pointer 2 bytes off
+    (lambda: _diffusers(2, 64, 8, 40, torch.float32, offset=4), False),  # row stride 324
+    (lambda: _diffusers(2, 64, 8, 20), False),  # per-head offset 20 elements
+    (lambda: torch.zeros(2, 8, 64, 36, dtype=torch.float16), False),  # row stride 36
+    (lambda: _diffusers(1, 64, 8, 40).expand(4, -1, -1, -1), True),  # batch-1 source, stride 0
+    (lambda: torch.zeros(64 * 320, dtype=torch.float16).as_strided((1, 8, 64, 40), (7, 40, 320, 1)),
+     True),  # a size-1 dim's stride is never used
+    (lambda: torch.zeros(4000, dtype=torch.float16).as_strided((2, 8, 1, 40), (320, 40, 3, 1)),
+     True),
+], ids=["contig40", "contig64", "sd1-40", "sd1-80", "sd1-160", "sd2-64-H5", "sd2-64-H10-bf16",
+        "H3-40", "fp32-40", "offset8", "offset1", "fp32-offset4", "D20", "contig36",
+        "expanded", "size1-odd-stride", "L1-odd-stride"])
+def test_host_decides_alignment_per_launch(make, aligned):
+    """``inputs_aligned``: every stride but the last a multiple of 8 elements (dims of size 1
+    exempt) and a 16-byte aligned base pointer, checked on the tensors of the launch."""
+    t = make()
+    assert tb.inputs_aligned((t,)) is aligned
+    other = torch.zeros(2, 8, 64, 40, dtype=t.dtype)
+    assert tb.inputs_aligned((other, t, other)) is aligned  # one tensor decides for all
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.tma], ids=lambda v: v.name)
+def test_hinted_and_unhinted_paths_agree(variant, make_case, formula, lowp_bound, monkeypatch):
+    """Diffusers views (aligned: the kernel gets ALIGNED=True) and the same values at a base
+    pointer one element off (ALIGNED=False) both match the formula, and each other exactly."""
+    seen = []
+    real = tb.kernel_meta
+    monkeypatch.setattr(tb, "kernel_meta", lambda *a: seen.append(a[5]) or real(*a))
+    case = make_case(B=2, H=3, Lq=90, Lf=70, Lb=150, D=40, dtype=torch.float16, strided=True,
+                     Bf=1, Bb=1, q_density=0.4)
+    shifted = case.with_tensors(*(_shifted(t) for t in case.tensors))
+    a = check(case, formula, lowp_bound, config=(64, 64, 4, 2), variant=variant, fg_gain=1.4)
+    b = check(shifted, formula, lowp_bound, config=(64, 64, 4, 2), variant=variant, fg_gain=1.4)
+    assert seen == [True, False]
+    assert torch.equal(a, b)
+
+
+def test_variant_switches_and_refusals(make_case):
+    assert [v.name for v in VARIANTS] == ["default", "bg_dense", "tma"]
+    for v in VARIANTS:
+        assert K.KernelVariant.named(v.name) == v and not v.problem()
+    with pytest.raises(ValueError, match="unknown"):
+        K.KernelVariant.named("turbo")
+    case = make_case(B=1, H=2, Lq=40, Lf=30, Lb=70, D=40, dtype=torch.float16)
+    for bad, why in ((K.KernelVariant(warp_specialize=True), "Blackwell"),
+                     (K.KernelVariant(bg_dense=True, tma=True), "cannot be combined")):
+        with pytest.raises(ValueError, match=why):
+            run_triton(case, variant=bad)
+    shifted = case.with_tensors(*(_shifted(t) for t in case.tensors))
+    with pytest.raises(ValueError, match="inputs_aligned"):
+        run_triton(shifted, variant=K.KernelVariant(tma=True))
+
+
+def test_chosen_config_is_cached_per_shape_bucket(make_case, monkeypatch):
+    """The first launch of a shape bucket picks its config (the autotuner on a GPU, tuning's
+    first allowed config here) and remembers it; later launches of the bucket launch the jit
+    function directly with it and never ask again."""
+    monkeypatch.setattr(tb, "_CHOSEN", {})
+    case = make_case(B=2, H=2, Lq=77, Lf=63, Lb=70, D=40, dtype=torch.float16)
+    first, _ = run_triton(case)
+    (key, cfg), = tb.chosen_configs().items()
+    assert key[1:6] == (torch.float16, 40, 128, 128, True) and cfg in K.CONFIGS + tuple(TILES)
+
+    def boom(*a, **k):
+        raise AssertionError("asked for configs again")
+
+    monkeypatch.setattr(tb, "_allowed", boom)
+    again, _ = run_triton(case)  # same bucket: cached, direct launch
+    assert torch.equal(first, again)
+    longer = make_case(B=2, H=2, Lq=300, Lf=63, Lb=70, D=40, dtype=torch.float16)
+    with pytest.raises(AssertionError, match="again"):  # another bucket is chosen afresh
+        run_triton(longer)
+
+
+# --------------------------------------------------------------------------- the NaN rule (SDPA's)
+
+NAN_LB = 520  # key tiles of 64 and 128: [0, 128) excluded (skipped), key 200 excluded (partial),
+#               [256, 512) usable (full), [512, 520) the tail
+
+
+def _nan_case(make_case, dtype=torch.float16):
+    case = make_case(B=2, H=2, Lq=150, Lf=130, Lb=NAN_LB, D=40, dtype=dtype, strided=True,
+                     Bf=1, Bb=1, q_density=0.4, fg_density=0.5, fg_mask_batch=1, bg_mask_batch=1)
+    fg = case.fg_key_mask.clone()
+    fg[:, 3], fg[:, 4] = False, True
+    bg = torch.ones(1, NAN_LB, dtype=torch.bool)
+    bg[:, :128] = False
+    bg[:, 200] = False
+    case = with_masks(case, case.query_mask, fg, bg)
+    m = tri_source_mask(*case.args[5:])
+    assert m.tiles[64].shape[-1] * 64 >= NAN_LB and int(m.counts[0, 2]) > 0 and int(m.counts[0, 3]) > 0
+    use_fg = m.effective(2, 130, NAN_LB)[0]
+    assert use_fg.any() and (~use_fg).any()
+    return case, use_fg
+
+
+def _poison(case, which, index, value=float("nan")):
+    """A copy of the case with ``value`` written into tensor ``which`` at ``index``."""
+    tensors = dict(zip(("q", "k_fg", "v_fg", "k_bg", "v_bg"), (t.clone() for t in case.tensors)))
+    tensors[which][index] = value
+    return case.with_tensors(*tensors.values())
+
+
+def _rows_equal(a, b, keep):
+    """a and b are bitwise equal on the rows where ``keep`` (B, H, Lq) is True."""
+    keep = keep.to(a.device)
+    return torch.equal(a[keep], b[keep])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VIDS)
+@pytest.mark.parametrize("tile", [(64, 64, 4, 2), (128, 128, 4, 2)], ids=str)
+def test_nan_reaches_exactly_the_rows_that_read_it(tile, variant, make_case):
+    """A NaN in a query, or in a usable key or value of a source, makes exactly the rows that
+    read it NaN (every other element bitwise as in the clean run); a NaN or inf in a key or value
+    no row may read (excluded foreground key; background keys in a skipped tile and in a partial
+    tile; another head's columns next to this head's in a (B, L, H·D) view) changes nothing."""
+    case, use_fg = _nan_case(make_case)
+    _check_nan_rule(case, use_fg, tile, variant)
+
+
+def _check_nan_rule(case, use_fg, tile, variant):
+    run = lambda c: run_triton(c, config=tile, variant=variant, finite=False)  # noqa: E731
+    clean, clean_lse = run(case)
+    assert torch.isfinite(clean).all()
+    fg_rows = use_fg[:, None, :].expand(2, 2, -1)
+    head = torch.zeros(2, 2, 150, dtype=torch.bool)
+    head[:, 1] = True
+    # what no row may read: bitwise unchanged
+    for which, index, value in (("k_fg", (0, 1, 3), float("nan")), ("v_fg", (0, 1, 3), float("inf")),
+                                ("k_bg", (0, 0, 5), float("nan")), ("v_bg", (0, 0, 5), float("nan")),
+                                ("k_bg", (0, 1, 200), float("inf")), ("v_bg", (0, 1, 200), float("nan")),
+                                ("v_bg", (0, 0, 200), float("-inf"))):
+        out, lse = run(_poison(case, which, index, value))
+        assert torch.equal(out, clean) and torch.equal(lse, clean_lse), (which, index, value)
+    other_head = case.with_tensors(case.q, *(t.clone() for t in case.tensors[1:]))
+    for t in other_head.tensors[1:]:
+        t[:, 1] = float("nan")  # head 1's K and V: head 0 must not see its columns
+    out, _ = run(other_head)
+    assert _rows_equal(out, clean, ~head) and torch.isnan(out[:, 1]).all()
+    # one query row
+    out, lse = run(_poison(case, "q", (1, 0, 7)))
+    row = torch.zeros(2, 2, 150, dtype=torch.bool)
+    row[1, 0, 7] = True
+    assert torch.isnan(out[1, 0, 7]).all() and torch.isnan(lse[1, 0, 7])
+    assert _rows_equal(out, clean, ~row) and _rows_equal(lse, clean_lse, ~row)
+    # a usable key or value: the rows of its source and head, all of them, and no other
+    for which, index, readers in (("k_fg", (0, 1, 4), fg_rows & head), ("v_fg", (0, 1, 4), fg_rows & head),
+                                  ("k_bg", (0, 1, 300), ~fg_rows & head),  # a full tile
+                                  ("v_bg", (0, 1, 201), ~fg_rows & head),  # a partial tile
+                                  ("k_bg", (0, 0, 515), ~fg_rows & ~head)):  # the tail
+        out, _ = run(_poison(case, which, index))
+        assert torch.isnan(out[readers.to(out.device)]).all(), (which, index)
+        assert _rows_equal(out, clean, ~readers), (which, index)
 
 
 # --------------------------------------------------------------------------------------- CUDA
@@ -418,3 +629,44 @@ def test_gpu_auto_picks_triton_only_where_proven(make_case, monkeypatch):
     a = tri_source_attention(*case.args, backend="auto")
     assert torch.equal(a, tri_source_attention(*case.args, backend="triton"))
     dispatch.clear_auto_cache()
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("variant", VARIANTS, ids=VIDS)
+def test_gpu_variants_and_nan_rule(variant, make_case, formula, lowp_bound):
+    """Every variant on the card at each config its build compiled clean for (fp16 and bf16, a
+    diffusers-strided case), and the NaN rule at the first of them."""
+    assert not tb.is_interpreted(), "unset TRITON_INTERPRET to test the kernel on the GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if variant.tma and major < 9:
+        pytest.skip("the tma variant needs sm_90 (TMA)")
+    configs = tuning.spill_free(80, "fp16", 10 * major + minor, variant=variant.name)
+    assert configs, variant.name
+    for dtype in LOWP:
+        case = on(make_case(B=2, H=8, Lq=300, Lf=250, Lb=330, D=80, dtype=dtype, strided=True,
+                            Bf=1, Bb=1, q_density=0.3, bg_density=0.8), "cuda")
+        for cfg in configs:
+            check(case, formula, lowp_bound, config=cfg, variant=variant, fg_gain=1 / 0.7,
+                  fp32_atol=1e-4)
+    case, use_fg = _nan_case(make_case)
+    _check_nan_rule(on(case, "cuda"), use_fg, tuning.spill_free(40, "fp16", 10 * major + minor,
+                                                                  variant=variant.name)[0], variant)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_cached_config_launches_directly(make_case, monkeypatch):
+    """After the first (autotuned) launch of a shape bucket, later launches reuse its config
+    without the autotuner and give the same bits."""
+    monkeypatch.setattr(tb, "_CHOSEN", {})
+    case = on(make_case(B=2, H=4, Lq=256, Lf=256, Lb=256, D=40, dtype=torch.float16,
+                        strided=True), "cuda")
+    first = tri_source_attention(*case.args, backend="triton")
+    assert len(tb.chosen_configs()) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("the autotuner ran again")
+
+    monkeypatch.setattr(tb, "_tuned_kernel", boom)
+    assert torch.equal(tri_source_attention(*case.args, backend="triton"), first)

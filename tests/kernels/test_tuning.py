@@ -55,6 +55,11 @@ def test_judge_rules():
     assert "shared memory" in tuning.judge(_fake(arch=80, wgmma=False, mma=True, dyn_smem=200000))
     assert "mma" in tuning.judge(_fake(arch=80, wgmma=False, mma=False))
     assert "boom" in tuning.judge(_fake(ok=False, error="boom"))
+    # a tma build must use the TMA on sm_90; load counts are reported, not judged
+    assert "TMA" in tuning.judge(_fake(variant="tma", cp_async_bulk=0))
+    assert tuning.judge(_fake(variant="tma", cp_async_bulk=4)) == ""
+    assert tuning.judge(_fake(arch=80, wgmma=False, mma=True, variant="tma")) == ""
+    assert tuning.judge(_fake(ld_global_b16=224, cp_async=0)) == ""
 
 
 def test_the_committed_aot_report_belongs_to_this_kernel():
@@ -63,13 +68,60 @@ def test_the_committed_aot_report_belongs_to_this_kernel():
     assert tuning.aot_status() == "", tuning.aot_status()
     with open(tuning.AOT_REPORT) as f:
         report = json.load(f)
-    variants = {(r["arch"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in report["results"]}
-    want = {(v["arch"], v["dtype"], v["head_dim"], tuple(v["config"])) for v in aot.variants([80, 90])}
+    variants = {aot.variant_key(r) for r in report["results"]}
+    want = {aot.variant_key(v) for v in aot.variants([80, 90])}
     assert variants == want
     for arch in (80, 90):  # every SD head dim keeps something to run, fp16/bf16 and fp32
         for d in (40, 64, 80, 160):
             for dt in ("fp16", "bf16", "fp32"):
                 assert tuning.spill_free(d, dt, arch), (arch, d, dt)
+    for d in (40, 64, 80, 160):  # and every variant a card can choose, on Hopper
+        for v in K.VARIANTS:
+            assert tuning.spill_free(d, "fp16", 90, variant=v.name), (d, v.name)
+
+
+def test_allowed_configs_load_16_bytes_at_a_time_at_diffusers_strides():
+    """Issue 16: at diffusers' (B, L, H·D) strides the kernel once compiled to 2-byte scalar loads
+    of q, K and V with no cp.async (head dim 40's per-head offset is not 16-divisible). Every
+    config the committed report allows on sm_90 for fp16/bf16 at SD's head dims, in every
+    variant, must load them with vector loads (and async copies where it pipelines): no 2-byte
+    element load at all."""
+    with open(tuning.AOT_REPORT) as f:
+        rows = json.load(f)["results"]
+    seen = 0
+    for v in K.VARIANTS:
+        for d in (40, 64, 80, 160):
+            allowed = set(tuning.spill_free(d, "fp16", 90, variant=v.name))
+            for r in rows:
+                if (r["arch"], r["head_dim"], r.get("strides"), r.get("variant")) == \
+                        (90, d, "diffusers", v.name) and r["dtype"] in ("fp16", "bf16") \
+                        and tuple(r["config"]) in allowed:
+                    seen += 1
+                    assert r["ld_global_b16"] == 0, (v.name, d, r["config"], r["ld_global_b16"])
+                    if r["config"][3] > 1:  # one stage: no pipeline, plain (vector) loads
+                        assert r["cp_async"] > 0, (v.name, d, r["config"])
+                    assert r["aligned"], (v.name, d, r["config"])
+    assert seen >= 12
+
+
+def test_a_config_must_compile_clean_at_every_stride_specialisation(tmp_path):
+    """tuning allows a config only when every stride specialisation compiled for it is clean:
+    a build that spills at diffusers' strides must not run on such inputs, even if its contiguous
+    build is clean; another variant's rows do not gate the default's."""
+    a, b = K.CONFIGS[0], K.CONFIGS[1]
+    rows = [_fake(config=list(a), strides="contiguous"), _fake(config=list(a), strides="diffusers"),
+            _fake(config=list(b), strides="contiguous"),
+            _fake(config=list(b), strides="diffusers", stack=tuning.SPILL_TOLERANCE + 64),
+            _fake(config=list(b), strides="diffusers", variant="bg_dense")]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"kernel_hash": tuning.kernel_hash(), "results": rows}))
+    table = tuning.aot_table(str(path))
+    assert table[(90, "half", 64, "default")] == (a,)
+    assert table[(90, "half", 64, "bg_dense")] == (b,)
+    path.write_text(json.dumps({"kernel_hash": "0" * 16, "results": rows}))
+    tuning.aot_table.cache_clear()
+    assert table != tuning.aot_table(str(path))  # a stale report: everything, unchecked
+    tuning.aot_table.cache_clear()
 
 
 def _sweep(cap=(9, 0), results=(), **kw):
@@ -198,11 +250,19 @@ def test_gpu_sweep_command_runs_each_config_in_its_own_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["interpreted"] and data["kernel_hash"] == tuning.kernel_hash()
-    assert data["complete"] and data["items"] == 2
+    assert data["complete"] and data["items"] == 2 * len(K.VARIANTS)  # 2 configs per variant
     configs = {tuple(r["config"]) for r in data["results"]}
     assert len(configs) == 2 and all(r["status"] == "ok" for r in data["results"])
+    assert {r["variant"] for r in data["results"]} == {"default"}
     assert {r["case"] for r in data["results"]} == set(data["cases"])
     assert all(r["max_err"] <= r["bound"] for r in data["results"])
+    # the other variants ran the same cases, into their own list (tuning reads "results" only)
+    assert data["variants"] == [v.name for v in K.VARIANTS[1:]]
+    others = data["variant_results"]
+    assert {r["variant"] for r in others} == set(data["variants"])
+    assert all(r["status"] == "ok" and r["max_err"] <= r["bound"] for r in others)
+    assert {(r["variant"], r["case"]) for r in others} == {
+        (v, c) for v in data["variants"] for c in data["cases"]}
     # tuning refuses an interpreter sweep
     data["path"], data["valid"] = str(out), False
     assert tuning.proven(40, "fp16", 90, sweeps=(data,)) is None
@@ -242,27 +302,38 @@ def test_sweep_times_what_passed_serially_and_renames_when_complete(monkeypatch,
     def fake_run_one(item, interpret, timeout):
         seen_partial.append((item, os.path.exists(str(out) + ".partial") and not out.exists()))
         calls.append(item)
+        var = item.get("variant", "default")
         if "configs" in item:  # phase 2: kernel 1.0 ms per config at 80, torch 2.0; 40: torch faster
-            assert item["head_dim"] != 80 or all(tuple(c) != crash for c in item["configs"])
+            assert item["head_dim"] != 80 or var != "default" or all(tuple(c) != crash for c in item["configs"])
             kernel, torch_ms = (1.0, 2.0) if item["head_dim"] == 80 else (3.0, 2.0)
+            if var != "default":  # the bg_dense variant measures faster: it must not count
+                kernel = 0.5
             rows = [{"case": "timed-sd", "config": c, "status": "ok", "ms": kernel} for c in item["configs"]]
-            rows.append({"case": "timed-sd", "baseline": "torch", "status": "ok", "ms": torch_ms})
-            return [dict(dtype=item["dtype"], head_dim=item["head_dim"], **r) for r in rows]
-        status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash) else "ok"
+            if var == "default":
+                rows.append({"case": "timed-sd", "baseline": "torch", "status": "ok", "ms": torch_ms})
+            return [dict(dtype=item["dtype"], head_dim=item["head_dim"], variant=var, **r) for r in rows]
+        status = "crash" if (item["head_dim"] == 80 and tuple(item["config"]) == crash
+                             and var == "default") else "ok"
         return [dict(item, case=c, status=status) for c in sweep.CASES[0][:1]]
 
     monkeypatch.setattr(sweep, "run_one", fake_run_one)
     args = argparse.Namespace(dtypes=["fp16"], head_dims=[40, 80], quick=False, jobs=2, timeout=5,
-                              out=str(out), interpret=False)
+                              out=str(out), interpret=False, variants=["default", "bg_dense"])
     assert sweep.run(args) == 1  # one config crashed
     groups = [c for c in calls if "configs" in c]
-    assert [(g["dtype"], g["head_dim"]) for g in groups] == [("fp16", 40), ("fp16", 80)]
-    assert calls.index(groups[0]) == len(calls) - 2  # timing only after every correctness run
+    assert [(g["variant"], g["dtype"], g["head_dim"]) for g in groups] == [
+        ("default", "fp16", 40), ("default", "fp16", 80), ("bg_dense", "fp16", 40),
+        ("bg_dense", "fp16", 80)]  # the default variant first
+    assert calls.index(groups[0]) == len(calls) - 4  # timing only after every correctness run
+    # it crashed in the default variant only: the bg_dense variant times all its clean configs
+    assert groups[3]["configs"] == [list(c) for c in tuning.spill_free(80, "fp16", 90, variant="bg_dense")]
     # while timing, the results so far are in <out>.partial and <out> does not exist yet
     assert all(p for c, p in seen_partial if "configs" in c)
     assert out.exists() and not os.path.exists(str(out) + ".partial")
     data = json.loads(out.read_text())
     assert data["complete"] and data["kernel_hash"] == tuning.kernel_hash()
+    assert {r["variant"] for r in data["results"]} == {"default"}
+    assert {r["variant"] for r in data["variant_results"]} == {"bg_dense"}
     data["path"], data["valid"] = str(out), True
     assert tuning.trusted((9, 0), "fp16", 80, sweeps=(data,))[0]
     ok, why = tuning.trusted((9, 0), "fp16", 40, sweeps=(data,))
