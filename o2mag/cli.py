@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import __version__
-from .cli_types import float_at_least, int_at_least
+from .commands.options import float_at_least, int_at_least
 from .errors import InputError, MissingInputError
 
 EMBEDDED_STEPS = 10
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     _add_generation_args(g)
     _add_dataset_parser(sub)
-    from .evaluation.cli import register as register_evaluate
+    from .commands.evaluate import register as register_evaluate
 
     register_evaluate(sub)
     return p
@@ -250,7 +250,7 @@ def _process_state(args):
     """This process's place under accelerate launch / torchrun (one process when run plainly)."""
     import torch
 
-    from .parallel import process_state
+    from .runs.parallel import process_state
 
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     return process_state(cpu=cpu)
@@ -298,7 +298,7 @@ def _inputs(args):
                              + ", ".join("--" + n.replace("_", "-") for n in given))
         if not args.category or not args.defect:
             raise UsageError("--mvtec-root needs --category and --defect")
-        from .mvtec import mvtec_inputs
+        from .sources.mvtec import mvtec_inputs
 
         ref_path, mask_path, normal_paths = mvtec_inputs(args.mvtec_root, args.category, args.defect,
                                                          ref_index=args.ref_index)
@@ -317,7 +317,7 @@ def _inputs(args):
         defect = args.defect or "defect"
         source = "files"
     else:
-        from .sample import Sample
+        from .sources.sample import Sample
 
         return dict(source="embedded", category=args.category or Sample.category,
                     defect=args.defect or Sample.defect)
@@ -342,7 +342,7 @@ def _inputs(args):
 def _fit(inputs, size: int):
     """Bring the inputs to the working size (and make the embedded sample at that size)."""
     if inputs["source"] == "embedded":
-        from .sample import embedded_sample
+        from .sources.sample import embedded_sample
 
         try:
             s = embedded_sample(size)
@@ -400,7 +400,7 @@ def _load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
     """The model on this process's device; the embedded note printed once (process 0)."""
     import torch
 
-    from .pipeline import O2MAGPipeline
+    from .pipeline.pipeline_o2mag import O2MAGPipeline
 
     if embedded:
         if state.is_main:
@@ -412,7 +412,7 @@ def _load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        from .loading import quiet_loading
+        from .pipeline.loading import quiet_loading
 
         with quiet_loading(args.quiet or not state.is_main):
             pipe = O2MAGPipeline.from_pretrained(args.model, dtype=dtype)
@@ -435,7 +435,7 @@ def _prompt_and_word(pipe, prompt, word, category: str, defect: str, remedy: Opt
     (default: the defect name's last word when the prompt holds it; never some other word of the
     prompt, which is usually the object: amplifying the object is worse than stopping).
     ``remedy``: what the error tells the user to do when no word can be chosen."""
-    from .pipeline import token_indices
+    from .pipeline.pipeline_o2mag import token_indices
 
     if not prompt:
         prompt = f"a photo of a {defect.replace('_', ' ')} on a {category.replace('_', ' ')}"
@@ -453,7 +453,7 @@ def _prompt_and_word(pipe, prompt, word, category: str, defect: str, remedy: Opt
 
 
 def _options(args, mode: str, steps: int, ago_steps: int, size: int):
-    from .parallel import Options
+    from .runs.parallel import Options
 
     def make_masks(ref_mask, normal_image, indices):
         import numpy as np
@@ -473,7 +473,7 @@ def _stats_line(stats) -> str:
 
 
 def _generate(args) -> int:
-    from .parallel import Group, Reference, run_groups
+    from .runs.parallel import Group, Reference, run_groups
 
     embedded = args.model is None
     mode = _check_mask_options(args)
@@ -528,14 +528,14 @@ def _generate(args) -> int:
             print(f"o2mag: {res.wanted - res.complete} sample(s) still missing (held by another run, or "
                   "claimed by a process that died: rerun the same command to finish)", file=sys.stderr)
     if state.is_main and res.made:
-        from .contact_sheet import write_contact_sheet
+        from .runs.contact_sheet import write_contact_sheet
 
         print(f"o2mag: contact sheet {write_contact_sheet(res.dir)}", file=sys.stderr)
     return 0
 
 
 def _dataset(args) -> int:
-    from .dataset import run_dataset
+    from .commands.dataset import run_dataset
 
     return run_dataset(args)
 

@@ -6,7 +6,7 @@ references from). Any test image that a synthetic tree's manifest names as its r
 left out, wherever it sits, so a generator's reference never lands in the test set.
 
 Synthetic tree: o2mag's output layout ``<root>/<category>/<defect>/{image,mask}/NNN.png`` with
-``manifest.jsonl`` (the last ``ok`` line per index counts, as in :mod:`o2mag.store`); a defect
+``manifest.jsonl`` (the last ``ok`` line per index counts, as in :mod:`o2mag.runs.store`); a defect
 folder without a manifest (another generator's output) pairs ``image/X`` with ``mask/X`` by
 file stem.
 """
@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from ..errors import InputError, MissingInputError, existing_path
-from ..mvtec import mvtec_categories, mvtec_defects
-from ..store import MANIFEST_NAME, complete_samples
+from ..sources.mvtec import mvtec_categories, mvtec_defects
+from ..runs.store import MANIFEST_NAME, complete_samples
 from ._io import MASK_EXTENSIONS, load_image, load_mask, resize_image, resize_mask
 
 __all__ = ["TestItem", "CategorySplit", "SyntheticSet", "reference_count", "mvtec_split", "synthetic_samples",

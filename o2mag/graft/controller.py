@@ -8,8 +8,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import GraftConfig, StepPlan
-from ..layout import BranchLayout
+from ..method.config import GraftConfig, StepPlan
+from ..method.layout import BranchLayout
 from .processors import GraftCrossAttnProcessor, GraftSelfAttnProcessor
 from .pyramid import LayerMasks, MaskPyramid, as_mask
 from .source_cache import SourceCache

@@ -653,7 +653,7 @@ def test_torch_compile_traces_each_phase_once():
     it CPU-cheap; the Triton backend is one opaque custom op in the same place."""
     from torch._dynamo.utils import counters
 
-    from o2mag.tiny import tiny_unet
+    from o2mag.sources.tiny import tiny_unet
 
     unet = tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from o2mag import foreground, images, morphology, targets
+from o2mag.masks import foreground, images, morphology, targets
 from o2mag.errors import InputError, MissingInputError
 
 H = W = 128

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..cli_types import float_at_least, fraction, int_at_least
+from .options import float_at_least, fraction, int_at_least
 from ..errors import InputError
 
 __all__ = ["register"]
@@ -159,8 +159,8 @@ def _out_dir(out: Path, overwrite: bool, marker: str) -> Path:
 
 
 def _categories(args) -> list:
-    from .data import synthetic_categories
-    from ..mvtec import mvtec_categories
+    from ..evaluation.data import synthetic_categories
+    from ..sources.mvtec import mvtec_categories
 
     if not args.category:
         raise InputError("--category is required with --mvtec-root (a name, or 'all')")
@@ -182,7 +182,7 @@ def _categories(args) -> list:
 
 
 def _versions() -> dict:
-    from ..store import package_versions
+    from ..runs.store import package_versions
 
     return package_versions()
 
@@ -198,10 +198,10 @@ def _detect(args) -> int:
     import numpy as np
     import torch
 
-    from .detect import DetectOptions, evaluate_category
-    from .metrics import METRIC_KEYS
-    from .report import write_detect_report, write_json
-    from .segmentation import TrainConfig
+    from ..evaluation.detect import DetectOptions, evaluate_category
+    from ..evaluation.metrics import METRIC_KEYS
+    from ..evaluation.report import write_detect_report, write_json
+    from ..evaluation.segmentation import TrainConfig
 
     demo = args.mvtec_root is None and args.synthetic is None
     if (args.mvtec_root is None) != (args.synthetic is None):
@@ -222,7 +222,7 @@ def _detect(args) -> int:
                       normal_fraction=args.normal_fraction, real_fraction=0.1 if args.real_refs else 0.0,
                       seed=args.seed, amp=amp)
     if demo:
-        from .demo import make_demo_data
+        from ..evaluation.demo import make_demo_data
 
         args.mvtec_root, args.synthetic = (str(p) for p in make_demo_data(out / "demo-data"))
         args.category = args.category or "all"
@@ -271,9 +271,9 @@ def _detect(args) -> int:
 def _classify(args) -> int:
     import numpy as np
 
-    from .backbones import resnet34_classifier, tiny_classifier
-    from .classify import ClassifyOptions, classify_category
-    from .report import write_classify_report, write_json
+    from ..evaluation.backbones import resnet34_classifier, tiny_classifier
+    from ..evaluation.classify import ClassifyOptions, classify_category
+    from ..evaluation.report import write_classify_report, write_json
 
     if args.mvtec_root is None or args.synthetic is None:
         raise InputError("o2mag evaluate classify needs --mvtec-root and --synthetic")
@@ -282,7 +282,7 @@ def _classify(args) -> int:
     out = Path(args.out or "o2mag-eval-classify")
     cats = _categories(args)
     if args.backbone == "resnet34":
-        from .backbones import weights_file
+        from ..evaluation.backbones import weights_file
 
         weights_file("resnet34", args.weights)  # fail before any work when the weights are missing
         factory = (lambda k: resnet34_classifier(k, args.weights))
@@ -317,7 +317,7 @@ def _classify(args) -> int:
 
 
 def _image_folder(path: str, what: str) -> list:
-    from .data import _images
+    from ..evaluation.data import _images
     from ..errors import existing_path
 
     p = existing_path(path, what, folder=True)
@@ -330,11 +330,11 @@ def _image_folder(path: str, what: str) -> list:
 
 
 def _quality(args) -> int:
-    from .backbones import (inception_extractor, lpips_distance, tiny_distance, tiny_feature_extractor,
+    from ..evaluation.backbones import (inception_extractor, lpips_distance, tiny_distance, tiny_feature_extractor,
                             weights_file)
-    from .data import load_images, to_float
-    from .quality import extract_features, ic_lpips, kid
-    from .report import write_json
+    from ..evaluation.data import load_images, to_float
+    from ..evaluation.quality import extract_features, ic_lpips, kid
+    from ..evaluation.report import write_json
 
     if args.kid_features == "tiny" and args.inception_weights:
         raise InputError("--inception-weights is for --kid-features inception")

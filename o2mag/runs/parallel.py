@@ -18,7 +18,7 @@ How the work is split (``o2mag generate`` and ``o2mag dataset`` both run :func:`
   claim each one whole just before computing it. A lone process thus makes a pair in one call,
   as a one-process run does (the K/V cache is recorded once), and it helps with other groups
   until nothing is left to claim. Claims are per sample on the filesystem
-  (:meth:`o2mag.store.OutputStore.claim`), so the processes of one launch, and independent runs
+  (:meth:`o2mag.runs.store.OutputStore.claim`), so the processes of one launch, and independent runs
   with the same settings, never make a sample twice; a batch is claimed whole or not at all.
 - Computing one image's AGO embedding or inversion is done under a lease in the cache folder:
   a second process that needs it waits and then reads it from the disk cache instead of
@@ -373,7 +373,7 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
     plan is known, before any work.
     """
     from .claims import Holder, Leases
-    from .errors import ClaimLostError
+    from ..errors import ClaimLostError
     from .store import OutputStore
 
     t_start = time.perf_counter()

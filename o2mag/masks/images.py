@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .checks import check_int, check_shape
-from .errors import InputError, existing_path
+from ..checks import check_int, check_shape
+from ..errors import InputError, existing_path
 
 __all__ = [
     "MASK_EXTENSIONS",

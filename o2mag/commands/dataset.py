@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .errors import InputError, MissingInputError
+from ..errors import InputError, MissingInputError
 
 __all__ = ["GroupSpec", "reference_count", "mvtec_groups", "job_groups", "summary_table", "run_dataset",
            "DATASET_FILE"]
@@ -66,9 +66,9 @@ def _pick(names: List[str], wanted: Optional[Sequence[str]], what: str, where: s
 
 
 def _mvtec_group(root: Path, category: str, defect: str, num: int, num_normals: int) -> GroupSpec:
-    from .mvtec import mvtec_inputs
+    from ..sources.mvtec import mvtec_inputs
 
-    from .mvtec import mvtec_test_images
+    from ..sources.mvtec import mvtec_test_images
 
     ref0, mask0, normals = mvtec_inputs(root, category, defect, ref_index=0)  # checks the layout
     test_dir = root / category / "test" / defect
@@ -85,7 +85,7 @@ def mvtec_groups(root: str | os.PathLike, num: int, num_normals: int = 1,
                  categories: Optional[Sequence[str]] = None,
                  defects: Optional[Sequence[str]] = None) -> List[GroupSpec]:
     """Every category x defect type of an MVTec-AD root (optionally only the named ones)."""
-    from .mvtec import mvtec_categories, mvtec_defects
+    from ..sources.mvtec import mvtec_categories, mvtec_defects
 
     r = Path(root)
     cats = _pick(mvtec_categories(r), categories, "category", str(r))
@@ -107,7 +107,7 @@ def mvtec_groups(root: str | os.PathLike, num: int, num_normals: int = 1,
 
 
 def _expand_images(paths: List[Path], what: str) -> List[Path]:
-    from .images import MASK_EXTENSIONS
+    from ..masks.images import MASK_EXTENSIONS
 
     out: List[Path] = []
     for p in paths:
@@ -131,7 +131,7 @@ def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: 
 
     How many samples a group gets: its own ``"num"``, else ``num`` (the command line's ``--num``,
     when given), else the file's ``"num"``, else 200."""
-    from .errors import existing_path
+    from ..errors import existing_path
 
     p = existing_path(path, "job file")
     try:
@@ -184,7 +184,7 @@ def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: 
                     raise InputError(f"{where}: \"normals\" must be a non-empty list of files or folders")
                 normals = _expand_images([resolve(x, "normal") for x in g["normals"]], where)
             elif root is not None:
-                from .mvtec import mvtec_inputs
+                from ..sources.mvtec import mvtec_inputs
 
                 normals = mvtec_inputs(resolve(root, "mvtec_root"), g["category"], g["defect"])[2]
             else:
@@ -270,9 +270,9 @@ def _image_shape(path) -> tuple:
 
 def run_dataset(args) -> int:
     """The ``o2mag dataset`` command (called by :func:`o2mag.cli.main`)."""
-    from . import cli
-    from .images import load_image, load_mask, resize_image
-    from .parallel import Group, Reference, run_groups
+    from .. import cli
+    from ..masks.images import load_image, load_mask, resize_image
+    from ..runs.parallel import Group, Reference, run_groups
 
     if not args.mvtec_root and not args.job:
         raise cli.UsageError("o2mag dataset needs --mvtec-root ROOT or --job FILE.json")
@@ -356,7 +356,7 @@ def run_dataset(args) -> int:
     report = run_groups(pipe, args.out, groups, cli._options(args, mode, steps, ago_steps, size), state,
                         progress=not args.quiet, per_category=True, announce=announce)
     if state.is_main:
-        from .contact_sheet import write_contact_sheet
+        from ..runs.contact_sheet import write_contact_sheet
 
         for g in report.groups:
             if g.made:

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checks import check_fraction, check_int, check_range, check_shape, sample_indices
-from .errors import InputError, MissingInputError
+from ..checks import check_fraction, check_int, check_range, check_shape, sample_indices
+from ..errors import InputError, MissingInputError
 from .foreground import check_foreground
 from .images import MASK_EXTENSIONS, load_mask, to_mask
 from .morphology import border_frame, frame_width, largest_component

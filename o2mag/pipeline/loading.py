@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any, Dict
 
-from .errors import InputError, MissingInputError
+from ..errors import InputError, MissingInputError
 
 __all__ = ["check_model_path", "dtype_keyword", "loading_kwargs", "quiet_loading"]
 

@@ -19,7 +19,8 @@ TINY_IMAGE_SIZE = 128
 
 TINY_LATENT_SIZE = TINY_IMAGE_SIZE // 8
 TINY_TEXT_HIDDEN = 32
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenizer")
+# package data of o2mag (pyproject: o2mag = ["data/*", "data/**/*"]), one folder up from here
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tokenizer")
 
 # SD v1.5's scheduler config (the values its scheduler_config.json carries).
 SD15_SCHEDULER_CONFIG: Dict[str, Any] = dict(

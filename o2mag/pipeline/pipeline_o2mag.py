@@ -10,8 +10,8 @@ three branches per sample) and exists as the baseline for benchmarks.
 ``pipe(...)`` follows diffusers' pipeline conventions (output types, ``return_dict``, step-end
 callbacks, progress bars, model offloading); ``pipe.generate_iter(...)`` streams the samples as
 each batch finishes (what the command line uses). Input preparation lives in
-:mod:`o2mag.inputs`, the inversion/AGO caches in :mod:`o2mag.caches`, model loading helpers in
-:mod:`o2mag.loading`; see ``docs/architecture.md`` for how the pieces fit.
+:mod:`o2mag.pipeline.inputs`, the inversion/AGO caches in :mod:`o2mag.pipeline.caches`, model loading helpers in
+:mod:`o2mag.pipeline.loading`; see ``docs/architecture.md`` for how the pieces fit.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
-from .ago import dilate_mask, optimize_embedding
+from ..method.ago import dilate_mask, optimize_embedding
 from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
-from .errors import InputError
+from ..errors import InputError
 from .inputs import ImageLike, prepare_sources, prepare_targets
-from .inversion import Inversion, ddim_invert, ddim_step
+from ..method.inversion import Inversion, ddim_invert, ddim_step
 from .loading import check_model_path, loading_kwargs
 
 __all__ = ["O2MAGPipeline", "O2MAGPipelineOutput", "PipelineStats", "token_indices", "OUTPUT_TYPES"]
@@ -204,8 +204,8 @@ class O2MAGPipeline(DiffusionPipeline):
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "O2MAGPipeline":
-        """The tiny seeded random model of :mod:`o2mag.tiny` (machinery demos and tests, not quality)."""
-        from .tiny import tiny_components
+        """The tiny seeded random model of :mod:`o2mag.sources.tiny` (machinery demos and tests, not quality)."""
+        from ..sources.tiny import tiny_components
 
         pipe = cls(**tiny_components(seed))
         pipe.model_id = f"o2mag-tiny-seed{seed}"
@@ -369,7 +369,7 @@ class O2MAGPipeline(DiffusionPipeline):
                      seed=0, size=None, kv_cache=False, kv_cache_device=None, ago_steps=500, ago_lr=3e-3,
                      graft_config=None, scheme="one_to_more") -> None:
         """Raise ``TypeError``/``ValueError`` naming the first bad argument; touches no model."""
-        from .config import GraftConfig
+        from ..method.config import GraftConfig
 
         if prompt is None:
             raise ValueError("prompt is required: the text that describes the defect, e.g. "
@@ -435,7 +435,7 @@ class O2MAGPipeline(DiffusionPipeline):
              kv_cache_device, blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
              cache_inversions_to_disk) -> _Job:
         """Check every argument and read every input now, before any model work."""
-        from .config import GraftConfig
+        from ..method.config import GraftConfig
 
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -500,7 +500,7 @@ class O2MAGPipeline(DiffusionPipeline):
                 (H, W, 3) array, [0, 1] float array or tensor).
             ref_mask: ``M_R``, the defect's mask at the reference's size (path, PIL, array, tensor).
             target_masks: where the new defects go: a sequence of masks (arrays, PIL images, paths,
-                :class:`o2mag.targets.TargetMask`) or an (N, H, W) array; resized (nearest) to ``size``.
+                :class:`o2mag.masks.targets.TargetMask`) or an (N, H, W) array; resized (nearest) to ``size``.
             prompt: the conditional prompt, e.g. "a photo of a crack on a bottle". Required.
             anomaly_word: the word(s) of ``prompt`` whose cross-attention DAE amplifies inside
                 ``M_T``, e.g. "crack". Required: it is never guessed, since the wrong guess (the
@@ -671,7 +671,7 @@ class O2MAGPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ the denoising loop
     def _new_source_cache(self, device=None):
-        from .graft import SourceCache
+        from ..graft import SourceCache
 
         return SourceCache(device=device)
 
@@ -686,8 +686,8 @@ class O2MAGPipeline(DiffusionPipeline):
         current step (replay); their outputs are not used. Without sources, ``cache`` supplies
         their K/V (recorded by the first batch).
         """
-        from .graft import AttentionGraft
-        from .layout import BranchLayout
+        from ..graft import AttentionGraft
+        from ..method.layout import BranchLayout
 
         b = len(masks)
         cfg = guidance_scale != 1.0

@@ -1,7 +1,7 @@
 """What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size.
 
 Images may be PIL images, paths, uint8 ``(H, W, 3)`` arrays, ``[0, 1]`` float arrays or tensors;
-masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.images`, exactly as the
+masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.masks.images`, exactly as the
 command line reads mask files). Errors name the argument the bad value was given for.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
-from .images import load_image, load_mask, resize_image, resize_mask, to_mask
+from ..errors import InputError
+from ..masks.images import load_image, load_mask, resize_image, resize_mask, to_mask
 
 __all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets"]
 
@@ -30,7 +30,7 @@ def _named(what: str, fn, *args, **kwargs):
 
 
 def image_array(image: ImageLike, what: str) -> np.ndarray:
-    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.images.load_image`."""
+    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.masks.images.load_image`."""
     if isinstance(image, (str, os.PathLike)):
         image = _named(what, load_image, image)
     if isinstance(image, Image.Image):
@@ -59,7 +59,7 @@ def image_array(image: ImageLike, what: str) -> np.ndarray:
 
 def mask_array(mask: Any, what: str) -> np.ndarray:
     """Any mask input -> bool (H, W), read as the command line reads masks
-    (:func:`o2mag.images.load_mask` for files, :func:`o2mag.images.to_mask` otherwise)."""
+    (:func:`o2mag.masks.images.load_mask` for files, :func:`o2mag.masks.images.to_mask` otherwise)."""
     if isinstance(mask, (str, os.PathLike)):
         return _named(what, load_mask, mask, allow_empty=True)
     if isinstance(mask, torch.Tensor):
@@ -96,7 +96,7 @@ def prepare_sources(reference: ImageLike, ref_mask: Any, normal: ImageLike,
 def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
     """Target masks ``M_T`` as bool ``(size, size)`` arrays (nearest resize), in the given order.
 
-    Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.targets.TargetMask`) or
+    Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.masks.targets.TargetMask`) or
     one ``(N, H, W)`` / ``(H, W)`` array or tensor. An empty target mask is allowed (the target
     then reproduces the normal image); no target mask at all is an error."""
     if isinstance(target_masks, (np.ndarray, torch.Tensor)):
@@ -114,7 +114,7 @@ def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
         items = list(target_masks)
     out = []
     for k, m in enumerate(items):
-        m = getattr(m, "mask", m)  # o2mag.targets.TargetMask
+        m = getattr(m, "mask", m)  # o2mag.masks.targets.TargetMask
         out.append(resize_mask(mask_array(m, f"target_masks[{k}]"), (size, size)))
     if not out:
         raise ValueError("target_masks is empty: give at least one target mask")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InputError, MissingInputError, existing_path
-from .images import MASK_EXTENSIONS
+from ..errors import InputError, MissingInputError, existing_path
+from ..masks.images import MASK_EXTENSIONS
 
 __all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects", "mvtec_test_images"]
 

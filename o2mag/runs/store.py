@@ -19,7 +19,7 @@ Several writers may share a defect folder (processes of one multi-GPU run, or in
 with the same settings): appends to the manifest hold a short lease on it, and a writer that
 generates sample ``i`` first *claims* it (:meth:`OutputStore.claim`), so no sample is made twice.
 Claims, the manifest lease and their heartbeats live in ``<defect>/.o2mag/`` (see
-:mod:`o2mag.claims`); a run whose settings differ from those of a live writer stops with
+:mod:`o2mag.runs.claims`); a run whose settings differ from those of a live writer stops with
 :class:`~o2mag.errors.ConcurrentRunError`.
 """
 
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from .. import __version__
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
-from .errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
-from .masks import to_mask
+from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
+from ..masks import to_mask
 
 __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
 
