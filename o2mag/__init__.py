@@ -1,5 +1,5 @@
 """o2mag: training-free one-to-more anomaly generation (O2MAG, CVPR 2026) on diffusers."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 # Public names load lazily so that `import o2mag` stays cheap: diffusers is imported only when a
 # name that needs it is used.

@@ -18,200 +18,71 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List
 
-from ..errors import InputError, MissingInputError
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["GroupSpec", "reference_count", "mvtec_groups", "job_groups", "summary_table", "run_dataset",
-           "DATASET_FILE"]
+from ..errors import InputError, UsageError
+from ..masks import load_image, load_mask, resize_image
+from ..runs.contact_sheet import write_contact_sheet
+from ..runs.parallel import Group, Reference, run_groups
+from ..sources.groups import DEFAULT_NUM, GroupSpec, job_groups, mvtec_groups
+from . import options as o
+
+__all__ = ["add_parser", "run", "summary_table", "DATASET_FILE"]
 
 DATASET_FILE = "dataset.json"
-DEFAULT_NUM = 200
-_GROUP_KEYS = {"category", "defect", "num", "references", "normals", "prompt", "anomaly_word", "mvtec_root"}
-_TOP_KEYS = {"num", "mvtec_root", "groups", "prompt"}
 
 
-def reference_count(n: int) -> int:
-    """References taken from a defect folder of ``n`` images: its first third, ``n // 3``."""
-    return n // 3
-
-
-@dataclass
-class GroupSpec:
-    """One category x defect type to generate: reference (image, mask) paths, normal image paths."""
-
-    category: str
-    defect: str
-    num: int
-    references: List[tuple] = field(default_factory=list)  # [(image path, mask path)]
-    normals: List[Path] = field(default_factory=list)
-    prompt: Optional[str] = None
-    anomaly_word: Optional[str] = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.category}/{self.defect}"
-
-
-def _pick(names: List[str], wanted: Optional[Sequence[str]], what: str, where: str) -> List[str]:
-    if not wanted:
-        return names
-    missing = [w for w in wanted if w not in names]
-    if missing:
-        raise MissingInputError(f"{what} {', '.join(repr(m) for m in missing)} not found in {where}; there: "
-                                f"{', '.join(names) if names else 'nothing'}")
-    return [n for n in names if n in wanted]
-
-
-def _mvtec_group(root: Path, category: str, defect: str, num: int, num_normals: int) -> GroupSpec:
-    from ..sources.mvtec import mvtec_inputs
-
-    from ..sources.mvtec import mvtec_test_images
-
-    ref0, mask0, normals = mvtec_inputs(root, category, defect, ref_index=0)  # checks the layout
-    test_dir = root / category / "test" / defect
-    n = len(mvtec_test_images(root, category, defect))
-    count = reference_count(n)
-    if count == 0:
-        raise InputError(f"{test_dir} holds {n} image(s): its first third (n // 3) is empty, so it has no "
-                         "reference to generate from (a defect type needs at least 3 images)")
-    refs = [(ref0, mask0)] + [mvtec_inputs(root, category, defect, ref_index=j)[:2] for j in range(1, count)]
-    return GroupSpec(category, defect, num, refs, list(normals[:num_normals]))
-
-
-def mvtec_groups(root: str | os.PathLike, num: int, num_normals: int = 1,
-                 categories: Optional[Sequence[str]] = None,
-                 defects: Optional[Sequence[str]] = None) -> List[GroupSpec]:
-    """Every category x defect type of an MVTec-AD root (optionally only the named ones)."""
-    from ..sources.mvtec import mvtec_categories, mvtec_defects
-
-    r = Path(root)
-    cats = _pick(mvtec_categories(r), categories, "category", str(r))
-    out = []
-    seen_defects = set()
-    for c in cats:
-        names = mvtec_defects(r, c)
-        chosen = [d for d in names if not defects or d in defects]
-        seen_defects.update(chosen)
-        out += [_mvtec_group(r, c, d, num, num_normals) for d in chosen]
-    if defects:
-        unknown = [d for d in defects if d not in seen_defects]
-        if unknown:
-            raise MissingInputError(f"defect type {', '.join(repr(u) for u in unknown)} not found in any "
-                                    f"chosen category of {r}")
-    if not out:
-        raise InputError(f"no category x defect type to generate under {r}")
-    return out
-
-
-def _expand_images(paths: List[Path], what: str) -> List[Path]:
-    from ..masks.images import MASK_EXTENSIONS
-
-    out: List[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                           and f.suffix.lower() in MASK_EXTENSIONS)
-            if not found:
-                raise InputError(f"{what}: folder {p} holds no images")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise MissingInputError(f"{what}: not found: {p}")
-    return out
-
-
-def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: int = 1,
-               categories: Optional[Sequence[str]] = None,
-               defects: Optional[Sequence[str]] = None) -> List[GroupSpec]:
-    """Groups of a JSON job file (see ``o2mag dataset --help``); paths are relative to the file.
-
-    How many samples a group gets: its own ``"num"``, else ``num`` (the command line's ``--num``,
-    when given), else the file's ``"num"``, else 200."""
-    from ..errors import existing_path
-
-    p = existing_path(path, "job file")
-    try:
-        job = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"job file {p} is not valid JSON: {e}") from None
-    if not isinstance(job, dict) or not isinstance(job.get("groups"), list) or not job["groups"]:
-        raise InputError(f"job file {p} must be a JSON object with a non-empty \"groups\" list")
-    unknown = set(job) - _TOP_KEYS
-    if unknown:
-        raise InputError(f"job file {p}: unknown key(s) {sorted(unknown)} (allowed: {sorted(_TOP_KEYS)})")
-    base = p.parent
-
-    def resolve(x, what):
-        if not isinstance(x, str) or not x:
-            raise InputError(f"job file {p}: {what} must be a path string, got {x!r}")
-        q = Path(os.path.expanduser(x))
-        return q if q.is_absolute() else base / q
-
-    default_num = num if num is not None else job.get("num", DEFAULT_NUM)
-    out = []
-    for k, g in enumerate(job["groups"]):
-        where = f"job file {p}, group {k}"
-        if not isinstance(g, dict):
-            raise InputError(f"{where}: must be an object")
-        bad = set(g) - _GROUP_KEYS
-        if bad:
-            raise InputError(f"{where}: unknown key(s) {sorted(bad)} (allowed: {sorted(_GROUP_KEYS)})")
-        for key in ("category", "defect"):
-            if not isinstance(g.get(key), str) or not g[key]:
-                raise InputError(f"{where}: needs \"{key}\" (a name)")
-        n = g.get("num", default_num)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"{where}: \"num\" must be an integer >= 1, got {n!r}")
-        root = g.get("mvtec_root", job.get("mvtec_root"))
-        if "references" in g:
-            refs = g["references"]
-            if not isinstance(refs, list) or not refs:
-                raise InputError(f"{where}: \"references\" must be a non-empty list of "
-                                 "{\"image\", \"mask\"}")
-            pairs = []
-            for r in refs:
-                if not isinstance(r, dict) or set(r) != {"image", "mask"}:
-                    raise InputError(f"{where}: each reference is {{\"image\": path, \"mask\": path}}, "
-                                     f"got {r!r}")
-                pairs.append((existing_path(resolve(r["image"], "reference image"), "reference image"),
-                              existing_path(resolve(r["mask"], "reference mask"), "reference mask")))
-            if "normals" in g:
-                if not isinstance(g["normals"], list) or not g["normals"]:
-                    raise InputError(f"{where}: \"normals\" must be a non-empty list of files or folders")
-                normals = _expand_images([resolve(x, "normal") for x in g["normals"]], where)
-            elif root is not None:
-                from ..sources.mvtec import mvtec_inputs
-
-                normals = mvtec_inputs(resolve(root, "mvtec_root"), g["category"], g["defect"])[2]
-            else:
-                raise InputError(f"{where}: gives references but no \"normals\" (nor an mvtec_root to take "
-                                 "train/good from)")
-            spec = GroupSpec(g["category"], g["defect"], n, pairs, list(normals[:num_normals]))
-        else:
-            if root is None:
-                raise InputError(f"{where}: needs \"references\" (and \"normals\") or an \"mvtec_root\"")
-            spec = _mvtec_group(resolve(root, "mvtec_root"), g["category"], g["defect"], n, num_normals)
-            if "normals" in g:
-                found = _expand_images([resolve(x, "normal") for x in g["normals"]], where)
-                spec.normals = found[:num_normals]
-        spec.prompt = g.get("prompt", job.get("prompt"))
-        spec.anomaly_word = g.get("anomaly_word")
-        out.append(spec)
-    keys = [s.key for s in out]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise InputError(f"job file {p}: the same category/defect twice: {', '.join(dup)}")
-    if categories:
-        _pick(sorted({s.category for s in out}), categories, "category", str(p))
-        out = [s for s in out if s.category in categories]
-    if defects:
-        _pick(sorted({s.defect for s in out}), defects, "defect type", str(p))
-        out = [s for s in out if s.defect in defects]
-    return out
+def add_parser(sub) -> None:
+    """Add ``dataset`` to the ``o2mag`` sub-parser set ``sub``."""
+    d = sub.add_parser(
+        "dataset",
+        help="generate a whole synthetic dataset: every MVTec category x defect type (or a job file)",
+        description="Generate --num anomalies for every category x defect type of an MVTec-AD root (or the "
+                    "groups of a JSON job file) into <out>/<category>/<defect>/. References are the first "
+                    "third (n // 3, name order) of each test/<defect> folder, which the usual evaluation "
+                    "keeps out of its test set; sample i uses reference i mod R and normal (i // R) mod "
+                    "--num-normals. Under accelerate launch or torchrun every process takes part; a rerun "
+                    "resumes.",
+        formatter_class=o.HelpFormatter,
+    )
+    src = d.add_argument_group("inputs (--mvtec-root or --job)")
+    which = src.add_mutually_exclusive_group()
+    which.add_argument("--mvtec-root", metavar="ROOT", help="MVTec-AD root (<category>/test/<defect>, "
+                                                            "ground_truth/<defect>, train/good)")
+    which.add_argument("--job", metavar="FILE.json",
+                       help="JSON job file: {\"num\": N, \"mvtec_root\": ..., \"groups\": [{\"category\", "
+                            "\"defect\", optional \"num\", \"references\": [{\"image\", \"mask\"}], "
+                            "\"normals\": [files or folders], \"prompt\", \"anomaly_word\"}]} (paths "
+                            "relative to the file; a group without references takes them from mvtec_root)")
+    src.add_argument("--category", action="append", metavar="NAME",
+                     help="only this category (repeat for several; default: all)")
+    src.add_argument("--defect", action="append", metavar="NAME",
+                     help="only this defect type (repeat for several; default: all of each category)")
+    src.add_argument("--num-normals", type=o.int_at_least("--num-normals", 1), default=1,
+                     help="normal images per category (first of train/good in name order); each costs one "
+                          "inversion")
+    o.add_output_args(d, num_default=None,
+                      num_help="samples per category x defect type, default 200 (a job file's own counts come "
+                               "first; a rerun makes only the missing ones)")
+    o.add_model_args(d)
+    text = d.add_argument_group("prompt")
+    text.add_argument("--prompt", default="a photo of a {defect} on a {category}",
+                      help="prompt template; {defect} and {category} are replaced (underscores become "
+                           "spaces)")
+    masks = d.add_argument_group("target masks")
+    masks.add_argument("--mask-mode", choices=("affine", "perlin"), default="affine",
+                       help="affine: rotated/scaled/flipped copies of the reference mask on the object; "
+                            "perlin: Perlin-noise blobs")
+    masks.add_argument("--foreground", choices=("otsu", "all"), default="otsu",
+                       help="where target masks may go: 'otsu' (estimated per normal image, falls back to "
+                            "the whole image for textures) or 'all'")
+    masks.add_argument("--seed", type=o.int_at_least("--seed", 0), default=0,
+                       help="base seed: mask i uses seed (seed, i); AGO uses seed")
+    o.add_generation_args(d)
+    d.set_defaults(handler=run)
 
 
 def summary_table(report) -> str:
@@ -259,8 +130,6 @@ def _write_dataset_file(out: Path, specs: List[GroupSpec], groups) -> None:
 
 def _image_shape(path) -> tuple:
     """(H, W) of an image file from its header (the pixels are read later, when needed)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.height, im.width
@@ -268,31 +137,24 @@ def _image_shape(path) -> tuple:
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
-def run_dataset(args) -> int:
+def run(args) -> int:
     """The ``o2mag dataset`` command (called by :func:`o2mag.cli.main`)."""
-    from .. import cli
-    from ..masks.images import load_image, load_mask, resize_image
-    from ..runs.parallel import Group, Reference, run_groups
-
     if not args.mvtec_root and not args.job:
-        raise cli.UsageError("o2mag dataset needs --mvtec-root ROOT or --job FILE.json")
-    mode = cli._check_mask_options(args)
+        raise UsageError("o2mag dataset needs --mvtec-root ROOT or --job FILE.json")
+    mode = o.check_mask_options(args)
     if args.mvtec_root:
         specs = mvtec_groups(args.mvtec_root, args.num or DEFAULT_NUM, args.num_normals, args.category,
                              args.defect)
     else:
         specs = job_groups(args.job, args.num, args.num_normals, args.category, args.defect)
     embedded = args.model is None
-    state = cli._process_state(args)
-    device, dtype, dtype_name = cli._device_dtype(args, state)
-    steps = args.steps or (cli.EMBEDDED_STEPS if embedded else cli.PAPER_STEPS)
-    ago_steps = args.ago_steps
-    if ago_steps is None:
-        ago_steps = cli.EMBEDDED_AGO_STEPS if embedded else cli.PAPER_AGO_STEPS
+    state = o.process_state_for(args)
+    device, dtype, dtype_name = o.device_dtype(args, state)
+    steps, ago_steps = o.default_steps(args, embedded)
     t0 = time.perf_counter()
-    pipe = cli._load_pipeline(args, device, dtype, state, embedded)
+    pipe = o.load_pipeline(args, device, dtype, state, embedded)
     pipe.progress = False  # the dataset shows its own bars (overall, category, what is running)
-    size = cli._working_size(args, pipe)
+    size = o.working_size(args, pipe)
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
 
     groups: List[Group] = []
@@ -303,17 +165,17 @@ def run_dataset(args) -> int:
             prompt = template.format(defect=spec.defect.replace("_", " "),
                                      category=spec.category.replace("_", " "))
         except (KeyError, IndexError, ValueError) as e:
-            raise cli.UsageError(f"--prompt {template!r}: only {{defect}} and {{category}} can be filled in "
+            raise UsageError(f"--prompt {template!r}: only {{defect}} and {{category}} can be filled in "
                                  f"({e})") from None
         remedy = (f"put {{defect}} in the prompt, or give group {spec.key} an \"anomaly_word\" in the job "
                   "file" if args.job else "put {defect} in --prompt")
-        prompt, word = cli._prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect,
-                                            remedy=f"{spec.key}: {remedy}")
+        prompt, word = o.prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect,
+                                           remedy=f"{spec.key}: {remedy}")
         refs = []
         for img_path, mask_path in spec.references:  # masks that vanish at the working size are skipped
             m = load_mask(mask_path, _image_shape(img_path), resize=False)
             try:
-                cli.load_mask_array(m, size)
+                o.load_mask_array(m, size)
             except InputError:
                 if state.is_main:
                     print(f"o2mag: {spec.key}: reference {img_path} skipped: its mask is empty at {size} px",
@@ -337,7 +199,7 @@ def run_dataset(args) -> int:
                 im = load_image(img_path)
                 m = load_mask(mask_path, (im.height, im.width), resize=False)
                 out_refs.append(Reference(str(img_path), resize_image(im, size),
-                                          cli.load_mask_array(m, size)))
+                                          o.load_mask_array(m, size)))
             return out_refs, [resize_image(load_image(p), size) for p in normal_paths]
 
         groups.append(Group(category=spec.category, defect=spec.defect, num=spec.num,
@@ -353,11 +215,9 @@ def run_dataset(args) -> int:
         print(f"o2mag: dataset in {args.out}: {len(results)} groups ({cats} categories), {wanted - todo} of "
               f"{wanted} samples present, generating {todo} on {state.count} process(es)", file=sys.stderr)
 
-    report = run_groups(pipe, args.out, groups, cli._options(args, mode, steps, ago_steps, size), state,
+    report = run_groups(pipe, args.out, groups, o.run_options(args, mode, steps, ago_steps, size), state,
                         progress=not args.quiet, per_category=True, announce=announce)
     if state.is_main:
-        from ..runs.contact_sheet import write_contact_sheet
-
         for g in report.groups:
             if g.made:
                 write_contact_sheet(g.dir)  # what a person looks at first, one per defect folder
@@ -366,7 +226,7 @@ def run_dataset(args) -> int:
         wanted = sum(g.wanted for g in report.groups)
         print(f"o2mag: dataset: {complete} of {wanted} samples present in {args.out}; made {report.made} in "
               f"{time.perf_counter() - t0:.1f} s on {report.processes} process(es) "
-              f"({cli._stats_line(report.stats)})",
+              f"({o.stats_line(report.stats)})",
               file=sys.stderr)
         if complete < wanted:
             print(f"o2mag: {wanted - complete} sample(s) still missing (held by another run, or claimed by a "

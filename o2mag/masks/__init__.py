@@ -5,13 +5,14 @@ The modules: :mod:`.images` (image and mask files, conversion, resizing), :mod:`
 :mod:`o2mag.checks` beneath them.
 """
 from .foreground import foreground_mask, resolve_foreground
-from .images import MASK_EXTENSIONS, load_image, load_mask, resize_image, resize_mask, to_mask
+from .images import MASK_EXTENSIONS, image_files, load_image, load_mask, resize_image, resize_mask, to_mask
 from .targets import (MASK_KINDS, TargetMask, affine_masks, folder_masks, perlin_masks, perlin_noise,
                       target_masks)
 
 __all__ = [
     "TargetMask",
     "MASK_EXTENSIONS",
+    "image_files",
     "foreground_mask",
     "resolve_foreground",
     "affine_masks",

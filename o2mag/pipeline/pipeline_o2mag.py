@@ -27,11 +27,15 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
-from ..method.ago import dilate_mask, optimize_embedding
-from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
 from ..errors import InputError
-from .inputs import ImageLike, prepare_sources, prepare_targets
+from ..graft import AttentionGraft, SourceCache
+from ..method.ago import dilate_mask, optimize_embedding
+from ..method.config import GraftConfig
 from ..method.inversion import Inversion, ddim_invert, ddim_step
+from ..method.layout import BranchLayout
+from ..sources.tiny import tiny_components
+from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
+from .inputs import ImageLike, prepare_sources, prepare_targets
 from .loading import check_model_path, loading_kwargs
 
 __all__ = ["O2MAGPipeline", "O2MAGPipelineOutput", "PipelineStats", "token_indices", "OUTPUT_TYPES"]
@@ -98,6 +102,15 @@ def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
     if not found:
         raise InputError(f"anomaly word {word!r} does not occur in the prompt {prompt!r}")
     return sorted(set(found))
+
+
+def check_size(size: int, vae_scale_factor: int) -> None:
+    """Raise ``ValueError`` unless ``size`` can be the working image side: a multiple of the VAE
+    factor and at least two latent pixels (a 1-pixel latent breaks the UNet's GroupNorm, one
+    value per group). The command line asks the same question, so the rule lives here once."""
+    f = vae_scale_factor
+    if size % f or size < 2 * f:
+        raise ValueError(f"size must be a multiple of {f} and at least {2 * f}, got {size}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -205,8 +218,6 @@ class O2MAGPipeline(DiffusionPipeline):
     @classmethod
     def tiny(cls, seed: int = 0) -> "O2MAGPipeline":
         """The tiny seeded random model of :mod:`o2mag.sources.tiny` (machinery demos and tests, not quality)."""
-        from ..sources.tiny import tiny_components
-
         pipe = cls(**tiny_components(seed))
         pipe.model_id = f"o2mag-tiny-seed{seed}"
         return pipe
@@ -242,12 +253,7 @@ class O2MAGPipeline(DiffusionPipeline):
         return int(s) * self.vae_scale_factor
 
     def _check_size(self, size: int) -> None:
-        """Raise ``ValueError`` unless ``size`` can be the working image side: a multiple of the
-        VAE factor and at least two latent pixels (a 1-pixel latent breaks the UNet's GroupNorm,
-        one value per group). The CLI asks the same question, so the rule lives here once."""
-        f = self.vae_scale_factor
-        if size % f or size < 2 * f:
-            raise ValueError(f"size must be a multiple of {f} and at least {2 * f}, got {size}")
+        check_size(size, self.vae_scale_factor)
 
     def _identity(self) -> str:
         return model_fingerprint(self.model_id or getattr(self.config, "_name_or_path", ""),
@@ -369,8 +375,6 @@ class O2MAGPipeline(DiffusionPipeline):
                      seed=0, size=None, kv_cache=False, kv_cache_device=None, ago_steps=500, ago_lr=3e-3,
                      graft_config=None, scheme="one_to_more") -> None:
         """Raise ``TypeError``/``ValueError`` naming the first bad argument; touches no model."""
-        from ..method.config import GraftConfig
-
         if prompt is None:
             raise ValueError("prompt is required: the text that describes the defect, e.g. "
                              "'a photo of a crack on a bottle'")
@@ -435,8 +439,6 @@ class O2MAGPipeline(DiffusionPipeline):
              kv_cache_device, blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
              cache_inversions_to_disk) -> _Job:
         """Check every argument and read every input now, before any model work."""
-        from ..method.config import GraftConfig
-
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator,
@@ -671,8 +673,6 @@ class O2MAGPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ the denoising loop
     def _new_source_cache(self, device=None):
-        from ..graft import SourceCache
-
         return SourceCache(device=device)
 
     def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
@@ -686,9 +686,6 @@ class O2MAGPipeline(DiffusionPipeline):
         current step (replay); their outputs are not used. Without sources, ``cache`` supplies
         their K/V (recorded by the first batch).
         """
-        from ..graft import AttentionGraft
-        from ..method.layout import BranchLayout
-
         b = len(masks)
         cfg = guidance_scale != 1.0
         layout = BranchLayout(b, cfg=cfg, include_sources=with_sources)

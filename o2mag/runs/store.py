@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from .._version import __version__
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
 from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
 from ..masks import to_mask

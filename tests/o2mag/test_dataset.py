@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from o2mag.cli import main
-from o2mag.commands.dataset import reference_count, summary_table
+from o2mag.commands.dataset import summary_table
+from o2mag.sources.mvtec import reference_count
 from o2mag.runs.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet", "--foreground", "all"]
