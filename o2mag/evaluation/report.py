@@ -76,10 +76,12 @@ def _table(rows: Dict[str, Dict[str, float]], mean: Dict[str, float]) -> List[st
 
 
 def _pyplot():
+    # deferred: the backend must be chosen before pyplot is imported, and a report is still written
+    # (without plots) where matplotlib cannot be imported
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after matplotlib.use (see above)
 
     return plt
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["SegmentationUNet", "focal_loss", "TrainConfig", "train_segmentation", "predict_maps"]
 
@@ -119,8 +120,6 @@ def train_segmentation(pools: Dict[str, tuple], cfg: TrainConfig, device: torch.
     The model returned is the one after the last epoch. ``after_epoch(epoch, model)`` is called
     after each epoch (used only by the leaky protocol).
     """
-    from tqdm.auto import tqdm
-
     sizes = {k: v[0].shape[0] for k, v in pools.items()}
     if not sizes.get("normal") or not sizes.get("synthetic"):
         raise ValueError("pools needs non-empty 'normal' and 'synthetic' sets")
@@ -175,8 +174,6 @@ def train_segmentation(pools: Dict[str, tuple], cfg: TrainConfig, device: torch.
 def predict_maps(model: nn.Module, images: torch.Tensor, device: torch.device, *, batch_size: int = 16,
                  amp: bool = False, progress: bool = False, desc: str = "predict") -> torch.Tensor:
     """Anomaly probability maps float32 (N, S, S) in [0, 1] for uint8 (N, 3, S, S) images."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     out = torch.empty(images.shape[0], *images.shape[2:], dtype=torch.float32)

@@ -39,6 +39,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import ClaimLostError
+from .claims import Holder, Leases
+from .store import OutputStore
 
 __all__ = ["ProcessState", "process_state", "Batch", "plan_batches", "rotation", "chunk_size", "available",
            "claim_batch", "Group", "Reference", "Options", "GroupResult", "run_groups"]
@@ -73,7 +78,7 @@ class ProcessState:
         """Process 0's ``obj`` on every process (picklable)."""
         if not self.distributed:
             return obj
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import broadcast_object_list  # deferred: only under a launcher (slow import)
 
         box = [obj if self.is_main else None]
         broadcast_object_list(box, from_process=0)
@@ -83,7 +88,7 @@ class ProcessState:
         """Every process's ``obj``, in rank order, on every process."""
         if not self.distributed:
             return [obj]
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: only under a launcher
 
         out: List[Any] = [None] * self.count
         dist.all_gather_object(out, obj)
@@ -105,7 +110,7 @@ def process_state(cpu: bool) -> ProcessState:
     than one GPU each (nccl). A plain command (no launcher) is process 0 of 1 and starts nothing."""
     if not _launched():
         return ProcessState()
-    from accelerate import PartialState
+    from accelerate import PartialState  # deferred: only under a launcher (slow import)
 
     state = PartialState(cpu=cpu, timeout=_COLLECTIVE_TIMEOUT)
     return ProcessState(index=state.process_index, count=state.num_processes,
@@ -310,9 +315,6 @@ class _Progress:
         self.overall = self.category_bar = None
         self.category = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm
             total = sum(len(t) for t in plan_todo)
             self.overall = tqdm(total=total, desc="all", unit="img", position=0, dynamic_ncols=True)
 
@@ -330,8 +332,8 @@ class _Progress:
             self.category_bar.close()
         self.category = cat
         members = [j for j, g in enumerate(self.groups) if g.category == cat]
-        self.category_bar = self._tqdm(total=sum(len(self.todo[j]) for j in members), desc=cat, unit="img",
-                                       position=1, leave=False, dynamic_ncols=True)
+        self.category_bar = tqdm(total=sum(len(self.todo[j]) for j in members), desc=cat, unit="img",
+                                 position=1, leave=False, dynamic_ncols=True)
         self.update(force=True)
 
     def status(self, text: str) -> None:
@@ -372,10 +374,6 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
     choice, ``pipe.progress``). ``announce(results, stores)`` is called on process 0 once the
     plan is known, before any work.
     """
-    from .claims import Holder, Leases
-    from ..errors import ClaimLostError
-    from .store import OutputStore
-
     t_start = time.perf_counter()
     run = state.broadcast(uuid.uuid4().hex[:12] if state.is_main else None)
     stores: List[OutputStore] = []
