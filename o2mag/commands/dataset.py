@@ -155,6 +155,7 @@ def run(args) -> int:
     pipe = o.load_pipeline(args, device, dtype, state, embedded)
     pipe.progress = False  # the dataset shows its own bars (overall, category, what is running)
     size = o.working_size(args, pipe)
+    gen = o.generation_settings(args, steps, ago_steps, size)
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
 
     groups: List[Group] = []
@@ -188,9 +189,7 @@ def run(args) -> int:
         settings = dict(
             model=pipe.model_id, source="dataset", references=[str(i) for i, _ in refs],
             ref_masks=[str(m) for _, m in refs], normals=normals, prompt=prompt, anomaly_word=word,
-            steps=steps, guidance=args.guidance, ago_steps=ago_steps, ago_lr=args.ago_lr,
-            ago_mask_weight=args.ago_mask_weight, size=size, dtype=dtype_name, blend_background=args.blend,
-            mask_mode=mode, foreground=args.foreground, masks=None, seed=args.seed, graft="paper",
+            dtype=dtype_name, mask_mode=mode, foreground=args.foreground, masks=None, **o.manifest_settings(gen),
         )
 
         def load(refs=refs, normal_paths=list(spec.normals)):
@@ -215,7 +214,7 @@ def run(args) -> int:
         print(f"o2mag: dataset in {args.out}: {len(results)} groups ({cats} categories), {wanted - todo} of "
               f"{wanted} samples present, generating {todo} on {state.count} process(es)", file=sys.stderr)
 
-    report = run_groups(pipe, args.out, groups, o.run_options(args, mode, steps, ago_steps, size), state,
+    report = run_groups(pipe, args.out, groups, o.run_options(args, mode, gen), state,
                         progress=not args.quiet, per_category=True, announce=announce)
     if state.is_main:
         for g in report.groups:

@@ -174,13 +174,12 @@ def run(args) -> int:
                                      args.anomaly_word or inputs["word"], inputs["category"], inputs["defect"])
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
 
+    gen = o.generation_settings(args, steps, ago_steps, size)
     settings = dict(
         model=pipe.model_id, source=inputs["source"], reference=inputs.get("ref_path", "embedded"),
         ref_mask=inputs.get("mask_path", "embedded"), normals=[n for n, _ in inputs["normals"]],
-        prompt=prompt, anomaly_word=word, steps=steps, guidance=args.guidance, ago_steps=ago_steps,
-        ago_lr=args.ago_lr, ago_mask_weight=args.ago_mask_weight, size=size, dtype=dtype_name,
-        blend_background=args.blend, mask_mode=mode, foreground=args.foreground,
-        masks=str(args.masks) if mode == "folder" else None, seed=args.seed, graft="paper",
+        prompt=prompt, anomaly_word=word, dtype=dtype_name, mask_mode=mode, foreground=args.foreground,
+        masks=str(args.masks) if mode == "folder" else None, **o.manifest_settings(gen),
     )
     ref = Reference(settings["reference"], inputs["reference"], inputs["ref_mask"])
     normals = [im for _, im in inputs["normals"]]
@@ -194,7 +193,7 @@ def run(args) -> int:
               f"{r.todo}" + (f" on {state.count} processes" if state.distributed and r.todo else ""),
               file=sys.stderr)
 
-    report = run_groups(pipe, args.out, [group], o.run_options(args, mode, steps, ago_steps, size), state,
+    report = run_groups(pipe, args.out, [group], o.run_options(args, mode, gen), state,
                         progress=state.distributed and not args.quiet, announce=announce)
     res = report.groups[0]
     if state.is_main and res.todo:

@@ -27,7 +27,8 @@ __all__ = [
     "EMBEDDED_STEPS", "EMBEDDED_AGO_STEPS", "PAPER_STEPS", "PAPER_AGO_STEPS", "EMBEDDED_NOTE",
     "add_output_args", "add_model_args", "add_generation_args", "process_state_for", "resolve_device",
     "device_dtype", "default_steps", "load_pipeline", "working_size", "prompt_and_word",
-    "check_mask_options", "target_masks_for", "load_mask_array", "run_options", "stats_line",
+    "check_mask_options", "target_masks_for", "load_mask_array", "generation_settings", "manifest_settings",
+    "run_options", "stats_line",
 ]
 
 EMBEDDED_STEPS = 10
@@ -255,7 +256,7 @@ def load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
 
 def working_size(args, pipe) -> int:
     """``--size``, else the model's native size; checked by the pipeline's own rule."""
-    from ..pipeline.pipeline_o2mag import check_size  # deferred: the pipeline loads diffusers
+    from ..pipeline.settings import check_size  # deferred: loads torch
 
     size = args.size or pipe.default_size
     try:
@@ -323,16 +324,31 @@ def load_mask_array(mask, size: int):
     return m
 
 
-def run_options(args, mode: str, steps: int, ago_steps: int, size: int):
-    """The runner's options for these command-line options."""
-    def make_masks(ref_mask, normal_image, indices):
-        return target_masks_for(args, mode, ref_mask, np.asarray(normal_image), indices, size)
+def generation_settings(args, steps: int, ago_steps: int, size: int):
+    """The :class:`~o2mag.pipeline.settings.GenerationSettings` these options ask for. Inversions go
+    to the disk cache too, so that the processes of a launch and later runs share them."""
+    from ..pipeline.settings import GenerationSettings  # deferred: loads torch
 
-    return Options(steps=steps, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
-                   ago_steps=ago_steps, ago_lr=args.ago_lr, ago_mask_weight=args.ago_mask_weight, size=size,
-                   make_masks=make_masks, kv_cache=args.kv_cache,
-                   kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None, blend=args.blend,
-                   overwrite=args.overwrite, lease=args.claim_lease)
+    return GenerationSettings(num_inference_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size,
+                              seed=args.seed, size=size, kv_cache=args.kv_cache,
+                              kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None,
+                              blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
+                              ago_mask_weight=args.ago_mask_weight, cache_inversions_to_disk=True)
+
+
+def manifest_settings(settings) -> dict:
+    """The generation settings every manifest line records (under the command line's names)."""
+    return dict(steps=settings.num_inference_steps, guidance=settings.guidance_scale, ago_steps=settings.ago_steps,
+                ago_lr=settings.ago_lr, ago_mask_weight=settings.ago_mask_weight, size=settings.size,
+                blend_background=settings.blend_background, seed=settings.seed, graft="paper")
+
+
+def run_options(args, mode: str, settings):
+    """The runner's options for these command-line options and generation ``settings``."""
+    def make_masks(ref_mask, normal_image, indices):
+        return target_masks_for(args, mode, ref_mask, np.asarray(normal_image), indices, settings.size)
+
+    return Options(settings=settings, make_masks=make_masks, overwrite=args.overwrite, lease=args.claim_lease)
 
 
 def stats_line(stats) -> str:

@@ -24,6 +24,8 @@ from scipy import ndimage
 from torchmetrics.functional.classification import (binary_auroc, binary_average_precision,
                                                     binary_precision_recall_curve, binary_roc)
 
+from ..checks import is_int, is_number
+
 __all__ = ["detection_metrics", "METRIC_KEYS", "precision_recall", "roc", "auroc", "average_precision",
            "f1_max", "aupro", "pro_curve", "f1_max_on_grid", "image_scores_from_maps"]
 
@@ -234,7 +236,7 @@ def aupro(pixel_scores: Any, pixel_masks: Any, fpr_limit: float = DEFAULT_PRO_FP
     Trapezoids between the exact curve points; the point at ``fpr_limit`` is linearly
     interpolated on the segment that crosses it.
     """
-    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float)) or not 0 < fpr_limit <= 1:
+    if not is_number(fpr_limit) or not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}")
     fpr, pro = pro_curve(pixel_scores, pixel_masks)
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:k] <= limit
@@ -259,7 +261,7 @@ def image_scores_from_maps(maps: Any, pool: int = 21):
     t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
     if t.ndim != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(t.shape)}")
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+    if not is_int(pool) or pool < 1 or pool % 2 == 0:
         raise ValueError(f"pool must be an odd int >= 1, got {pool!r}")
     pooled = F.avg_pool2d(t[:, None].float(), pool, stride=1, padding=pool // 2)
     return pooled.flatten(1).amax(dim=1)

@@ -18,6 +18,8 @@ import torch
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
+from ..checks import is_int
+
 __all__ = ["extract_features", "kid", "ic_lpips", "nearest_assignment"]
 
 
@@ -44,7 +46,7 @@ def extract_features(images: torch.Tensor, extractor: Callable[[torch.Tensor], t
     that) instead of floats in [0, 1].
     """
     images = _check_images(images, "images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     out = []
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
@@ -80,7 +82,7 @@ def kid(real_features: torch.Tensor, fake_features: torch.Tensor, *, subset_size
         raise ValueError(f"real_features have {real_features.shape[1]} dims but fake_features have "
                          f"{fake_features.shape[1]}")
     for name, v in (("subset_size", subset_size), ("subsets", subsets)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if subset_size < 2:
         raise ValueError(f"subset_size must be >= 2 (unbiased MMD), got {subset_size}")

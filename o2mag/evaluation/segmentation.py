@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import is_int
+
 __all__ = ["SegmentationUNet", "focal_loss", "TrainConfig", "train_segmentation", "predict_maps"]
 
 
@@ -33,7 +35,7 @@ class SegmentationUNet(nn.Module):
         super().__init__()
         for name, v, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                             ("base_width", base_width, 1), ("levels", levels, 2)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         widths = [base_width * min(2 ** i, 8) for i in range(levels)]
         self.widths = widths

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..checks import check_int, check_shape
+from ..checks import check_int, check_shape, is_int
 from ..errors import InputError, existing_path
 
 __all__ = [
@@ -85,7 +85,7 @@ def _open_image(p: Path, what: str) -> Image.Image:
 
 
 def _size_arg(size: Any) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    if is_int(size):
         s = check_int("size", size, minimum=1)
         return s, s
     try:

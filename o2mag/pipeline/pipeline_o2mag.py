@@ -27,21 +27,21 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
+from ..checks import check_int
 from ..errors import InputError
 from ..graft import AttentionGraft, SourceCache
 from ..method.ago import dilate_mask, optimize_embedding
-from ..method.config import GraftConfig
 from ..method.inversion import Inversion, ddim_invert, ddim_step
 from ..method.layout import BranchLayout
 from ..sources.tiny import tiny_components
 from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
 from .inputs import ImageLike, prepare_sources, prepare_targets
 from .loading import check_model_path, loading_kwargs
+from .settings import (CALL, CALLBACK_TENSOR_INPUTS, CHECK, OUTPUT_TYPES, STREAM, GenerationSettings, bind,
+                       check_call_options, check_prompt, check_size)
 
 __all__ = ["O2MAGPipeline", "O2MAGPipelineOutput", "PipelineStats", "token_indices", "OUTPUT_TYPES"]
 
-SCHEMES = ("one_to_more", "per_sample")
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -104,29 +104,20 @@ def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
     return sorted(set(found))
 
 
-def check_size(size: int, vae_scale_factor: int) -> None:
-    """Raise ``ValueError`` unless ``size`` can be the working image side: a multiple of the VAE
-    factor and at least two latent pixels (a 1-pixel latent breaks the UNet's GroupNorm, one
-    value per group). The command line asks the same question, so the rule lives here once."""
-    f = vae_scale_factor
-    if size % f or size < 2 * f:
-        raise ValueError(f"size must be a multiple of {f} and at least {2 * f}, got {size}")
+def _with_signature(signature):
+    """Give a method taking ``(self, *args, **kwargs)`` its public signature (for ``help()``,
+    ``inspect`` and IDEs); the method matches its arguments to it with :func:`~.settings.bind`."""
+    def decorate(method):
+        method.__signature__ = signature
+        return method
 
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    return decorate
 
 
 @dataclass
-class _Job:
-    """One checked and prepared generation request (what ``__call__`` and ``generate_iter`` share)."""
+class _Request:
+    """One checked and prepared generation request (what ``__call__`` and ``generate_iter`` share):
+    the inputs at the working size, the settings and the per-call options."""
 
     ref: np.ndarray
     m_r: np.ndarray
@@ -134,21 +125,8 @@ class _Job:
     masks: List[np.ndarray]
     prompt: str
     tokens: List[int]
-    config: Any
-    num_steps: int
-    guidance_scale: float
-    eta: float
+    settings: GenerationSettings
     generator: Any
-    batch_size: int
-    seed: int
-    kv_cache: bool
-    kv_cache_device: Any
-    blend_background: bool
-    ago_steps: int
-    ago_lr: float
-    ago_mask_weight: bool
-    scheme: str
-    cache_inversions_to_disk: bool
     callback: Optional[Callable]
     callback_inputs: Tuple[str, ...]
 
@@ -170,7 +148,7 @@ class O2MAGPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
         super().__init__()
@@ -251,9 +229,6 @@ class O2MAGPipeline(DiffusionPipeline):
         s = self.unet.config.sample_size
         s = s[0] if isinstance(s, (tuple, list)) else s
         return int(s) * self.vae_scale_factor
-
-    def _check_size(self, size: int) -> None:
-        check_size(size, self.vae_scale_factor)
 
     def _identity(self) -> str:
         return model_fingerprint(self.model_id or getattr(self.config, "_name_or_path", ""),
@@ -370,131 +345,47 @@ class O2MAGPipeline(DiffusionPipeline):
         self._embeddings.clear()
 
     # ------------------------------------------------------------------ checking
-    def check_inputs(self, prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator,
-                     output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, *, batch_size=4,
-                     seed=0, size=None, kv_cache=False, kv_cache_device=None, ago_steps=500, ago_lr=3e-3,
-                     graft_config=None, scheme="one_to_more") -> None:
+    @_with_signature(CHECK)
+    def check_inputs(self, *args, **kwargs) -> None:
         """Raise ``TypeError``/``ValueError`` naming the first bad argument; touches no model."""
-        if prompt is None:
-            raise ValueError("prompt is required: the text that describes the defect, e.g. "
-                             "'a photo of a crack on a bottle'")
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if anomaly_word is None:
-            raise ValueError(
-                "anomaly_word is required: the word (or words) of the prompt whose cross-attention DAE "
-                "amplifies, e.g. anomaly_word='crack' for 'a photo of a crack on a bottle'; "
-                "anomaly_word='' amplifies no word")
-        if not isinstance(anomaly_word, str):
-            raise TypeError(f"anomaly_word must be a str, got {type(anomaly_word).__name__}")
-        counts = (("num_inference_steps", num_inference_steps, 1), ("batch_size", batch_size, 1),
-                  ("ago_steps", ago_steps, 0), ("seed", seed, 0))
-        for name, value, low in counts:
-            _check_int(name, value, low)
-        if not _is_number(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-        if not _is_number(eta) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        if not _is_number(ago_lr) or not (np.isfinite(ago_lr) and ago_lr > 0):
-            raise ValueError(f"ago_lr must be > 0, got {ago_lr}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            if not isinstance(generator, (list, tuple)) or \
-                    not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator must be a torch.Generator or a list of them (one per target "
-                                f"mask), got {type(generator).__name__}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end must be callable, "
-                            f"got {type(callback_on_step_end).__name__}")
-        if isinstance(callback_on_step_end_tensor_inputs, str) or \
-                not hasattr(callback_on_step_end_tensor_inputs, "__iter__"):
-            raise TypeError("callback_on_step_end_tensor_inputs must be a list of names, got "
-                            f"{callback_on_step_end_tensor_inputs!r}")
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among "
-                             f"{self._callback_tensor_inputs}")
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-        if scheme == "per_sample" and kv_cache:
-            raise ValueError("kv_cache=True needs scheme='one_to_more' "
-                             "(the per-sample baseline re-runs everything)")
-        if kv_cache_device is not None:
-            try:
-                torch.device(kv_cache_device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"kv_cache_device must be None or a torch device such as 'cpu', "
-                                 f"got {kv_cache_device!r}") from None
-        if size is not None:
-            _check_int("size", size, 1)
-            self._check_size(int(size))
-        if graft_config is not None and not isinstance(graft_config, GraftConfig):
-            raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, "
-                            f"got {type(graft_config).__name__}")
+        a = bind(CHECK, "O2MAGPipeline.check_inputs", (self,) + args, kwargs)
+        self._settings(a, a["output_type"], a["callback_on_step_end_tensor_inputs"])
 
-    def _job(self, reference, ref_mask, normal, target_masks, prompt, anomaly_word, *, num_inference_steps,
-             guidance_scale, eta, generator, output_type="pil", callback_on_step_end=None,
-             callback_on_step_end_tensor_inputs=("latents",), batch_size, seed, size, kv_cache,
-             kv_cache_device, blend_background, ago_steps, ago_lr, ago_mask_weight, graft_config, scheme,
-             cache_inversions_to_disk) -> _Job:
-        """Check every argument and read every input now, before any model work."""
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(prompt, anomaly_word, num_inference_steps, guidance_scale, eta, generator,
-                          output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                          batch_size=batch_size,
-                          seed=seed, size=size, kv_cache=kv_cache, kv_cache_device=kv_cache_device,
-                          ago_steps=ago_steps, ago_lr=ago_lr, graft_config=graft_config, scheme=scheme)
-        size = int(size or self.default_size)
-        self._check_size(size)
-        tokens = token_indices(self.tokenizer, prompt, anomaly_word)
-        ref, m_r, nor = prepare_sources(reference, ref_mask, normal, size)
-        masks = prepare_targets(target_masks, size)
+    def _settings(self, a: Dict[str, Any], output_type: str, callback_inputs) -> GenerationSettings:
+        """The checked settings of a call's arguments ``a``; the per-call options are checked
+        between the settings' two groups of checks, as they always have been."""
+        check_prompt(a["prompt"], a["anomaly_word"])
+        values = {name: a[name] for name in GenerationSettings.names()}
+        GenerationSettings.check_numbers(values)
+        check_call_options(a["generator"], output_type, a["callback_on_step_end"], callback_inputs,
+                           self._callback_tensor_inputs)
+        GenerationSettings.check_choices(values, self.vae_scale_factor)
+        return GenerationSettings(**values)
+
+    def _request(self, a: Dict[str, Any], output_type: str = "pil") -> _Request:
+        """Check every argument of a call (``a``: all of them by name) and read every input now,
+        before any model work."""
+        callback, callback_inputs = a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_inputs = callback.tensor_inputs
+        settings = self._settings(a, output_type, callback_inputs)
+        size = settings.size or self.default_size
+        check_size(size, self.vae_scale_factor)
+        tokens = token_indices(self.tokenizer, a["prompt"], a["anomaly_word"])
+        ref, m_r, nor = prepare_sources(a["reference"], a["ref_mask"], a["normal"], size)
+        masks = prepare_targets(a["target_masks"], size)
+        generator = a["generator"]
         if isinstance(generator, (list, tuple)) and len(generator) != len(masks):
             raise ValueError(f"generator holds {len(generator)} generators but there are {len(masks)} target "
                              "masks: give one generator, or one per target mask")
-        return _Job(ref=ref, m_r=m_r, nor=nor, masks=masks, prompt=prompt, tokens=tokens,
-                    config=graft_config if graft_config is not None else GraftConfig.paper(),
-                    num_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), eta=float(eta),
-                    generator=generator, batch_size=int(batch_size), seed=int(seed), kv_cache=bool(kv_cache),
-                    kv_cache_device=kv_cache_device, blend_background=bool(blend_background),
-                    ago_steps=int(ago_steps), ago_lr=float(ago_lr), ago_mask_weight=bool(ago_mask_weight),
-                    scheme=scheme, cache_inversions_to_disk=bool(cache_inversions_to_disk),
-                    callback=callback_on_step_end, callback_inputs=tuple(callback_on_step_end_tensor_inputs))
+        return _Request(ref=ref, m_r=m_r, nor=nor, masks=masks, prompt=a["prompt"], tokens=tokens,
+                        settings=settings, generator=generator, callback=callback,
+                        callback_inputs=tuple(callback_inputs))
 
     # ------------------------------------------------------------------ generation
+    @_with_signature(CALL)
     @torch.no_grad()
-    def __call__(
-        self,
-        reference: ImageLike,
-        ref_mask: ImageLike,
-        normal: ImageLike,
-        target_masks,
-        prompt: Optional[str] = None,
-        anomaly_word: Optional[str] = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        *,
-        batch_size: int = 4,
-        seed: int = 0,
-        size: Optional[int] = None,
-        kv_cache: bool = False,
-        kv_cache_device=None,
-        blend_background: bool = True,
-        ago_steps: int = 500,
-        ago_lr: float = 3e-3,
-        ago_mask_weight: bool = False,
-        graft_config=None,
-        scheme: str = "one_to_more",
-        cache_inversions_to_disk: bool = False,
-    ):
+    def __call__(self, *args, **kwargs):
         """Generate one anomaly image per target mask.
 
         Args:
@@ -535,16 +426,9 @@ class O2MAGPipeline(DiffusionPipeline):
 
         Every argument is checked, and every input read, before any model work.
         """
-        job = self._job(reference, ref_mask, normal, target_masks, prompt, anomaly_word,
-                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                        generator=generator, output_type=output_type,
-                        callback_on_step_end=callback_on_step_end,
-                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                        batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
-                        kv_cache_device=kv_cache_device, blend_background=blend_background,
-                        ago_steps=ago_steps, ago_lr=ago_lr, ago_mask_weight=ago_mask_weight,
-                        graft_config=graft_config, scheme=scheme,
-                        cache_inversions_to_disk=cache_inversions_to_disk)
+        a = bind(CALL, "O2MAGPipeline.__call__", (self,) + args, kwargs)
+        output_type = a["output_type"]
+        job = self._request(a, output_type)
         n = len(job.masks)
         outputs: List[Optional[torch.Tensor]] = [None] * n
         for idx, latents in self._batches(job):
@@ -559,39 +443,12 @@ class O2MAGPipeline(DiffusionPipeline):
             images = self.image_processor.postprocess(stacked, output_type=output_type)
             masks = self.mask_processor.postprocess(mask_t, output_type=output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
+        if not a["return_dict"]:
             return images, masks
         return O2MAGPipelineOutput(images=images, masks=masks)
 
-    def generate_iter(
-        self,
-        reference: ImageLike,
-        ref_mask: ImageLike,
-        normal: ImageLike,
-        target_masks,
-        prompt: Optional[str] = None,
-        anomaly_word: Optional[str] = None,
-        *,
-        num_inference_steps: Optional[int] = None,
-        num_steps: Optional[int] = None,
-        guidance_scale: float = 7.5,
-        eta: float = 0.0,
-        generator=None,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        batch_size: int = 4,
-        seed: int = 0,
-        size: Optional[int] = None,
-        kv_cache: bool = False,
-        kv_cache_device=None,
-        blend_background: bool = True,
-        ago_steps: int = 500,
-        ago_lr: float = 3e-3,
-        ago_mask_weight: bool = False,
-        graft_config=None,
-        scheme: str = "one_to_more",
-        cache_inversions_to_disk: bool = False,
-    ) -> Iterator[Tuple[int, PIL.Image.Image, PIL.Image.Image]]:
+    @_with_signature(STREAM)
+    def generate_iter(self, *args, **kwargs) -> Iterator[Tuple[int, PIL.Image.Image, PIL.Image.Image]]:
         """Yield ``(k, image, mask)`` (PIL RGB, PIL "L" 0/255) for every target mask ``k`` as soon as
         its batch is decoded: streaming, for long runs that write samples as they come.
 
@@ -599,24 +456,20 @@ class O2MAGPipeline(DiffusionPipeline):
         older name of ``num_inference_steps`` (default 50). Arguments are checked, and inputs read,
         when this is called, not at the first ``next()``.
         """
-        if num_steps is not None and num_inference_steps is not None:
+        a = bind(STREAM, "O2MAGPipeline.generate_iter", (self,) + args, kwargs)
+        steps, old_name = a.pop("num_inference_steps"), a.pop("num_steps")
+        if old_name is not None and steps is not None:
             raise ValueError("give num_inference_steps or num_steps (its older name), not both")
-        if num_steps is not None:
-            _check_int("num_steps", num_steps, 1)  # the error names the argument the caller used
-        steps = num_inference_steps if num_inference_steps is not None else num_steps
-        job = self._job(reference, ref_mask, normal, target_masks, prompt, anomaly_word,
-                        num_inference_steps=50 if steps is None else steps, guidance_scale=guidance_scale,
-                        eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
-                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                        batch_size=batch_size, seed=seed, size=size, kv_cache=kv_cache,
-                        kv_cache_device=kv_cache_device, blend_background=blend_background,
-                        ago_steps=ago_steps, ago_lr=ago_lr, ago_mask_weight=ago_mask_weight,
-                        graft_config=graft_config, scheme=scheme,
-                        cache_inversions_to_disk=cache_inversions_to_disk)
+        if old_name is not None:
+            check_int("num_steps", old_name, minimum=1)  # the error names the argument the caller used
+            steps = old_name
+        # no step count given: the settings' default (the dataclass field's value, as for pipe(...))
+        a["num_inference_steps"] = GenerationSettings.num_inference_steps if steps is None else steps
+        job = self._request(a)
         # everything above checks the arguments now; the work starts when the caller iterates
         return self._stream(job)
 
-    def _stream(self, job: _Job):
+    def _stream(self, job: _Request):
         bar = self.progress_bar(total=len(job.masks), desc="generating")
         try:
             for idx, latents in self._batches(job):
@@ -639,33 +492,34 @@ class O2MAGPipeline(DiffusionPipeline):
         return [(image, mask) for _, image, mask in
                 self.generate_iter(reference, ref_mask, normal, target_masks, prompt, anomaly_word, **kwargs)]
 
-    def _batches(self, job: _Job) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    def _batches(self, job: _Request) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """The work shared by ``__call__`` and ``generate_iter``: AGO, the inversions, and the
         denoising of each batch; yields ``(target indices, their final latents)``."""
+        s = job.settings
         emb_u = self.encode_prompt("")
-        emb_c = self.optimize_embedding(job.ref, job.prompt, steps=job.ago_steps, lr=job.ago_lr,
-                                        mask=job.m_r if job.ago_mask_weight else None, seed=job.seed)
+        emb_c = self.optimize_embedding(job.ref, job.prompt, steps=s.ago_steps, lr=s.ago_lr,
+                                        mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
         n = len(job.masks)
-        if job.scheme == "one_to_more":
-            disk = job.cache_inversions_to_disk
-            inv_r = self.invert(job.ref, job.num_steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
-            inv_n = self.invert(job.nor, job.num_steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
-            batches = [list(range(s, min(s + job.batch_size, n))) for s in range(0, n, job.batch_size)]
+        steps = s.num_inference_steps
+        if s.scheme == "one_to_more":
+            disk = s.cache_inversions_to_disk
+            inv_r = self.invert(job.ref, steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
+            inv_n = self.invert(job.nor, steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
+            batches = [list(range(k, min(k + s.batch_size, n))) for k in range(0, n, s.batch_size)]
         else:
             batches = [[k] for k in range(n)]
         cache = None
         for b, idx in enumerate(batches):
-            if job.scheme == "per_sample":
-                inv_r = self.invert(job.ref, job.num_steps, use_cache=False,
-                                    desc="DDIM inversion (reference)")
-                inv_n = self.invert(job.nor, job.num_steps, use_cache=False, desc="DDIM inversion (normal)")
-            with_sources = not (job.kv_cache and b > 0)
-            if job.kv_cache and b == 0:
-                cache = self._new_source_cache(job.kv_cache_device)
+            if s.scheme == "per_sample":
+                inv_r = self.invert(job.ref, steps, use_cache=False, desc="DDIM inversion (reference)")
+                inv_n = self.invert(job.nor, steps, use_cache=False, desc="DDIM inversion (normal)")
+            with_sources = not (s.kv_cache and b > 0)
+            if s.kv_cache and b == 0:
+                cache = self._new_source_cache(s.kv_cache_device)
             latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c,
-                                    job.tokens, config=job.config, guidance_scale=job.guidance_scale,
-                                    blend=job.blend_background, with_sources=with_sources, cache=cache,
-                                    eta=job.eta, generator=job.generator_for(idx), callback=job.callback,
+                                    job.tokens, config=s.graft, guidance_scale=s.guidance_scale,
+                                    blend=s.blend_background, with_sources=with_sources, cache=cache,
+                                    eta=s.eta, generator=job.generator_for(idx), callback=job.callback,
                                     callback_inputs=job.callback_inputs,
                                     desc=f"denoising batch {b + 1}/{len(batches)}")
             self.stats.samples += len(idx)

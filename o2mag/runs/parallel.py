@@ -243,21 +243,15 @@ class Group:
 
 @dataclass
 class Options:
-    """Generation settings shared by every group. ``make_masks(ref_mask, normal_image, indices)``
-    returns the target masks (:class:`o2mag.masks.TargetMask`) of those sample indices."""
+    """How every group is made. ``settings``: the :class:`o2mag.pipeline.settings.GenerationSettings`
+    handed to ``generate_iter`` (their ``batch_size`` also cuts the plan's batches, their ``seed``
+    is recorded per sample; with ``cache_inversions_to_disk`` the processes share inversions).
+    ``make_masks(ref_mask, normal_image, indices)`` returns the target masks
+    (:class:`o2mag.masks.TargetMask`) of those sample indices. ``overwrite``: replace complete
+    samples; ``lease``: seconds after which a dead process's claims are taken over."""
 
-    steps: int
-    guidance: float
-    batch_size: int
-    seed: int
-    ago_steps: int
-    ago_lr: float
-    ago_mask_weight: bool
-    size: int
+    settings: Any
     make_masks: Callable[[np.ndarray, Any, List[int]], List[Any]]
-    kv_cache: bool = False
-    kv_cache_device: Optional[str] = None
-    blend: bool = True
     overwrite: bool = False
     lease: float = 120.0
 
@@ -387,7 +381,8 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
             st.check_others()
         todo = state.broadcast([st.missing_indices(g.num) for st, g in zip(stores, groups)]
                                if state.is_main else None)
-        plans = [plan_batches(t, g.pair, opts.batch_size) for t, g in zip(todo, groups)]
+        settings = opts.settings
+        plans = [plan_batches(t, g.pair, settings.batch_size) for t, g in zip(todo, groups)]
         results = [GroupResult(key=g.key, category=g.category, defect=g.defect, wanted=g.num,
                                present=g.num - len(t) if not opts.overwrite else
                                sum(1 for i in range(g.num) if st._complete(i)),
@@ -426,13 +421,13 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
                     prep.acquire(name, on_wait=lambda: bars.status(f"{g.key}: waiting for another process's "
                                                                    "AGO/inversion"))
                 try:
-                    if is_ref and opts.ago_steps:
+                    if is_ref and settings.ago_steps:
                         bars.status(f"{g.key}: AGO")
-                        pipe.optimize_embedding(ref_arr, g.prompt, steps=opts.ago_steps, lr=opts.ago_lr,
-                                                mask=ref.mask if opts.ago_mask_weight else None,
-                                                seed=opts.seed)
+                        pipe.optimize_embedding(ref_arr, g.prompt, steps=settings.ago_steps, lr=settings.ago_lr,
+                                                mask=ref.mask if settings.ago_mask_weight else None,
+                                                seed=settings.seed)
                     bars.status(f"{g.key}: inversion")
-                    pipe.invert(arr, opts.steps, cache_to_disk=True,
+                    pipe.invert(arr, settings.num_inference_steps, cache_to_disk=True,
                                 desc="DDIM inversion (reference)" if is_ref else "DDIM inversion (normal)")
                 finally:
                     if prep is not None:
@@ -460,7 +455,7 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
             t0 = time.perf_counter()
             warm(gi, ref, normal)
             try:
-                for seg in segments([b for b, _ in seq], opts.batch_size):
+                for seg in segments([b for b, _ in seq], settings.batch_size):
                     claimed = {b: c for b, c in seq if b in seg}
                     if not claimed[seg[0]]:
                         if claim_batch(st, seg[0].indices) != list(seg[0].indices):
@@ -472,16 +467,12 @@ def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: Options,
                         ends[a.indices[-1]] = b
                     targets = target_masks(ref, normal, indices)
                     bars.status(f"{g.key}: {len(indices)} sample(s)")
-                    gen = pipe.generate_iter(
-                        ref.image, ref.mask, normal, [t.mask for t in targets], g.prompt, g.word,
-                        num_steps=opts.steps, guidance_scale=opts.guidance, batch_size=opts.batch_size,
-                        seed=opts.seed, kv_cache=opts.kv_cache, kv_cache_device=opts.kv_cache_device,
-                        blend_background=opts.blend, ago_steps=opts.ago_steps, ago_lr=opts.ago_lr,
-                        ago_mask_weight=opts.ago_mask_weight, size=opts.size, cache_inversions_to_disk=True)
+                    gen = pipe.generate_iter(ref.image, ref.mask, normal, [t.mask for t in targets], g.prompt,
+                                             g.word, **settings.keywords())
                     try:
                         for j, image, mask in gen:
                             i = indices[j]
-                            record = {"seed": [opts.seed, i], "normal": g.normal_names[n],
+                            record = {"seed": [settings.seed, i], "normal": g.normal_names[n],
                                       "mask_params": targets[j].params}
                             if g.record_reference:
                                 record["reference"] = g.ref_names[r]

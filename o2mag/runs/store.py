@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from .._version import __version__
+from ..checks import is_int
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
 from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
 from ..masks import to_mask
@@ -183,7 +184,7 @@ def _last_line(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     index = rec.get("index") if isinstance(rec, dict) else None
-    return rec if isinstance(index, int) and not isinstance(index, bool) else None
+    return rec if is_int(index) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -387,7 +388,7 @@ class OutputStore:
         Without overwrite: those not complete on disk (so a rerun only fills gaps). With
         overwrite: all of them, except those this store already wrote.
         """
-        if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
+        if not is_int(num):
             raise TypeError(f"num must be an int, got {type(num).__name__}")
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
@@ -505,7 +506,7 @@ class OutputStore:
         mask, settings, versions, timestamp). Raises ``SampleExistsError`` when the sample is
         already complete and the store was not opened with ``overwrite=True``.
         """
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        if not is_int(index):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         index = int(index)
         if index < 0:

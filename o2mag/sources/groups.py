@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..checks import is_int
 from ..errors import InputError, MissingInputError, existing_path
 from ..masks.images import image_files
 from .mvtec import mvtec_categories, mvtec_defects, mvtec_inputs, mvtec_test_images, reference_count
@@ -141,7 +142,7 @@ def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: 
             if not isinstance(g.get(key), str) or not g[key]:
                 raise InputError(f"{where}: needs \"{key}\" (a name)")
         n = g.get("num", default_num)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise InputError(f"{where}: \"num\" must be an integer >= 1, got {n!r}")
         root = g.get("mvtec_root", job.get("mvtec_root"))
         if "references" in g:

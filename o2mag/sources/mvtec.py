@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checks import is_int
 from ..errors import InputError, MissingInputError, existing_path
 from ..masks.images import MASK_EXTENSIONS, image_files
 
@@ -79,7 +80,7 @@ def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,
     cat = _category(r, category)
     if not isinstance(defect, str) or not defect:
         raise TypeError(f"defect must be a non-empty str, got {defect!r}")
-    if isinstance(ref_index, bool) or not isinstance(ref_index, int):
+    if not is_int(ref_index):
         raise TypeError(f"ref_index must be an int, got {type(ref_index).__name__}")
     if ref_index < 0:
         raise ValueError(f"ref_index must be >= 0, got {ref_index}")
