@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError, UsageError
 from ..masks import load_image, load_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
-from ..runs.parallel import Group, Reference, run_groups
+from ..runs.runner import Group, Reference, run_groups
 from ..sources.groups import DEFAULT_NUM, GroupSpec, job_groups, mvtec_groups
 from . import options as o
 

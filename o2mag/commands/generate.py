@@ -16,7 +16,7 @@ from typing import List
 from ..errors import InputError, MissingInputError, UsageError
 from ..masks import image_files, load_image, load_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
-from ..runs.parallel import Group, Reference, run_groups
+from ..runs.runner import Group, Reference, run_groups
 from ..sources.mvtec import mvtec_inputs
 from ..sources.sample import Sample, embedded_sample
 from . import options as o

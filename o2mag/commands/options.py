@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import InputError, MissingInputError, UsageError
 from ..masks import resize_mask, resolve_foreground, target_masks
-from ..runs.parallel import Options, process_state
+from ..runs.processes import process_state
+from ..runs.runner import RunOptions
 
 __all__ = [
     "int_at_least", "float_at_least", "positive_float", "fraction", "Parser", "HelpFormatter",
@@ -348,7 +349,7 @@ def run_options(args, mode: str, settings):
     def make_masks(ref_mask, normal_image, indices):
         return target_masks_for(args, mode, ref_mask, np.asarray(normal_image), indices, settings.size)
 
-    return Options(settings=settings, make_masks=make_masks, overwrite=args.overwrite, lease=args.claim_lease)
+    return RunOptions(settings=settings, make_masks=make_masks, overwrite=args.overwrite, lease=args.claim_lease)
 
 
 def stats_line(stats) -> str:

@@ -34,7 +34,7 @@ from ..method.ago import dilate_mask, optimize_embedding
 from ..method.inversion import Inversion, ddim_invert, ddim_step
 from ..method.layout import BranchLayout
 from ..sources.tiny import tiny_components
-from .caches import ResultCache, content_key, model_fingerprint, scheduler_settings
+from .caches import CacheLock, ResultCache, content_key, model_fingerprint, scheduler_settings
 from .inputs import ImageLike, prepare_sources, prepare_targets
 from .loading import check_model_path, loading_kwargs
 from .settings import (CALL, CALLBACK_TENSOR_INPUTS, CHECK, OUTPUT_TYPES, STREAM, GenerationSettings, bind,
@@ -167,6 +167,7 @@ class O2MAGPipeline(DiffusionPipeline):
                                                 do_binarize=True, do_convert_grayscale=True)
         self.stats = PipelineStats()
         self.cache_dir: Optional[str] = None
+        self.cache_lock: Optional[CacheLock] = None  # held while a missing result is computed (caches.py)
         self.model_id: Optional[str] = None
         self._inversions = ResultCache("inversions")
         self._embeddings = ResultCache("embeddings")
@@ -283,25 +284,22 @@ class O2MAGPipeline(DiffusionPipeline):
         device = self._execution_device
         key = content_key("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
                           scheduler_settings(self.scheduler))
-        if use_cache and key in self._inversions:
-            self.stats.inversion_cache_hits += 1
-            return self._inversions.get(key).to(device)
-        folder = self.cache_dir if cache_to_disk else None
-        data = self._inversions.load(folder, key) if use_cache else None
-        if data is not None:
-            inv = Inversion(list(data["latents"]), data["timesteps"]).to(device)
-            self.stats.inversion_cache_hits += 1
-        else:
+
+        def compute() -> Inversion:
             z0 = self.encode_image(image)
             empty = self.encode_prompt("")
-            inv = ddim_invert(lambda z, t: self._unet(z, t, empty), self.scheduler, z0, num_steps,
-                              progress=self._phase_bar, desc=desc)
+            return ddim_invert(lambda z, t: self._unet(z, t, empty), self.scheduler, z0, num_steps,
+                               progress=self._phase_bar, desc=desc)
+
+        inv, computed = self._inversions.fetch(
+            key, self.cache_dir if cache_to_disk else None, compute, lock=self.cache_lock, reuse=use_cache,
+            pack=lambda inv: {"latents": [z.cpu() for z in inv.latents], "timesteps": inv.timesteps.cpu()},
+            unpack=lambda data: Inversion(list(data["latents"]), data["timesteps"]).to(device))
+        if computed:
             self.stats.inversion_runs += 1
-            self._inversions.save(folder, key, {"latents": [z.cpu() for z in inv.latents],
-                                                "timesteps": inv.timesteps.cpu()})
-        if use_cache:
-            self._inversions.remember(key, inv)
-        return inv
+        else:
+            self.stats.inversion_cache_hits += 1
+        return inv.to(device)
 
     def optimize_embedding(self, image: np.ndarray, prompt: str, *, steps: int = 500, lr: float = 3e-3,
                            mask: Optional[np.ndarray] = None, seed: int = 0) -> torch.Tensor:
@@ -312,32 +310,30 @@ class O2MAGPipeline(DiffusionPipeline):
         device = self._execution_device
         key = content_key("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
                           mask if mask is not None else None, scheduler_settings(self.scheduler))
-        if key in self._embeddings:
-            self.stats.ago_cache_hits += 1
-            return self._embeddings.get(key).to(device)
-        data = self._embeddings.load(self.cache_dir, key)
-        if data is not None:
-            emb = data["embedding"].to(device)
-            self.stats.ago_cache_hits += 1
-        else:
+
+        def count(rows):
+            self.stats.unet_calls += 1
+            self.stats.unet_rows += rows
+
+        def compute() -> torch.Tensor:
             init = self.encode_prompt(prompt)
             z0 = self.encode_image(image)
             weight = None
             if mask is not None:
                 weight = dilate_mask(torch.from_numpy(mask), z0.shape[-2:], radius=1)
             gen = torch.Generator().manual_seed(int(seed))
+            return optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
+                                      generator=gen, progress=self._phase_bar, on_forward=count)
 
-            def count(rows):
-                self.stats.unet_calls += 1
-                self.stats.unet_rows += rows
-
-            emb = optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
-                                     generator=gen, progress=self._phase_bar, on_forward=count)
+        emb, computed = self._embeddings.fetch(
+            key, self.cache_dir, compute, lock=self.cache_lock,
+            pack=lambda emb: {"embedding": emb.cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed},
+            unpack=lambda data: data["embedding"].to(device))
+        if computed:
             self.stats.ago_runs += 1
-            self._embeddings.save(self.cache_dir, key, {"embedding": emb.cpu(), "prompt": prompt,
-                                                        "steps": steps, "lr": lr, "seed": seed})
-        self._embeddings.remember(key, emb)
-        return emb
+        else:
+            self.stats.ago_cache_hits += 1
+        return emb.to(device)
 
     def clear_caches(self) -> None:
         """Forget in-memory inversions and embeddings (the disk bank stays)."""

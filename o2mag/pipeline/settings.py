@@ -5,7 +5,7 @@ are batched -- steps, guidance, eta, batch size, seed, size, the K/V cache, back
 AGO, the grafting config, the scheme, disk caching -- with the defaults of ``pipe(...)``. It is
 checked when built, with the errors ``pipe(...)`` raises (``TypeError``/``ValueError`` naming the
 argument). The pipeline builds one per call and takes the AGO and inversion cache keys from it;
-the command line builds one from its options, and the runner (:mod:`o2mag.runs.parallel`) plans
+the command line builds one from its options, and the runner (:mod:`o2mag.runs.runner`) plans
 its batches with it and hands it to ``generate_iter`` (:meth:`GenerationSettings.keywords`).
 
 :data:`CALL_OPTIONS` holds the per-call keywords that are not settings (generator, output type,

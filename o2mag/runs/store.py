@@ -369,14 +369,16 @@ class OutputStore:
         self._offset += len(chunk)
         self._line_no += chunk.count(b"\n")
 
-    def _complete(self, index: int) -> bool:
+    def is_complete(self, index: int) -> bool:
+        """Sample ``index`` is on disk whole: image file, mask file and an ``ok`` manifest line
+        (as of the last :meth:`refresh`)."""
         rec = self._last.get(index)
         return (rec is not None and rec.get("status") == "ok"
                 and self.image_path(index).is_file() and self.mask_path(index).is_file())
 
     def existing_indices(self) -> list[int]:
         """Indices of complete samples: image file, mask file and an ``ok`` manifest line."""
-        return sorted(i for i in self._last if self._complete(i))
+        return sorted(i for i in self._last if self.is_complete(i))
 
     def records(self) -> dict[int, dict[str, Any]]:
         """The manifest line of every complete sample, by index."""
@@ -398,8 +400,8 @@ class OutputStore:
         """Nothing left to do for ``index``: complete on disk (resume) or written by this run or
         store (overwrite). Reflects the last :meth:`refresh`."""
         if self.overwrite:
-            return index in self._written and self._complete(index)
-        return self._complete(index)
+            return index in self._written and self.is_complete(index)
+        return self.is_complete(index)
 
     def extra_indices(self, num: int) -> list[int]:
         """Complete samples at indices ``>= num`` (kept on disk, never deleted)."""
@@ -535,7 +537,7 @@ class OutputStore:
                                  f"not renew it for {self.leases.lease:.0f} s); not writing it")
         if self.run is not None:
             line["run"] = self.run
-        if self._complete(index) and not self.overwrite:
+        if self.is_complete(index) and not self.overwrite:
             raise SampleExistsError(f"sample {index} already exists in {self.dir} "
                                     f"({self.file_name(index)}); use overwrite (--overwrite) to replace it")
         if self._last.get(index, {}).get("status") == "ok":

@@ -172,7 +172,7 @@ def test_the_evaluation_holds_out_every_reference_a_dataset_used(tmp_path, capsy
 
 
 def test_summary_table_layout():
-    from o2mag.runs.parallel import GroupResult, RunReport
+    from o2mag.runs.runner import GroupResult, RunReport
 
     rep = RunReport(groups=[GroupResult("a/b", "a", "b", wanted=4, present=0, todo=4, references=2, made=4,
                                         seconds=2.0, complete=4),

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from o2mag.cli import main
-from o2mag.runs.parallel import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
+from o2mag.runs.plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
 from o2mag.runs.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
