@@ -9,8 +9,8 @@ _LAZY = {
     "AttentionGraft": "o2mag.graft",
     "SourceCache": "o2mag.graft",
     "O2MAGPipeline": "o2mag.pipeline.pipeline_o2mag",
-    "O2MAGPipelineOutput": "o2mag.pipeline.pipeline_o2mag",
-    "PipelineStats": "o2mag.pipeline.pipeline_o2mag",
+    "O2MAGPipelineOutput": "o2mag.pipeline.outputs",
+    "PipelineStats": "o2mag.pipeline.outputs",
 }
 
 __all__ = sorted(_LAZY)

@@ -272,7 +272,7 @@ def prompt_and_word(pipe, prompt, word, category: str, defect: str, remedy: Opti
     (default: the defect name's last word when the prompt holds it; never some other word of the
     prompt, which is usually the object: amplifying the object is worse than stopping).
     ``remedy``: what the error tells the user to do when no word can be chosen."""
-    from ..pipeline.pipeline_o2mag import token_indices  # deferred: the pipeline loads diffusers
+    from ..pipeline.inputs import token_indices  # deferred: loads torch
 
     if not prompt:
         prompt = f"a photo of a {defect.replace('_', ' ')} on a {category.replace('_', ' ')}"

@@ -1,13 +1,17 @@
-"""The pipeline: :class:`O2MAGPipeline` (:mod:`.pipeline_o2mag`), input preparation (:mod:`.inputs`),
-the inversion/AGO caches (:mod:`.caches`) and model loading (:mod:`.loading`).
+"""The pipeline: :class:`O2MAGPipeline` (:mod:`.pipeline_o2mag`) and its pieces -- the generation
+keywords (:mod:`.settings`), checking and reading a request (:mod:`.request`, :mod:`.inputs`),
+encoding, inversion and AGO (:mod:`.preparation`) with their caches (:mod:`.caches`), the batches
+and the denoising loop (:mod:`.denoise`), the outputs (:mod:`.outputs`), model loading
+(:mod:`.loading`).
 
 Names load lazily, so importing a helper module of this package does not import diffusers.
 """
 _LAZY = {
     "O2MAGPipeline": "o2mag.pipeline.pipeline_o2mag",
-    "O2MAGPipelineOutput": "o2mag.pipeline.pipeline_o2mag",
-    "PipelineStats": "o2mag.pipeline.pipeline_o2mag",
-    "token_indices": "o2mag.pipeline.pipeline_o2mag",
+    "O2MAGPipelineOutput": "o2mag.pipeline.outputs",
+    "PipelineStats": "o2mag.pipeline.outputs",
+    "GenerationSettings": "o2mag.pipeline.settings",
+    "token_indices": "o2mag.pipeline.inputs",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,4 +1,5 @@
-"""What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size.
+"""What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size, and
+where the anomaly word sits in the prompt.
 
 Images may be PIL images, paths, uint8 ``(H, W, 3)`` arrays, ``[0, 1]`` float arrays or tensors;
 masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.masks.images`, exactly as the
@@ -7,7 +8,7 @@ command line reads mask files). Errors name the argument the bad value was given
 from __future__ import annotations
 
 import os
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from PIL import Image
 from ..errors import InputError
 from ..masks.images import load_image, load_mask, resize_image, resize_mask, to_mask
 
-__all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets"]
+__all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets", "token_indices"]
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 
@@ -119,3 +120,23 @@ def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
     if not out:
         raise ValueError("target_masks is empty: give at least one target mask")
     return out
+
+
+def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
+    """Positions (in the padded 77-token sequence, BOS at 0) of ``word``'s tokens inside ``prompt``.
+
+    ``word`` may be several words ("broken large"): the phrase's tokens must occur in a row. An
+    empty word (or None) gives no position (DAE then amplifies nothing)."""
+    if not word:
+        return []
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    w = tokenizer(word, add_special_tokens=False).input_ids
+    if not w:
+        raise InputError(f"anomaly word {word!r} has no tokens")
+    found: List[int] = []
+    for s in range(len(ids) - len(w) + 1):
+        if ids[s : s + len(w)] == w:
+            found.extend(range(s, s + len(w)))
+    if not found:
+        raise InputError(f"anomaly word {word!r} does not occur in the prompt {prompt!r}")
+    return sorted(set(found))
