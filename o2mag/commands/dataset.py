@@ -137,6 +137,65 @@ def _image_shape(path) -> tuple:
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
+def _prompt_and_word(args, spec: GroupSpec, pipe) -> tuple:
+    """The group's prompt (its own, else the ``--prompt`` template filled in) and anomaly word."""
+    try:
+        template = spec.prompt or args.prompt
+        prompt = template.format(defect=spec.defect.replace("_", " "), category=spec.category.replace("_", " "))
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--prompt {template!r}: only {{defect}} and {{category}} can be filled in "
+                         f"({e})") from None
+    remedy = (f"put {{defect}} in the prompt, or give group {spec.key} an \"anomaly_word\" in the job "
+              "file" if args.job else "put {defect} in --prompt")
+    return o.prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect,
+                             remedy=f"{spec.key}: {remedy}")
+
+
+def _usable_references(spec: GroupSpec, size: int, say: bool) -> List[tuple]:
+    """The group's (image, mask) references whose mask does not vanish at the working size (the
+    others are skipped, with a warning when ``say``)."""
+    refs = []
+    for img_path, mask_path in spec.references:
+        m = load_mask(mask_path, _image_shape(img_path), resize=False)
+        try:
+            o.load_mask_array(m, size)
+        except InputError:
+            if say:
+                print(f"o2mag: {spec.key}: reference {img_path} skipped: its mask is empty at {size} px",
+                      file=sys.stderr)
+            continue
+        refs.append((img_path, mask_path))
+    if not refs:
+        raise InputError(f"{spec.key}: every reference mask is empty at the working size {size} px")
+    return refs
+
+
+def _group(args, spec: GroupSpec, pipe, state, mode: str, dtype_name: str, gen) -> Group:
+    """The runner's group for ``spec``: names, prompt, manifest settings, and how to load its
+    references and normals at the working size."""
+    size = gen.size
+    prompt, word = _prompt_and_word(args, spec, pipe)
+    refs = _usable_references(spec, size, state.is_main)
+    normals = [str(p) for p in spec.normals]
+    settings = dict(
+        model=pipe.model_id, source="dataset", references=[str(i) for i, _ in refs],
+        ref_masks=[str(m) for _, m in refs], normals=normals, prompt=prompt, anomaly_word=word,
+        dtype=dtype_name, mask_mode=mode, foreground=args.foreground, masks=None, **o.manifest_settings(gen),
+    )
+
+    def load(refs=refs, normal_paths=list(spec.normals)):
+        out_refs = []
+        for img_path, mask_path in refs:
+            im = load_image(img_path)
+            m = load_mask(mask_path, (im.height, im.width), resize=False)
+            out_refs.append(Reference(str(img_path), resize_image(im, size), o.load_mask_array(m, size)))
+        return out_refs, [resize_image(load_image(p), size) for p in normal_paths]
+
+    return Group(category=spec.category, defect=spec.defect, num=spec.num, ref_names=[str(i) for i, _ in refs],
+                 normal_names=normals, prompt=prompt, word=word, settings=settings, load=load,
+                 record_reference=True)
+
+
 def run(args) -> int:
     """The ``o2mag dataset`` command (called by :func:`o2mag.cli.main`)."""
     if not args.mvtec_root and not args.job:
@@ -157,57 +216,10 @@ def run(args) -> int:
     size = o.working_size(args, pipe)
     gen = o.generation_settings(args, steps, ago_steps, size)
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
-
-    groups: List[Group] = []
-    kept_specs: List[GroupSpec] = []
-    for spec in specs:
-        try:
-            template = spec.prompt or args.prompt
-            prompt = template.format(defect=spec.defect.replace("_", " "),
-                                     category=spec.category.replace("_", " "))
-        except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(f"--prompt {template!r}: only {{defect}} and {{category}} can be filled in "
-                                 f"({e})") from None
-        remedy = (f"put {{defect}} in the prompt, or give group {spec.key} an \"anomaly_word\" in the job "
-                  "file" if args.job else "put {defect} in --prompt")
-        prompt, word = o.prompt_and_word(pipe, prompt, spec.anomaly_word, spec.category, spec.defect,
-                                           remedy=f"{spec.key}: {remedy}")
-        refs = []
-        for img_path, mask_path in spec.references:  # masks that vanish at the working size are skipped
-            m = load_mask(mask_path, _image_shape(img_path), resize=False)
-            try:
-                o.load_mask_array(m, size)
-            except InputError:
-                if state.is_main:
-                    print(f"o2mag: {spec.key}: reference {img_path} skipped: its mask is empty at {size} px",
-                          file=sys.stderr)
-                continue
-            refs.append((img_path, mask_path))
-        if not refs:
-            raise InputError(f"{spec.key}: every reference mask is empty at the working size {size} px")
-        normals = [str(p) for p in spec.normals]
-        settings = dict(
-            model=pipe.model_id, source="dataset", references=[str(i) for i, _ in refs],
-            ref_masks=[str(m) for _, m in refs], normals=normals, prompt=prompt, anomaly_word=word,
-            dtype=dtype_name, mask_mode=mode, foreground=args.foreground, masks=None, **o.manifest_settings(gen),
-        )
-
-        def load(refs=refs, normal_paths=list(spec.normals)):
-            out_refs = []
-            for img_path, mask_path in refs:
-                im = load_image(img_path)
-                m = load_mask(mask_path, (im.height, im.width), resize=False)
-                out_refs.append(Reference(str(img_path), resize_image(im, size),
-                                          o.load_mask_array(m, size)))
-            return out_refs, [resize_image(load_image(p), size) for p in normal_paths]
-
-        groups.append(Group(category=spec.category, defect=spec.defect, num=spec.num,
-                            ref_names=[str(i) for i, _ in refs], normal_names=normals, prompt=prompt,
-                            word=word, settings=settings, load=load, record_reference=True))
-        kept_specs.append(spec)
+    groups = [_group(args, spec, pipe, state, mode, dtype_name, gen) for spec in specs]
 
     def announce(results, stores):
-        _write_dataset_file(Path(args.out), kept_specs, groups)
+        _write_dataset_file(Path(args.out), specs, groups)
         wanted = sum(r.wanted for r in results)
         todo = sum(r.todo for r in results)
         cats = len({r.category for r in results})

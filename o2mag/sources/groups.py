@@ -104,6 +104,63 @@ def _expand_images(paths: List[Path], what: str) -> List[Path]:
     return out
 
 
+def _resolve(job_file: Path, x, what: str) -> Path:
+    """A path of the job file: ``~`` expanded, relative to the file's folder."""
+    if not isinstance(x, str) or not x:
+        raise InputError(f"job file {job_file}: {what} must be a path string, got {x!r}")
+    q = Path(os.path.expanduser(x))
+    return q if q.is_absolute() else job_file.parent / q
+
+
+def _job_group(p: Path, k: int, g, job: dict, default_num: int, num_normals: int) -> GroupSpec:
+    """Group ``k`` of job file ``p`` (``g``: its JSON object), checked."""
+    where = f"job file {p}, group {k}"
+    if not isinstance(g, dict):
+        raise InputError(f"{where}: must be an object")
+    bad = set(g) - _GROUP_KEYS
+    if bad:
+        raise InputError(f"{where}: unknown key(s) {sorted(bad)} (allowed: {sorted(_GROUP_KEYS)})")
+    for key in ("category", "defect"):
+        if not isinstance(g.get(key), str) or not g[key]:
+            raise InputError(f"{where}: needs \"{key}\" (a name)")
+    n = g.get("num", default_num)
+    if not is_int(n) or n < 1:
+        raise InputError(f"{where}: \"num\" must be an integer >= 1, got {n!r}")
+    root = g.get("mvtec_root", job.get("mvtec_root"))
+    if "references" in g:
+        refs = g["references"]
+        if not isinstance(refs, list) or not refs:
+            raise InputError(f"{where}: \"references\" must be a non-empty list of "
+                             "{\"image\", \"mask\"}")
+        pairs = []
+        for r in refs:
+            if not isinstance(r, dict) or set(r) != {"image", "mask"}:
+                raise InputError(f"{where}: each reference is {{\"image\": path, \"mask\": path}}, "
+                                 f"got {r!r}")
+            pairs.append((existing_path(_resolve(p, r["image"], "reference image"), "reference image"),
+                          existing_path(_resolve(p, r["mask"], "reference mask"), "reference mask")))
+        if "normals" in g:
+            if not isinstance(g["normals"], list) or not g["normals"]:
+                raise InputError(f"{where}: \"normals\" must be a non-empty list of files or folders")
+            normals = _expand_images([_resolve(p, x, "normal") for x in g["normals"]], where)
+        elif root is not None:
+            normals = mvtec_inputs(_resolve(p, root, "mvtec_root"), g["category"], g["defect"])[2]
+        else:
+            raise InputError(f"{where}: gives references but no \"normals\" (nor an mvtec_root to take "
+                             "train/good from)")
+        spec = GroupSpec(g["category"], g["defect"], n, pairs, list(normals[:num_normals]))
+    else:
+        if root is None:
+            raise InputError(f"{where}: needs \"references\" (and \"normals\") or an \"mvtec_root\"")
+        spec = _mvtec_group(_resolve(p, root, "mvtec_root"), g["category"], g["defect"], n, num_normals)
+        if "normals" in g:
+            found = _expand_images([_resolve(p, x, "normal") for x in g["normals"]], where)
+            spec.normals = found[:num_normals]
+    spec.prompt = g.get("prompt", job.get("prompt"))
+    spec.anomaly_word = g.get("anomaly_word")
+    return spec
+
+
 def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: int = 1,
                categories: Optional[Sequence[str]] = None,
                defects: Optional[Sequence[str]] = None) -> List[GroupSpec]:
@@ -121,62 +178,8 @@ def job_groups(path: str | os.PathLike, num: Optional[int] = None, num_normals: 
     unknown = set(job) - _TOP_KEYS
     if unknown:
         raise InputError(f"job file {p}: unknown key(s) {sorted(unknown)} (allowed: {sorted(_TOP_KEYS)})")
-    base = p.parent
-
-    def resolve(x, what):
-        if not isinstance(x, str) or not x:
-            raise InputError(f"job file {p}: {what} must be a path string, got {x!r}")
-        q = Path(os.path.expanduser(x))
-        return q if q.is_absolute() else base / q
-
     default_num = num if num is not None else job.get("num", DEFAULT_NUM)
-    out = []
-    for k, g in enumerate(job["groups"]):
-        where = f"job file {p}, group {k}"
-        if not isinstance(g, dict):
-            raise InputError(f"{where}: must be an object")
-        bad = set(g) - _GROUP_KEYS
-        if bad:
-            raise InputError(f"{where}: unknown key(s) {sorted(bad)} (allowed: {sorted(_GROUP_KEYS)})")
-        for key in ("category", "defect"):
-            if not isinstance(g.get(key), str) or not g[key]:
-                raise InputError(f"{where}: needs \"{key}\" (a name)")
-        n = g.get("num", default_num)
-        if not is_int(n) or n < 1:
-            raise InputError(f"{where}: \"num\" must be an integer >= 1, got {n!r}")
-        root = g.get("mvtec_root", job.get("mvtec_root"))
-        if "references" in g:
-            refs = g["references"]
-            if not isinstance(refs, list) or not refs:
-                raise InputError(f"{where}: \"references\" must be a non-empty list of "
-                                 "{\"image\", \"mask\"}")
-            pairs = []
-            for r in refs:
-                if not isinstance(r, dict) or set(r) != {"image", "mask"}:
-                    raise InputError(f"{where}: each reference is {{\"image\": path, \"mask\": path}}, "
-                                     f"got {r!r}")
-                pairs.append((existing_path(resolve(r["image"], "reference image"), "reference image"),
-                              existing_path(resolve(r["mask"], "reference mask"), "reference mask")))
-            if "normals" in g:
-                if not isinstance(g["normals"], list) or not g["normals"]:
-                    raise InputError(f"{where}: \"normals\" must be a non-empty list of files or folders")
-                normals = _expand_images([resolve(x, "normal") for x in g["normals"]], where)
-            elif root is not None:
-                normals = mvtec_inputs(resolve(root, "mvtec_root"), g["category"], g["defect"])[2]
-            else:
-                raise InputError(f"{where}: gives references but no \"normals\" (nor an mvtec_root to take "
-                                 "train/good from)")
-            spec = GroupSpec(g["category"], g["defect"], n, pairs, list(normals[:num_normals]))
-        else:
-            if root is None:
-                raise InputError(f"{where}: needs \"references\" (and \"normals\") or an \"mvtec_root\"")
-            spec = _mvtec_group(resolve(root, "mvtec_root"), g["category"], g["defect"], n, num_normals)
-            if "normals" in g:
-                found = _expand_images([resolve(x, "normal") for x in g["normals"]], where)
-                spec.normals = found[:num_normals]
-        spec.prompt = g.get("prompt", job.get("prompt"))
-        spec.anomaly_word = g.get("anomaly_word")
-        out.append(spec)
+    out = [_job_group(p, k, g, job, default_num, num_normals) for k, g in enumerate(job["groups"])]
     keys = [s.key for s in out]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
