@@ -341,7 +341,8 @@ def manifest_settings(settings) -> dict:
     """The generation settings every manifest line records (under the command line's names)."""
     return dict(steps=settings.num_inference_steps, guidance=settings.guidance_scale, ago_steps=settings.ago_steps,
                 ago_lr=settings.ago_lr, ago_mask_weight=settings.ago_mask_weight, size=settings.size,
-                blend_background=settings.blend_background, seed=settings.seed, graft="paper")
+                blend_background=settings.blend_background, seed=settings.seed,
+                graft="paper")  # the command line always grafts with GraftConfig.paper()
 
 
 def run_options(args, mode: str, settings):
