@@ -259,7 +259,7 @@ def _detect(args) -> int:
 
 
 def _classify(args) -> int:
-    from ..evaluation.backbones import resnet34_classifier, tiny_classifier, weights_file  # deferred: torch
+    from ..evaluation.backbones import resnet34_classifier, tiny_classifier, weights_file  # deferred: loads torch
     from ..evaluation.classify import ClassifyOptions, classify_category  # deferred: loads torch
     from ..evaluation.report import write_classify_report, write_json  # deferred: loads torch
 

@@ -76,12 +76,10 @@ def _table(rows: Dict[str, Dict[str, float]], mean: Dict[str, float]) -> List[st
 
 
 def _pyplot():
-    # deferred: the backend must be chosen before pyplot is imported, and a report is still written
-    # (without plots) where matplotlib cannot be imported
-    import matplotlib
+    import matplotlib  # deferred: a report without plots is written where matplotlib cannot load
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # deferred: after matplotlib.use (see above)
+    import matplotlib.pyplot as plt  # deferred: pyplot only after matplotlib.use picked the backend
 
     return plt
 
