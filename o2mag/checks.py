@@ -1,5 +1,6 @@
-"""Argument checks shared by the mask makers and readers: each raises ``TypeError`` or
-``ValueError`` naming the argument, so a bad call fails before any work."""
+"""Argument checks shared by every layer: each raises ``TypeError`` or ``ValueError`` naming the
+argument, so a bad call fails before any work. :func:`is_int` and :func:`is_number` are o2mag's
+one answer to "is this an int / a number" (Python or numpy scalars, never a bool)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
+    "is_int",
+    "is_number",
     "check_int",
     "check_range",
     "check_fraction",
@@ -17,8 +20,22 @@ __all__ = [
 ]
 
 
+_INTS = (int, np.integer)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
+def is_int(value: Any) -> bool:
+    """An integer (``int`` or a numpy integer), not a bool."""
+    return isinstance(value, _INTS) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (``int``, ``float`` or a numpy integer or float), not a bool."""
+    return isinstance(value, _NUMBERS) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if minimum is not None and value < minimum:
@@ -42,7 +59,7 @@ def check_range(name: str, value: Any, *, low: float | None = None, high: float 
 
 
 def check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
     value = float(value)
     if not 0.0 <= value <= 1.0:
@@ -61,7 +78,7 @@ def check_shape(name: str, shape: Any) -> tuple[int, int]:
 
 
 def sample_indices(n: int | Sequence[int]) -> list[int]:
-    if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+    if is_int(n):
         return list(range(check_int("n", n, minimum=0)))
     try:
         idx = [check_int("n[i] (sample index)", i, minimum=0) for i in n]

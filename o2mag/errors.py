@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputError", "MissingInputError", "SettingsConflictError", "SampleExistsError", "ConcurrentRunError",
-           "ClaimLostError", "existing_path"]
+__all__ = ["InputError", "MissingInputError", "UsageError", "SettingsConflictError", "SampleExistsError",
+           "ConcurrentRunError", "ClaimLostError", "existing_path"]
 
 
 class InputError(ValueError):
@@ -20,6 +20,10 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+class UsageError(InputError):
+    """An impossible combination or value of command-line options."""
 
 
 class SettingsConflictError(InputError):

@@ -12,10 +12,6 @@ import torch
 
 from .backends import REGISTRY
 
-# TEMPORARY alias: tests/o2mag/test_graft.py (owned by the o2mag restructuring) still imports
-# o2mag_kernels.api._triton_status, whose public name is o2mag_kernels.backends.triton_status.
-# Delete this import once that test uses the public name.
-from .backends import triton_status as _triton_status  # noqa: F401
 from .dispatch import describe_backends, pick_backend
 from .mask import TriSourceMask
 from .validation import as_mask, validate

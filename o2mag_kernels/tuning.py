@@ -22,9 +22,11 @@ picks it).
 """
 from __future__ import annotations
 
+import ast
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -185,8 +187,6 @@ def kernel_hash() -> str:
     """Hash of the kernel's Triton source (every ``@triton.jit`` function of
     ``backends/triton_kernel.py``, read from the file, so the interpreter and a GPU agree) and of
     its config list."""
-    import ast
-    import inspect
 
     source = inspect.getsource(K)
     h = hashlib.sha256()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from o2mag.sample import embedded_sample
+from o2mag.sources.sample import embedded_sample
 
 from ..measure import device_name
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from o2mag import GraftConfig, O2MAGPipeline
-from o2mag.targets import affine_masks
-from o2mag.sample import embedded_sample
+from o2mag.masks.targets import affine_masks
+from o2mag.sources.sample import embedded_sample
 
 
 def sd15_shaped_pipeline(device, dtype=torch.float16, seed: int = 0) -> O2MAGPipeline:
@@ -25,7 +25,7 @@ def sd15_shaped_pipeline(device, dtype=torch.float16, seed: int = 0) -> O2MAGPip
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from o2mag.tiny import tiny_scheduler, tiny_tokenizer
+    from o2mag.sources.tiny import tiny_scheduler, tiny_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -140,7 +140,7 @@ def run_e2e_suite(device: torch.device, *, quick: bool, steps: int = None):
         steps = steps or 20
     else:
         pipe = O2MAGPipeline.tiny().to(device)
-        model = "tiny seeded model (o2mag.tiny)"
+        model = "tiny seeded model (o2mag.sources.tiny)"
         steps = steps or (10 if quick else 25)  # N = 1, 8, 32 in both: the tiny model is fast
     pipe.progress = False
     pipe.set_progress_bar_config(disable=True)

@@ -3,7 +3,7 @@
 - :func:`detection_metrics` (contract): AUROC / AP / F1-max at image and pixel level and AUPRO.
 - :func:`kid`, :func:`ic_lpips`: image quality with any feature extractor / distance network.
 - ``o2mag evaluate detect | classify | quality``: the downstream protocols on your data
-  (:mod:`o2mag.evaluation.cli`).
+  (:mod:`o2mag.commands.evaluate`).
 
 Names load lazily so that ``import o2mag.evaluation`` stays cheap.
 """

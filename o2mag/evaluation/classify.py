@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .data import load_images, mvtec_split, synthetic_samples
@@ -52,8 +53,6 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def classify_category(category: str, opts: ClassifyOptions) -> dict:
     """Train and test one category's defect-type classifier; returns its result record."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     synth = synthetic_samples(opts.synthetic_root, category, opts.max_per_defect)
     split = mvtec_split(opts.mvtec_root, category, synth.references)

@@ -6,7 +6,7 @@ references from). Any test image that a synthetic tree's manifest names as its r
 left out, wherever it sits, so a generator's reference never lands in the test set.
 
 Synthetic tree: o2mag's output layout ``<root>/<category>/<defect>/{image,mask}/NNN.png`` with
-``manifest.jsonl`` (the last ``ok`` line per index counts, as in :mod:`o2mag.store`); a defect
+``manifest.jsonl`` (the last ``ok`` line per index counts, as in :mod:`o2mag.runs.store`); a defect
 folder without a manifest (another generator's output) pairs ``image/X`` with ``mask/X`` by
 file stem.
 """
@@ -21,21 +21,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import InputError, MissingInputError, existing_path
-from ..mvtec import mvtec_categories, mvtec_defects
-from ..store import MANIFEST_NAME, complete_samples
-from ._io import MASK_EXTENSIONS, load_image, load_mask, resize_image, resize_mask
+from ..sources.mvtec import mvtec_categories, mvtec_defects, reference_count
+from ..runs.store import MANIFEST_NAME, complete_samples
+from ._io import MASK_EXTENSIONS, image_files, load_image, load_mask, resize_image, resize_mask
 
-__all__ = ["TestItem", "CategorySplit", "SyntheticSet", "reference_count", "mvtec_split", "synthetic_samples",
+__all__ = ["TestItem", "CategorySplit", "SyntheticSet", "mvtec_split", "synthetic_samples",
            "synthetic_categories", "load_pairs", "load_images", "to_float"]
 
 MASK_MODES = ("nearest", "bilinear-uint8")
-
-
-def reference_count(n: int) -> int:
-    """How many of a defect folder's ``n`` images (first in name order) are held back as references."""
-    return n // 3
 
 
 @dataclass
@@ -62,11 +58,6 @@ class CategorySplit:
                 "excluded_by_manifest": list(self.excluded_by_manifest)}
 
 
-def _images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in MASK_EXTENSIONS)
-
-
 def _gt_mask(gt_dir: Path, image: Path) -> Path:
     for ext in (image.suffix, *MASK_EXTENSIONS):
         for name in (f"{image.stem}_mask{ext}", f"{image.stem}{ext}"):
@@ -84,9 +75,9 @@ def mvtec_split(root: str | os.PathLike, category: str, manifest_references: Seq
                                 f"{', '.join(cats) or 'none'}")
     cat = r / category
     good_train = cat / "train" / "good"
-    if not good_train.is_dir() or not _images(good_train):
+    if not good_train.is_dir() or not image_files(good_train):
         raise InputError(f"no normal training images in {good_train}")
-    train = _images(good_train)
+    train = image_files(good_train)
     used = set()
     for ref in manifest_references:
         try:
@@ -98,9 +89,9 @@ def mvtec_split(root: str | os.PathLike, category: str, manifest_references: Seq
     excluded: List[str] = []
     good_test = cat / "test" / "good"
     if good_test.is_dir():
-        test += [TestItem(p, None, "good") for p in _images(good_test)]
+        test += [TestItem(p, None, "good") for p in image_files(good_test)]
     for defect in mvtec_defects(r, category):
-        files = _images(cat / "test" / defect)
+        files = image_files(cat / "test" / defect)
         gt_dir = cat / "ground_truth" / defect
         k = reference_count(len(files))
         items = [TestItem(p, _gt_mask(gt_dir, p), defect) for p in files]
@@ -147,8 +138,8 @@ def _defect_pairs(folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, 
             if isinstance(ref, str) and ref not in refs:
                 refs.append(ref)
     elif (folder / "image").is_dir() and (folder / "mask").is_dir():
-        masks = {p.stem: p for p in _images(folder / "mask")}
-        pairs = [(p, masks[p.stem]) for p in _images(folder / "image") if p.stem in masks]
+        masks = {p.stem: p for p in image_files(folder / "mask")}
+        pairs = [(p, masks[p.stem]) for p in image_files(folder / "image") if p.stem in masks]
     if limit is not None:
         pairs = pairs[:limit]
     return pairs, refs
@@ -198,8 +189,6 @@ def _mask_at(path: Path, image_hw: Tuple[int, int], size: int, mode: str) -> np.
 
 def load_images(paths: Sequence[Path], size: int, *, progress: bool = False, desc: str = "images") -> torch.Tensor:
     """RGB images resized to ``size`` x ``size`` as uint8 (N, 3, size, size)."""
-    from tqdm.auto import tqdm
-
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
         out[i] = torch.from_numpy(np.array(resize_image(load_image(p), size))).permute(2, 0, 1)
@@ -213,8 +202,6 @@ def load_pairs(pairs: Sequence[Tuple[Path, Optional[Path]]], size: int, *, mask_
     A mask must have its image's size (else ``InputError`` naming both files): it is resized
     with nearest neighbour (``mask_mode="nearest"``) or the papers' way (``"bilinear-uint8"``).
     """
-    from tqdm.auto import tqdm
-
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
     images = torch.empty(len(pairs), 3, size, size, dtype=torch.uint8)

@@ -3,7 +3,7 @@
 ``o2mag evaluate detect`` with no data runs on these so that the whole evaluation (split, training,
 metrics, report) can be seen working offline in about a minute on a CPU. Two categories, two defect
 types each, 96 px images. The "synthetic" samples are drawn with the same defect painter as the real
-ones (other seeds) and written with o2mag's own :class:`~o2mag.store.OutputStore`, so the tree has
+ones (other seeds) and written with o2mag's own :class:`~o2mag.runs.store.OutputStore`, so the tree has
 exactly the layout and manifest ``o2mag generate`` writes. The numbers it produces demonstrate
 the machinery; they say nothing about O2MAG's images.
 """
@@ -17,8 +17,8 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..sample import brushed_metal
-from ..store import OutputStore
+from ..sources.sample import brushed_metal
+from ..runs.store import OutputStore
 
 __all__ = ["make_demo_data", "DEMO_CATEGORIES", "DEMO_SIZE"]
 

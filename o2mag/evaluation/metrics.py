@@ -18,6 +18,13 @@ import warnings
 from typing import Any, Dict, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torchmetrics.functional.classification import (binary_auroc, binary_average_precision,
+                                                    binary_precision_recall_curve, binary_roc)
+
+from ..checks import is_int, is_number
 
 __all__ = ["detection_metrics", "METRIC_KEYS", "precision_recall", "roc", "auroc", "average_precision",
            "f1_max", "aupro", "pro_curve", "f1_max_on_grid", "image_scores_from_maps"]
@@ -30,13 +37,8 @@ DEFAULT_PRO_FPR = 0.3
 
 
 def _array(value: Any, name: str) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            value = value.detach().to("cpu").numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu").numpy()
     if isinstance(value, (str, bytes, dict)) or value is None:
         raise TypeError(f"{name} must be an array (numpy, torch or a sequence), got {type(value).__name__}")
     try:
@@ -107,8 +109,6 @@ def _ranked(scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _torch_pair(scores: np.ndarray, labels: np.ndarray):
-    import torch
-
     ranks, values = _ranked(scores)
     return torch.from_numpy(ranks), torch.from_numpy(labels.astype(np.int64)), values
 
@@ -119,8 +119,6 @@ def precision_recall(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray, 
     As in scikit-learn: one point per distinct score (predict positive when score >= threshold),
     thresholds increasing, plus a final point (precision 1, recall 0) with no threshold.
     """
-    from torchmetrics.functional.classification import binary_precision_recall_curve
-
     s, y = _pair(scores, labels)
     preds, target, values = _torch_pair(s, y)
     p, r, t = binary_precision_recall_curve(preds, target, thresholds=None, validate_args=False)
@@ -130,8 +128,6 @@ def precision_recall(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray, 
 
 def roc(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray]:
     """The ROC curve ``(fpr, tpr)`` over every distinct score, starting at (0, 0)."""
-    from torchmetrics.functional.classification import binary_roc
-
     s, y = _pair(scores, labels)
     preds, target, _ = _torch_pair(s, y)
     fpr, tpr, _ = binary_roc(preds, target, thresholds=None, validate_args=False)
@@ -140,8 +136,6 @@ def roc(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray]:
 
 def auroc(scores: Any, labels: Any) -> float:
     """Area under the ROC curve (trapezoids over every distinct score; ties count half)."""
-    from torchmetrics.functional.classification import binary_auroc
-
     s, y = _pair(scores, labels)
     preds, target, _ = _torch_pair(s, y)
     return float(binary_auroc(preds, target, thresholds=None, validate_args=False))
@@ -149,8 +143,6 @@ def auroc(scores: Any, labels: Any) -> float:
 
 def average_precision(scores: Any, labels: Any) -> float:
     """Average precision: sum over the PR curve of (recall step) x precision (no interpolation)."""
-    from torchmetrics.functional.classification import binary_average_precision
-
     s, y = _pair(scores, labels)
     preds, target, _ = _torch_pair(s, y)
     return float(binary_average_precision(preds, target, thresholds=None, validate_args=False))
@@ -200,8 +192,6 @@ def f1_max_on_grid(scores: Any, labels: Any, step: float = 0.05) -> float:
 
 def _regions(masks: np.ndarray) -> Tuple[np.ndarray, int]:
     """Global region ids (0 = background) of 8-connected defect regions, labelled per image."""
-    from scipy import ndimage
-
     structure = np.ones((3, 3), dtype=bool)
     ids = np.zeros(masks.shape, dtype=np.int64)
     total = 0
@@ -246,7 +236,7 @@ def aupro(pixel_scores: Any, pixel_masks: Any, fpr_limit: float = DEFAULT_PRO_FP
     Trapezoids between the exact curve points; the point at ``fpr_limit`` is linearly
     interpolated on the segment that crosses it.
     """
-    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float)) or not 0 < fpr_limit <= 1:
+    if not is_number(fpr_limit) or not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}")
     fpr, pro = pro_curve(pixel_scores, pixel_masks)
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:k] <= limit
@@ -268,13 +258,10 @@ def image_scores_from_maps(maps: Any, pool: int = 21):
     ``maps``: (N, H, W) torch tensor or array of per-pixel anomaly probabilities. Padding counts
     as zeros (as in DRAEM's evaluation code), so a defect at the border scores a little lower.
     """
-    import torch
-    import torch.nn.functional as F
-
     t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
     if t.ndim != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(t.shape)}")
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+    if not is_int(pool) or pool < 1 or pool % 2 == 0:
         raise ValueError(f"pool must be an odd int >= 1, got {pool!r}")
     pooled = F.avg_pool2d(t[:, None].float(), pool, stride=1, padding=pool // 2)
     return pooled.flatten(1).amax(dim=1)

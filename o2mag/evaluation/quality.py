@@ -15,6 +15,10 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+
+from ..checks import is_int
 
 __all__ = ["extract_features", "kid", "ic_lpips", "nearest_assignment"]
 
@@ -41,10 +45,8 @@ def extract_features(images: torch.Tensor, extractor: Callable[[torch.Tensor], t
     ``uint8``: hand the extractor uint8 images in [0, 255] (torch-fidelity's Inception wants
     that) instead of floats in [0, 1].
     """
-    from tqdm.auto import tqdm
-
     images = _check_images(images, "images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     out = []
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
@@ -67,8 +69,6 @@ def kid(real_features: torch.Tensor, fake_features: torch.Tensor, *, subset_size
     are drawn from a generator seeded with ``seed`` (repeatable), without touching the global RNG.
     Returns ``{"kid_mean", "kid_std", "subset_size", "subsets", "n_real", "n_fake"}``.
     """
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     for name, f in (("real_features", real_features), ("fake_features", fake_features)):
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (N, F), got {type(f).__name__}")
@@ -82,7 +82,7 @@ def kid(real_features: torch.Tensor, fake_features: torch.Tensor, *, subset_size
         raise ValueError(f"real_features have {real_features.shape[1]} dims but fake_features have "
                          f"{fake_features.shape[1]}")
     for name, v in (("subset_size", subset_size), ("subsets", subsets)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if subset_size < 2:
         raise ValueError(f"subset_size must be >= 2 (unbiased MMD), got {subset_size}")
@@ -117,8 +117,6 @@ def _distance_batches(distance, a: torch.Tensor, b: torch.Tensor, batch_size: in
 def nearest_assignment(generated: torch.Tensor, references: torch.Tensor, distance, *, batch_size: int = 32,
                        device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """Index of the nearest reference (by ``distance``) for every generated image."""
-    from tqdm.auto import tqdm
-
     n, r = generated.shape[0], references.shape[0]
     d = torch.empty(n, r, dtype=torch.float64)
     for j in tqdm(range(r), desc="IC-LPIPS assign", disable=not progress, leave=False):
@@ -139,8 +137,6 @@ def ic_lpips(generated: torch.Tensor, references: torch.Tensor, distance: Callab
     distances (e.g. an LPIPS network). ``max_pairs_per_cluster`` samples that many pairs (seeded)
     instead of all of them. Returns ``{"ic_lpips", "clusters", "cluster_sizes", "used_clusters"}``.
     """
-    from tqdm.auto import tqdm
-
     generated = _check_images(generated, "generated")
     references = _check_images(references, "references")
     if generated.shape[0] < 2:

@@ -76,10 +76,10 @@ def _table(rows: Dict[str, Dict[str, float]], mean: Dict[str, float]) -> List[st
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # deferred: a report without plots is written where matplotlib cannot load
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot only after matplotlib.use picked the backend
 
     return plt
 

@@ -16,6 +16,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+
+from ..checks import is_int
 
 __all__ = ["SegmentationUNet", "focal_loss", "TrainConfig", "train_segmentation", "predict_maps"]
 
@@ -32,7 +35,7 @@ class SegmentationUNet(nn.Module):
         super().__init__()
         for name, v, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                             ("base_width", base_width, 1), ("levels", levels, 2)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         widths = [base_width * min(2 ** i, 8) for i in range(levels)]
         self.widths = widths
@@ -119,8 +122,6 @@ def train_segmentation(pools: Dict[str, tuple], cfg: TrainConfig, device: torch.
     The model returned is the one after the last epoch. ``after_epoch(epoch, model)`` is called
     after each epoch (used only by the leaky protocol).
     """
-    from tqdm.auto import tqdm
-
     sizes = {k: v[0].shape[0] for k, v in pools.items()}
     if not sizes.get("normal") or not sizes.get("synthetic"):
         raise ValueError("pools needs non-empty 'normal' and 'synthetic' sets")
@@ -175,8 +176,6 @@ def train_segmentation(pools: Dict[str, tuple], cfg: TrainConfig, device: torch.
 def predict_maps(model: nn.Module, images: torch.Tensor, device: torch.device, *, batch_size: int = 16,
                  amp: bool = False, progress: bool = False, desc: str = "predict") -> torch.Tensor:
     """Anomaly probability maps float32 (N, S, S) in [0, 1] for uint8 (N, 3, S, S) images."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     out = torch.empty(images.shape[0], *images.shape[2:], dtype=torch.float32)

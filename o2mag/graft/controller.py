@@ -5,11 +5,11 @@ import contextlib
 import math
 from typing import Dict, Iterable, Optional, Tuple
 
-import numpy as np
 import torch
 
-from ..config import GraftConfig, StepPlan
-from ..layout import BranchLayout
+from ..checks import is_int
+from ..method.config import GraftConfig, StepPlan
+from ..method.layout import BranchLayout
 from .processors import GraftCrossAttnProcessor, GraftSelfAttnProcessor
 from .pyramid import LayerMasks, MaskPyramid, as_mask
 from .source_cache import SourceCache
@@ -75,10 +75,10 @@ class AttentionGraft:
             raise ValueError(f"indices must be a sequence of ints, got {indices!r}")
         out = []
         for i in indices:
-            i = int(i) if isinstance(i, (np.integer, torch.Tensor)) and not isinstance(i, bool) else i
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            i = int(i) if isinstance(i, torch.Tensor) else i
+            if not is_int(i) or i < 0:
                 raise ValueError(f"indices must hold non-negative ints, got {i!r}")
-            out.append(i)
+            out.append(int(i))
         self._tokens = tuple(sorted(set(out)))
         self.dae_bias = {}
 

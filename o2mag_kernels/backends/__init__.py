@@ -40,7 +40,7 @@ def load_triton() -> Tuple[Optional[ModuleType], str]:
     """(the triton backend module, "") or (None, why not): the one guard around the optional
     dependency (see the module docstring)."""
     try:
-        from . import triton_backend  # optional dependency, imported on first use (module docstring)
+        from . import triton_backend  # deferred: optional dependency, imported on first use (module docstring)
     except ImportError as exc:
         return None, f"triton is not importable: {exc}"
     return triton_backend, ""

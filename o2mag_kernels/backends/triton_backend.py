@@ -51,8 +51,8 @@ def is_interpreted() -> bool:
     """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
     The interpreter's module imports numpy; where numpy is missing the kernel cannot have been
     built for it, so the answer is False rather than an ImportError."""
-    try:  # imported here, not at the top: it pulls in numpy (see the docstring)
-        from triton.runtime.interpreter import InterpretedFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction  # deferred: pulls in numpy (docstring)
     except ImportError:
         return False
     return isinstance(K.tri_source_fwd, InterpretedFunction)

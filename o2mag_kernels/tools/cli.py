@@ -120,7 +120,7 @@ def _compile_report() -> str:
     module, why = load_triton()
     if module is None:
         return why
-    from .. import tuning  # needs triton (optional): see the docstring
+    from .. import tuning  # deferred: needs triton (optional), see the docstring
 
     return tuning.aot_status()
 
@@ -135,7 +135,7 @@ def _sweep_report() -> List[str]:
     module, why = load_triton()
     if module is None:
         return [f"hardware sweeps: not read ({why})"]
-    from .. import tuning  # needs triton (optional): see _compile_report
+    from .. import tuning  # deferred: needs triton (optional), see _compile_report
 
     lines = []
     for sweep in tuning.load_sweeps():
@@ -158,7 +158,7 @@ def _auto_table(device: torch.device) -> None:
     if module is None:
         print(f"\nauto's choices: none measured ({why})")
         return
-    from .. import tuning  # needs triton (optional): see _compile_report
+    from .. import tuning  # deferred: needs triton (optional), see _compile_report
 
     families = {}
     for s in tuning.load_sweeps():
@@ -203,14 +203,14 @@ def check(args: argparse.Namespace) -> int:
 def aot_check(args: argparse.Namespace) -> int:
     """``o2mag-kernels aot-check`` (:mod:`.aot`). The tool compiles with triton, which the op and
     ``check`` do without, so it is imported when the subcommand runs, not with the command."""
-    from . import aot  # needs triton (optional): see the docstring
+    from . import aot  # deferred: needs triton (optional), see the docstring
 
     return aot.run(args)
 
 
 def gpu_sweep(args: argparse.Namespace) -> int:
     """``o2mag-kernels gpu-sweep`` (:mod:`.sweep`); imported when it runs, as for ``aot-check``."""
-    from . import sweep  # needs triton (optional): see aot_check
+    from . import sweep  # deferred: needs triton (optional), see aot_check
 
     return sweep.run(args)
 

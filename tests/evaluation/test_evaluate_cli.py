@@ -8,7 +8,7 @@ from PIL import Image
 
 from o2mag.cli import main
 from o2mag.evaluation.demo import make_demo_data
-from o2mag.store import OutputStore
+from o2mag.runs.store import OutputStore
 
 # a two-epoch schedule on 32 px images with a 4-wide U-Net: seconds on a CPU
 TINY = ["--size", "32", "--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8", "--base-width", "4",

@@ -1,7 +1,7 @@
 """Shared tiny models for the o2mag tests (built once per session: they are read-only in tests)."""
 import pytest
 
-from o2mag import tiny
+from o2mag.sources import tiny
 
 
 @pytest.fixture(scope="session")

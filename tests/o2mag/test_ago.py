@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from o2mag.ago import dilate_mask, optimize_embedding
+from o2mag.method.ago import dilate_mask, optimize_embedding
 from o2mag.pipeline import O2MAGPipeline
 
 
@@ -122,7 +122,7 @@ def test_model_fingerprint_reads_weights_under_sequential_offload():
 
     from accelerate import cpu_offload
 
-    from o2mag.caches import model_fingerprint
+    from o2mag.pipeline.caches import model_fingerprint
 
     class Scaled(torch.nn.Module):  # a parameter of its own at the top: accelerate chains hooks
         def __init__(self):

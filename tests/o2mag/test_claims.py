@@ -1,4 +1,4 @@
-"""Leases on the filesystem (o2mag.claims) and the store's claims: exclusive, recoverable, and
+"""Leases on the filesystem (o2mag.runs.claims) and the store's claims: exclusive, recoverable, and
 never taken from a live holder."""
 import errno
 import json
@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from o2mag.claims import Holder, Leases, create_exclusive
+from o2mag.runs.claims import Holder, Leases, create_exclusive
 from o2mag.errors import ClaimLostError, ConcurrentRunError
-from o2mag.store import OutputStore, read_manifest
+from o2mag.runs.store import OutputStore, read_manifest
 
 
 def _leases(tmp_path, run="r1", lease=60.0, **kw):

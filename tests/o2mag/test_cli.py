@@ -312,3 +312,37 @@ def test_quiet_loading_of_a_model_folder_prints_only_o2mag_lines(model_dir, tmp_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("o2mag: ") for line in lines), proc.stderr
     assert proc.stdout == ""
+
+
+def test_the_command_writes_exactly_what_the_pipeline_makes(tmp_path, monkeypatch):
+    """`o2mag generate` on the embedded default equals, pixel for pixel, the library called by
+    hand with the settings its --help documents (the embedded sample at the model's size, affine
+    masks of seed (0, i) on the otsu foreground, batches of --batch-size): deterministic by
+    construction on a CPU, so any change to how the command sets up generation shows here."""
+    from o2mag.masks import resolve_foreground, target_masks
+    from o2mag.pipeline import O2MAGPipeline
+    from o2mag.sources.sample import embedded_sample
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # main() then runs the tiny model on 1 thread
+    assert main(["generate", "--out", str(tmp_path), "--num", "3", "--batch-size", "2", *FAST]) == 0
+    d = tmp_path / "synthetic_surface" / "scratch"
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the command did: another thread count may round differently
+    try:
+        pipe = O2MAGPipeline.tiny(0)
+        pipe.set_progress_bar_config(disable=True)
+        size = pipe.default_size
+        s = embedded_sample(size)
+        fg = resolve_foreground("otsu", np.asarray(s.normal), (size, size))
+        masks = target_masks("affine", [0, 1, 2], ref_mask=s.ref_mask, shape=(size, size), foreground=fg, seed=0)
+        made = list(pipe.generate_iter(s.reference, s.ref_mask, s.normal, [m.mask for m in masks], s.prompt,
+                                       s.anomaly_word, num_inference_steps=2, guidance_scale=7.5, batch_size=2,
+                                       seed=0, ago_steps=1, ago_lr=3e-3, blend_background=True))
+    finally:
+        torch.set_num_threads(threads)
+    lines = {r["index"]: r for r in _lines(d / "manifest.jsonl")}
+    for k, image, mask in made:
+        assert np.array_equal(np.asarray(Image.open(d / "image" / f"{k:03d}.png")), np.asarray(image)), k
+        assert np.array_equal(np.asarray(Image.open(d / "mask" / f"{k:03d}.png")), np.asarray(mask)), k
+        assert lines[k]["mask_params"] == json.loads(json.dumps(masks[k].params))

@@ -6,7 +6,7 @@ import pytest
 
 from o2mag import GraftConfig
 from o2mag.graft import transformer_layers
-from o2mag.tiny import tiny_unet
+from o2mag.sources.tiny import tiny_unet
 
 
 def _modes(cfg, num_steps, names=None):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from o2mag.contact_sheet import contact_sheet, write_contact_sheet
-from o2mag.store import OutputStore
+from o2mag.runs.contact_sheet import contact_sheet, write_contact_sheet
+from o2mag.runs.store import OutputStore
 
 
 def _store(tmp_path, n):

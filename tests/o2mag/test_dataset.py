@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from o2mag.cli import main
-from o2mag.dataset import reference_count, summary_table
-from o2mag.store import read_manifest
+from o2mag.commands.dataset import summary_table
+from o2mag.sources.mvtec import reference_count
+from o2mag.runs.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet", "--foreground", "all"]
 
@@ -171,7 +172,7 @@ def test_the_evaluation_holds_out_every_reference_a_dataset_used(tmp_path, capsy
 
 
 def test_summary_table_layout():
-    from o2mag.parallel import GroupResult, RunReport
+    from o2mag.runs.runner import GroupResult, RunReport
 
     rep = RunReport(groups=[GroupResult("a/b", "a", "b", wanted=4, present=0, todo=4, references=2, made=4,
                                         seconds=2.0, complete=4),

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from o2mag import AttentionGraft, BranchLayout, GraftConfig
 from o2mag.graft import GraftCrossAttnProcessor, GraftSelfAttnProcessor, SourceCache, transformer_layers
-from o2mag_kernels.api import _triton_status
+from o2mag_kernels.backends import triton_status
 
 ATOL = 1e-5
 
@@ -138,7 +138,7 @@ def test_disabled_unet_head_dim_64(tiny_unet_hd64):
 # hand-computed rows on one layer
 # ---------------------------------------------------------------------------------------------
 _TRITON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_status(torch.device("cpu"))[0],
+    not triton_status(torch.device("cpu"))[0],
     reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 (the README's test "
            "command and CI set it)"))
 
@@ -653,7 +653,7 @@ def test_torch_compile_traces_each_phase_once():
     it CPU-cheap; the Triton backend is one opaque custom op in the same place."""
     from torch._dynamo.utils import counters
 
-    from o2mag.tiny import tiny_unet
+    from o2mag.sources.tiny import tiny_unet
 
     unet = tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from o2mag.inversion import Inversion, ddim_invert, ddim_step
+from o2mag.method.inversion import Inversion, ddim_invert, ddim_step
 from o2mag.pipeline import O2MAGPipeline
-from o2mag.tiny import tiny_scheduler
+from o2mag.sources.tiny import tiny_scheduler
 
 
 def _denoise(scheduler, inv, predict):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from o2mag.errors import InputError, MissingInputError
-from o2mag.loading import check_model_path, dtype_keyword, loading_kwargs, quiet_loading
+from o2mag.pipeline.loading import check_model_path, dtype_keyword, loading_kwargs, quiet_loading
 from o2mag.pipeline import O2MAGPipeline
 
 

@@ -1,5 +1,6 @@
-"""Target masks (affine copies of M_R, Perlin blobs, folders), foreground estimation, the numpy
-morphology helpers beneath them, and image/mask loading."""
+"""Target masks (affine copies of M_R, Perlin blobs, folders), foreground estimation, the
+morphology helpers beneath them (tests/o2mag/test_morphology.py compares those with the code they
+replaced), and image/mask loading."""
 
 import json
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from o2mag import foreground, images, morphology, targets
+from o2mag.masks import foreground, images, morphology, targets
 from o2mag.errors import InputError, MissingInputError
 
 H = W = 128

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from o2mag.errors import InputError, MissingInputError
-from o2mag.mvtec import mvtec_categories, mvtec_defects, mvtec_inputs
+from o2mag.sources.mvtec import mvtec_categories, mvtec_defects, mvtec_inputs
 
 
 def _png(path, value=128, mode="RGB"):

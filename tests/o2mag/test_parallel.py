@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from o2mag.cli import main
-from o2mag.parallel import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
-from o2mag.store import read_manifest
+from o2mag.runs.plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
+from o2mag.runs.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
 _VARYING = ("timestamp", "run")  # what two runs of the same job may differ in
@@ -76,7 +76,7 @@ def test_a_batch_partly_held_by_another_writer_is_not_available():
 
 
 def test_a_batch_is_claimed_whole_or_not_at_all(tmp_path):
-    from o2mag.store import OutputStore
+    from o2mag.runs.store import OutputStore
 
     a, b = (OutputStore(tmp_path, "c", "d", settings={"k": 1}, run="r", rank=r) for r in (0, 1))
     try:
@@ -191,7 +191,7 @@ def test_two_independent_runs_never_make_a_sample_twice(tmp_path):
 
 
 def test_a_second_run_with_other_settings_stops_at_once(tmp_path, capsys):
-    from o2mag.store import OutputStore
+    from o2mag.runs.store import OutputStore
 
     assert main(["generate", "--out", str(tmp_path / "a"), "--num", "1", *FAST]) == 0
     first = tmp_path / "a" / "synthetic_surface" / "scratch" / "manifest.jsonl"

@@ -7,13 +7,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from o2mag.config import GraftConfig
+from o2mag.method.config import GraftConfig
 from o2mag.errors import InputError, MissingInputError
-from o2mag.inversion import ddim_step
-from o2mag.layout import BranchLayout
-from o2mag.targets import affine_masks
+from o2mag.method.inversion import ddim_step
+from o2mag.method.layout import BranchLayout
+from o2mag.masks.targets import affine_masks
 from o2mag.pipeline import O2MAGPipeline, token_indices
-from o2mag.sample import embedded_sample
+from o2mag.sources.sample import embedded_sample
 
 STEPS = 5
 SIZE = 128
@@ -289,8 +289,8 @@ def test_from_pretrained_errors(tmp_path):
 def test_scheduler_never_clips_so_inversion_mirrors_denoising(pipe, make):
     # A clipping DDIM step is not the mirror of the inversion: denoising the inverted latent with the
     # same noise predictions must give the start latent back (SD latents often exceed [-1, 1]).
-    from o2mag.inversion import ddim_invert
-    from o2mag.tiny import SD15_SCHEDULER_CONFIG
+    from o2mag.method.inversion import ddim_invert
+    from o2mag.sources.tiny import SD15_SCHEDULER_CONFIG
 
     p = O2MAGPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, make(dict(SD15_SCHEDULER_CONFIG)))
     assert isinstance(p.scheduler, DDIMScheduler) and not p.scheduler.config.clip_sample
@@ -304,12 +304,12 @@ def test_scheduler_never_clips_so_inversion_mirrors_denoising(pipe, make):
 
 
 def test_pipeline_reads_mask_files_and_images_like_the_command_line(tmp_path):
-    # one reader for masks (o2mag.images): a mask drawn as alpha on black and a 16-bit mask must mean
+    # one reader for masks (o2mag.masks.images): a mask drawn as alpha on black and a 16-bit mask must mean
     # the same to O2MAGPipeline as to the o2mag command, as a path or as an opened PIL image
     from PIL import Image
 
-    from o2mag.images import load_mask
-    from o2mag.inputs import mask_array
+    from o2mag.masks.images import load_mask
+    from o2mag.pipeline.inputs import mask_array
 
     alpha = np.zeros((8, 8, 4), np.uint8)
     alpha[2:5, 3:6, 3] = 255

@@ -7,8 +7,8 @@ from PIL import Image
 
 from o2mag import O2MAGPipeline
 from o2mag.pipeline import O2MAGPipelineOutput
-from o2mag.sample import embedded_sample
-from o2mag.targets import affine_masks
+from o2mag.sources.sample import embedded_sample
+from o2mag.masks.targets import affine_masks
 
 from .numerics import float_order_bound
 

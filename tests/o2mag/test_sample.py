@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from o2mag.images import load_image, load_mask
-from o2mag.morphology import label
-from o2mag.sample import Sample, brushed_metal, embedded_sample
+from o2mag.masks.images import load_image, load_mask
+from o2mag.masks.morphology import label
+from o2mag.sources.sample import Sample, brushed_metal, embedded_sample
 
 
 def _lum(img):

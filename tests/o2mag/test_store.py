@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from o2mag import store as S
+from o2mag.runs import store as S
 from o2mag.errors import InputError, SampleExistsError, SettingsConflictError
-from o2mag.store import OutputStore, read_manifest
+from o2mag.runs.store import OutputStore, read_manifest
 
 SETTINGS = {"model": "tiny", "prompt": "a scratch", "steps": 10,
             "masks": {"kind": "affine", "scale": [0.7, 1.3]}}

@@ -1,7 +1,7 @@
 """The tiny components must keep SD v1.5's structure where the method depends on it."""
 import torch
 
-from o2mag import tiny
+from o2mag.sources import tiny
 
 
 def _transformer_blocks_in_execution_order(unet):

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..checks import is_int
+
 __all__ = ["Sample", "embedded_sample", "brushed_metal"]
 
 _NORMAL_SEED = 1
@@ -101,7 +103,7 @@ def _draw_scratch(base: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def embedded_sample(size: int = 256) -> Sample:
     """The built-in brushed-metal scratch sample at ``size`` x ``size`` pixels (32..1024)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+    if not is_int(size):
         raise TypeError(f"size must be an int, got {type(size).__name__}")
     if not 32 <= size <= 1024:
         raise ValueError(f"size must be in [32, 1024], got {size}")

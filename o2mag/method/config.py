@@ -16,17 +16,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from o2mag_kernels import BACKENDS  # the op's own list: a config cannot name a backend it lacks
 
+from ..checks import is_int, is_number
+
 Window = Optional[Union[Tuple[float, float], Tuple[int, int]]]
 MASK_MODES = ("max", "nearest")
 PAPER_TEMPERATURE = 0.7
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _norm_window(name: str, w) -> Window:
@@ -35,7 +29,7 @@ def _norm_window(name: str, w) -> Window:
     if not isinstance(w, (tuple, list)) or len(w) != 2:
         raise ValueError(f"{name} must be None or a (start, end) pair, got {w!r}")
     a, b = w
-    if _is_int(a) and _is_int(b):
+    if is_int(a) and is_int(b):
         if a < 0 or b < a:
             raise ValueError(f"{name} step indices must satisfy 0 <= start <= end, got {w!r}")
         return (a, b)
@@ -51,7 +45,7 @@ def _norm_layers(name: str, layers) -> Tuple[int, ...]:
         raise ValueError(f"{name} must be a sequence of layer indices, got {layers!r}")
     out = tuple(layers)
     for i in out:
-        if not _is_int(i) or i < 0:
+        if not is_int(i) or i < 0:
             raise ValueError(f"{name} must hold non-negative ints, got {i!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"{name} has duplicates: {out!r}")
@@ -129,7 +123,7 @@ class GraftConfig:
             s(w, _norm_window(w, getattr(self, w)))
         for g in ("fg_gain", "dae_gain"):
             v = getattr(self, g)
-            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+            if not is_number(v) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{g} must be a finite number > 0, got {v!r}")
             s(g, float(v))
         for b in ("exclude_target_from_background", "fg_gain_in_qgraft", "dae_cond_only"):
@@ -170,7 +164,7 @@ class GraftConfig:
     @staticmethod
     def step_range(window: Window, num_steps: int) -> range:
         """The step indices a window covers in a schedule of ``num_steps`` steps."""
-        if not _is_int(num_steps) or num_steps < 1:
+        if not is_int(num_steps) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
         window = _norm_window("window", window)
         if window is None:
@@ -182,9 +176,9 @@ class GraftConfig:
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         """Which phases are active at ``step`` (0-based) of ``num_steps``."""
-        if not _is_int(num_steps) or num_steps < 1:
+        if not is_int(num_steps) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        if not _is_int(step) or not 0 <= step < num_steps:
+        if not is_int(step) or not 0 <= step < num_steps:
             raise ValueError(f"step must be an int in [0, {num_steps}), got {step!r}")
         qgraft = bool(self.qgraft_layers) and step in self.step_range(self.qgraft_steps, num_steps)
         graft = bool(self.graft_layers or self.graft_layer_names) and \

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..checks import is_int
+
 BRANCHES = ("reference", "normal", "target")
 
 
@@ -33,7 +35,7 @@ class BranchLayout:
     """Batch order of a tri-branch denoising step (see module docstring)."""
 
     def __init__(self, num_targets: int, cfg: bool = True, include_sources: bool = True):
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int):
+        if not is_int(num_targets):
             raise TypeError(f"num_targets must be an int, got {type(num_targets).__name__}")
         if num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {num_targets}")
@@ -90,7 +92,7 @@ class BranchLayout:
             if half not in self.halves:
                 raise ValueError(f"half must be one of {self.halves}, got {half!r}")
             return self.halves.index(half)
-        if isinstance(half, bool) or not isinstance(half, int) or not 0 <= half < self.num_halves:
+        if not is_int(half) or not 0 <= half < self.num_halves:
             raise ValueError(f"half must be an int in [0, {self.num_halves}) or a name, got {half!r}")
         return half
 
@@ -126,7 +128,7 @@ class BranchLayout:
         if target is not None:
             if branch != "target":
                 raise ValueError("target= only applies to branch='target'")
-            if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < self.num_targets:
+            if not is_int(target) or not 0 <= target < self.num_targets:
                 raise ValueError(f"target must be an int in [0, {self.num_targets}), got {target!r}")
         out: List[int] = []
         for h in self._halves(half):

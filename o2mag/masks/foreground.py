@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .checks import check_fraction, check_shape
-from .errors import InputError
+from ..checks import check_fraction, check_shape
+from ..errors import InputError
 from .images import load_mask, resize_mask, to_mask
 from .morphology import border_frame, box_blur, fill_holes, frame_width, largest_component, otsu_threshold
 

@@ -5,19 +5,30 @@ on their inputs, so they are keyed by a hash of everything that changes the resu
 prompt, settings, model identity and the scheduler's configuration. Results stay in memory for the
 life of the pipeline object and, when a folder is given, are written to
 ``<folder>/<kind>/<key>.pt`` so that a later run, in another process, reuses them.
+
+Processes that share a folder compute each result once when the cache is given a *lock*
+(:data:`CacheLock`): a result missing from memory is looked up on disk, and computed and written,
+while the lock for its key is held, so a process that needed the same result meanwhile finds it
+on disk when it gets the lock. The multi-process runner supplies a lock made of leases on the
+filesystem (:class:`o2mag.runs.runner.CacheLeases`); without one nothing is locked.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
-from typing import Any, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["ResultCache", "content_key", "model_fingerprint", "scheduler_settings"]
+__all__ = ["ResultCache", "CacheLock", "content_key", "model_fingerprint", "scheduler_settings"]
+
+CacheLock = Callable[[str, str], ContextManager[None]]
+"""``lock(kind, key)``: a context manager held while the result ``key`` of cache ``kind`` is read
+from disk or computed and written (see the module docstring)."""
 
 
 def content_key(*parts: Any) -> str:
@@ -98,6 +109,27 @@ class ResultCache:
         if not path or not os.path.isfile(path):
             return None
         return torch.load(path, map_location="cpu")
+
+    def fetch(self, key: str, folder: Optional[str], compute: Callable[[], Any], *, pack: Callable[[Any], dict],
+              unpack: Callable[[dict], Any], lock: Optional[CacheLock] = None,
+              reuse: bool = True) -> Tuple[Any, bool]:
+        """``(result, computed)`` for ``key``: from memory, else from ``folder`` (``unpack(record)``),
+        else ``compute()``, written to ``folder`` as ``pack(result)``. With ``lock`` and a folder,
+        the disk lookup and the computation happen under ``lock(kind, key)``. ``reuse=False``
+        computes anew, neither reading nor remembering (it still writes to ``folder``)."""
+        if reuse and key in self._memory:
+            return self._memory[key], False
+        locked = reuse and lock is not None and bool(folder)
+        with lock(self.kind, key) if locked else contextlib.nullcontext():
+            record = self.load(folder, key) if reuse else None
+            if record is not None:
+                value, computed = unpack(record), False
+            else:
+                value, computed = compute(), True
+                self.save(folder, key, pack(value))
+        if reuse:
+            self.remember(key, value)
+        return value, computed
 
     def save(self, folder: Optional[str], key: str, record: dict) -> None:
         """Write ``record`` for ``key`` atomically (a unique temporary name, then a rename), so a

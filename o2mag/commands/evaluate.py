@@ -1,6 +1,8 @@
 """``o2mag evaluate {detect,classify,quality}``: the papers' downstream metrics on your data.
 
-:func:`register` adds the sub-commands to the ``o2mag`` parser; each sets ``args.handler``.
+:func:`add_parser` adds the sub-commands to the ``o2mag`` parser; each sets ``args.handler``. The
+work is done by :mod:`o2mag.evaluation`, a library without argparse; its modules that load torch
+are imported by the handler that needs them (``# deferred``), so building the parser stays cheap.
 Errors follow the ``o2mag`` command's rules: a problem with what the user gave raises
 ``InputError`` (one line, exit 2); results are never written over an earlier run's without
 ``--overwrite``.
@@ -15,12 +17,17 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
-from ..cli_types import float_at_least, fraction, int_at_least
-from ..errors import InputError
+import numpy as np
 
-__all__ = ["register"]
+from ..errors import InputError, existing_path
+from ..evaluation.demo import make_demo_data
+from ..masks import image_files
+from ..runs.store import package_versions
+from ..sources.mvtec import mvtec_categories
+from .options import HelpFormatter, Parser, fraction, int_at_least, positive_float, resolve_device
+
+__all__ = ["add_parser"]
 
 EMBEDDED_NOTE = (
     "o2mag: no --mvtec-root/--synthetic given, so this run uses the EMBEDDED DEMO: a tiny MVTec-like "
@@ -33,12 +40,6 @@ EMBEDDED_NOTE = (
 
 # the embedded demo's schedule (the papers' defaults are the options' defaults)
 DEMO = dict(size=64, epochs=12, samples_per_epoch=96, batch_size=8, lr=1e-3, base_width=8)
-
-
-
-
-def _positive_float(name: str):
-    return float_at_least(name, 0.0, strict=True)
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
@@ -57,18 +58,16 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def register(sub) -> None:
+def add_parser(sub) -> None:
     """Add ``evaluate`` and its sub-commands to the ``o2mag`` sub-parser set ``sub``."""
-    from ..cli import _Help, _Parser
-
     ev = sub.add_parser("evaluate", help="measure generated data: downstream detection, classification, quality",
                         description="The metrics of the anomaly-generation papers, computed on your data. "
-                                    "See 'o2mag evaluate detect --help'.", formatter_class=_Help)
+                                    "See 'o2mag evaluate detect --help'.", formatter_class=HelpFormatter)
     ev.set_defaults(handler=lambda args: (ev.print_help(), 2)[1])
-    evsub = ev.add_subparsers(dest="evaluate_command", metavar="WHAT", parser_class=_Parser)
+    evsub = ev.add_subparsers(dest="evaluate_command", metavar="WHAT", parser_class=Parser)
 
     d = evsub.add_parser(
-        "detect", formatter_class=_Help,
+        "detect", formatter_class=HelpFormatter,
         help="train a segmentation U-Net on normals + a synthetic tree, test on real MVTec defects",
         description="Train a DRAEM-style segmentation U-Net per category on train/good normals (empty masks) "
                     "and a synthetic tree, test it on test/good plus each defect folder without its first third "
@@ -81,7 +80,7 @@ def register(sub) -> None:
     d.add_argument("--samples-per-epoch", type=int_at_least("--samples-per-epoch", 1), default=None,
                    help="samples drawn per epoch (default 500; demo 96)")
     d.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=None, help="batch size (default 8)")
-    d.add_argument("--lr", type=_positive_float("--lr"), default=None, help="Adam learning rate (default 1e-4; "
+    d.add_argument("--lr", type=positive_float("--lr"), default=None, help="Adam learning rate (default 1e-4; "
                    "demo 1e-3), x0.2 at 80%% and 90%% of the epochs")
     d.add_argument("--base-width", type=int_at_least("--base-width", 1), default=None,
                    help="U-Net width of the first level (default 64; demo 8)")
@@ -98,7 +97,7 @@ def register(sub) -> None:
     d.set_defaults(handler=_detect)
 
     c = evsub.add_parser(
-        "classify", formatter_class=_Help,
+        "classify", formatter_class=HelpFormatter,
         help="train a defect-type classifier on generated images, test on real defects",
         description="Per category, classify defect types: train on at most --max-per-defect generated images per "
                     "type, test on the real defect images without the reference third; accuracy and confusion "
@@ -111,11 +110,11 @@ def register(sub) -> None:
     c.add_argument("--size", type=int_at_least("--size", 16), default=256, help="image side in px")
     c.add_argument("--epochs", type=int_at_least("--epochs", 1), default=30, help="training epochs")
     c.add_argument("--batch-size", type=int_at_least("--batch-size", 2), default=16, help="batch size")
-    c.add_argument("--lr", type=_positive_float("--lr"), default=1e-4, help="Adam learning rate")
+    c.add_argument("--lr", type=positive_float("--lr"), default=1e-4, help="Adam learning rate")
     c.set_defaults(handler=_classify)
 
     q = evsub.add_parser(
-        "quality", formatter_class=_Help, help="KID and IC-LPIPS of generated images against real ones",
+        "quality", formatter_class=HelpFormatter, help="KID and IC-LPIPS of generated images against real ones",
         description="KID (unbiased MMD, cubic kernel, on Inception features) between --generated and --reference "
                     "images, and IC-LPIPS (each generated image joins its nearest reference by LPIPS; mean "
                     "pairwise LPIPS inside clusters). Pretrained weights come from the torch hub cache or the "
@@ -142,10 +141,7 @@ def register(sub) -> None:
 
 
 def _device(name: str):
-    from ..cli import _device_dtype
-
-    device, _, _ = _device_dtype(SimpleNamespace(device=name, dtype="auto"))
-    return device
+    return resolve_device(name)
 
 
 def _out_dir(out: Path, overwrite: bool, marker: str) -> Path:
@@ -159,8 +155,7 @@ def _out_dir(out: Path, overwrite: bool, marker: str) -> Path:
 
 
 def _categories(args) -> list:
-    from .data import synthetic_categories
-    from ..mvtec import mvtec_categories
+    from ..evaluation.data import synthetic_categories  # deferred: loads torch
 
     if not args.category:
         raise InputError("--category is required with --mvtec-root (a name, or 'all')")
@@ -182,8 +177,6 @@ def _categories(args) -> list:
 
 
 def _versions() -> dict:
-    from ..store import package_versions
-
     return package_versions()
 
 
@@ -195,13 +188,12 @@ def _say(text: str) -> None:
 
 
 def _detect(args) -> int:
-    import numpy as np
-    import torch
+    import torch  # deferred: loads torch
 
-    from .detect import DetectOptions, evaluate_category
-    from .metrics import METRIC_KEYS
-    from .report import write_detect_report, write_json
-    from .segmentation import TrainConfig
+    from ..evaluation.detect import DetectOptions, evaluate_category  # deferred: loads torch
+    from ..evaluation.metrics import METRIC_KEYS  # deferred: loads torch
+    from ..evaluation.report import write_detect_report, write_json  # deferred: loads torch
+    from ..evaluation.segmentation import TrainConfig  # deferred: loads torch
 
     demo = args.mvtec_root is None and args.synthetic is None
     if (args.mvtec_root is None) != (args.synthetic is None):
@@ -222,8 +214,6 @@ def _detect(args) -> int:
                       normal_fraction=args.normal_fraction, real_fraction=0.1 if args.real_refs else 0.0,
                       seed=args.seed, amp=amp)
     if demo:
-        from .demo import make_demo_data
-
         args.mvtec_root, args.synthetic = (str(p) for p in make_demo_data(out / "demo-data"))
         args.category = args.category or "all"
         _say(EMBEDDED_NOTE.format(data=out / "demo-data"))
@@ -269,11 +259,9 @@ def _detect(args) -> int:
 
 
 def _classify(args) -> int:
-    import numpy as np
-
-    from .backbones import resnet34_classifier, tiny_classifier
-    from .classify import ClassifyOptions, classify_category
-    from .report import write_classify_report, write_json
+    from ..evaluation.backbones import resnet34_classifier, tiny_classifier, weights_file  # deferred: loads torch
+    from ..evaluation.classify import ClassifyOptions, classify_category  # deferred: loads torch
+    from ..evaluation.report import write_classify_report, write_json  # deferred: loads torch
 
     if args.mvtec_root is None or args.synthetic is None:
         raise InputError("o2mag evaluate classify needs --mvtec-root and --synthetic")
@@ -282,8 +270,6 @@ def _classify(args) -> int:
     out = Path(args.out or "o2mag-eval-classify")
     cats = _categories(args)
     if args.backbone == "resnet34":
-        from .backbones import weights_file
-
         weights_file("resnet34", args.weights)  # fail before any work when the weights are missing
         factory = (lambda k: resnet34_classifier(k, args.weights))
     else:
@@ -317,24 +303,21 @@ def _classify(args) -> int:
 
 
 def _image_folder(path: str, what: str) -> list:
-    from .data import _images
-    from ..errors import existing_path
-
     p = existing_path(path, what, folder=True)
     if (p / "image").is_dir():
         p = p / "image"
-    files = _images(p)
+    files = image_files(p)
     if not files:
         raise InputError(f"{what} folder {p} holds no images")
     return files
 
 
 def _quality(args) -> int:
-    from .backbones import (inception_extractor, lpips_distance, tiny_distance, tiny_feature_extractor,
-                            weights_file)
-    from .data import load_images, to_float
-    from .quality import extract_features, ic_lpips, kid
-    from .report import write_json
+    from ..evaluation.backbones import (inception_extractor, lpips_distance,  # deferred: loads torch
+                                        tiny_distance, tiny_feature_extractor, weights_file)
+    from ..evaluation.data import load_images, to_float  # deferred: loads torch
+    from ..evaluation.quality import extract_features, ic_lpips, kid  # deferred: loads torch
+    from ..evaluation.report import write_json  # deferred: loads torch
 
     if args.kid_features == "tiny" and args.inception_weights:
         raise InputError("--inception-weights is for --kid-features inception")

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..checks import is_int
 from .store import complete_samples
 
 __all__ = ["write_contact_sheet", "contact_sheet", "CONTACT_SHEET_NAME"]
@@ -42,7 +43,7 @@ def contact_sheet(defect_dir: str | os.PathLike, *, max_samples: int = 64, tile:
     each tile and a header naming the folder and how many samples it holds.
     """
     for name, v, lo in (("max_samples", max_samples, 1), ("tile", tile, 16)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        if not is_int(v) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     d = Path(defect_dir)
     samples = [(i, img, mask) for i, img, mask, _ in complete_samples(d)]

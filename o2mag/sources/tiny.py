@@ -13,13 +13,16 @@ import os
 from typing import Any, Dict
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_IMAGE_SIZE = 128
 """Image side in pixels; the VAE downsamples by 8 like SD, so latents are 16x16 (tokens 256/64/16/4)."""
 
 TINY_LATENT_SIZE = TINY_IMAGE_SIZE // 8
 TINY_TEXT_HIDDEN = 32
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenizer")
+# package data of o2mag (pyproject: o2mag = ["data/*", "data/**/*"]), one folder up from here
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tokenizer")
 
 # SD v1.5's scheduler config (the values its scheduler_config.json carries).
 SD15_SCHEDULER_CONFIG: Dict[str, Any] = dict(
@@ -65,16 +68,12 @@ def tiny_unet_config(**overrides: Any) -> Dict[str, Any]:
 
 def tiny_unet(seed: int = 0, **overrides: Any):
     """A seeded tiny ``UNet2DConditionModel`` (eval, float32, no grad) with SD v1.5's block layout."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return _finish(UNet2DConditionModel(**tiny_unet_config(**overrides)))
 
 
 def tiny_vae(seed: int = 0):
     """A seeded tiny ``AutoencoderKL``: 4 blocks, so it downsamples by 8 like SD's VAE."""
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
@@ -93,8 +92,6 @@ def tiny_vae(seed: int = 0):
 
 def tiny_tokenizer():
     """A ``CLIPTokenizer`` over the shipped tiny byte-level BPE vocabulary (model_max_length 77)."""
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
 
 
@@ -106,8 +103,6 @@ def _tokenizer_ids() -> Dict[str, int]:
 
 def tiny_text_encoder(seed: int = 0):
     """A seeded tiny ``CLIPTextModel`` whose vocabulary matches :func:`tiny_tokenizer`."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     ids = _tokenizer_ids()
     config = CLIPTextConfig(
         vocab_size=ids["vocab_size"],
@@ -127,8 +122,6 @@ def tiny_text_encoder(seed: int = 0):
 
 def tiny_scheduler():
     """A ``DDIMScheduler`` with SD v1.5's configuration."""
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
 
 

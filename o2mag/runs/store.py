@@ -19,7 +19,7 @@ Several writers may share a defect folder (processes of one multi-GPU run, or in
 with the same settings): appends to the manifest hold a short lease on it, and a writer that
 generates sample ``i`` first *claims* it (:meth:`OutputStore.claim`), so no sample is made twice.
 Claims, the manifest lease and their heartbeats live in ``<defect>/.o2mag/`` (see
-:mod:`o2mag.claims`); a run whose settings differ from those of a live writer stops with
+:mod:`o2mag.runs.claims`); a run whose settings differ from those of a live writer stops with
 :class:`~o2mag.errors.ConcurrentRunError`.
 """
 
@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from .._version import __version__
+from ..checks import is_int
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
-from .errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
-from .masks import to_mask
+from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
+from ..masks import to_mask
 
 __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
 
@@ -183,7 +184,7 @@ def _last_line(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     index = rec.get("index") if isinstance(rec, dict) else None
-    return rec if isinstance(index, int) and not isinstance(index, bool) else None
+    return rec if is_int(index) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -368,14 +369,16 @@ class OutputStore:
         self._offset += len(chunk)
         self._line_no += chunk.count(b"\n")
 
-    def _complete(self, index: int) -> bool:
+    def is_complete(self, index: int) -> bool:
+        """Sample ``index`` is on disk whole: image file, mask file and an ``ok`` manifest line
+        (as of the last :meth:`refresh`)."""
         rec = self._last.get(index)
         return (rec is not None and rec.get("status") == "ok"
                 and self.image_path(index).is_file() and self.mask_path(index).is_file())
 
     def existing_indices(self) -> list[int]:
         """Indices of complete samples: image file, mask file and an ``ok`` manifest line."""
-        return sorted(i for i in self._last if self._complete(i))
+        return sorted(i for i in self._last if self.is_complete(i))
 
     def records(self) -> dict[int, dict[str, Any]]:
         """The manifest line of every complete sample, by index."""
@@ -387,7 +390,7 @@ class OutputStore:
         Without overwrite: those not complete on disk (so a rerun only fills gaps). With
         overwrite: all of them, except those this store already wrote.
         """
-        if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
+        if not is_int(num):
             raise TypeError(f"num must be an int, got {type(num).__name__}")
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
@@ -397,8 +400,8 @@ class OutputStore:
         """Nothing left to do for ``index``: complete on disk (resume) or written by this run or
         store (overwrite). Reflects the last :meth:`refresh`."""
         if self.overwrite:
-            return index in self._written and self._complete(index)
-        return self._complete(index)
+            return index in self._written and self.is_complete(index)
+        return self.is_complete(index)
 
     def extra_indices(self, num: int) -> list[int]:
         """Complete samples at indices ``>= num`` (kept on disk, never deleted)."""
@@ -505,7 +508,7 @@ class OutputStore:
         mask, settings, versions, timestamp). Raises ``SampleExistsError`` when the sample is
         already complete and the store was not opened with ``overwrite=True``.
         """
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        if not is_int(index):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         index = int(index)
         if index < 0:
@@ -534,7 +537,7 @@ class OutputStore:
                                  f"not renew it for {self.leases.lease:.0f} s); not writing it")
         if self.run is not None:
             line["run"] = self.run
-        if self._complete(index) and not self.overwrite:
+        if self.is_complete(index) and not self.overwrite:
             raise SampleExistsError(f"sample {index} already exists in {self.dir} "
                                     f"({self.file_name(index)}); use overwrite (--overwrite) to replace it")
         if self._last.get(index, {}).get("status") == "ok":

@@ -12,19 +12,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InputError, MissingInputError, existing_path
-from .images import MASK_EXTENSIONS
+from ..checks import is_int
+from ..errors import InputError, MissingInputError, existing_path
+from ..masks.images import MASK_EXTENSIONS, image_files
 
-__all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects", "mvtec_test_images"]
+__all__ = ["mvtec_inputs", "mvtec_categories", "mvtec_defects", "mvtec_test_images", "reference_count"]
+
+
+def reference_count(n: int) -> int:
+    """References taken from a defect folder of ``n`` images: its first third in name order,
+    ``n // 3`` (the images the usual MVTec protocol trains on and keeps out of its test set)."""
+    return n // 3
 
 
 def _listing(folder: Path, *, dirs: bool) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() == dirs and not p.name.startswith("."))
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in MASK_EXTENSIONS)
 
 
 def _shown(names: list[str]) -> str:
@@ -62,7 +64,7 @@ def mvtec_test_images(root: str | os.PathLike, category: str, defect: str) -> li
     folder = _category(_root(root), category) / "test" / defect
     if not folder.is_dir():
         raise MissingInputError(f"defect {defect!r} not found in {folder.parent}")
-    return _images(folder)
+    return image_files(folder)
 
 
 def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,
@@ -78,7 +80,7 @@ def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,
     cat = _category(r, category)
     if not isinstance(defect, str) or not defect:
         raise TypeError(f"defect must be a non-empty str, got {defect!r}")
-    if isinstance(ref_index, bool) or not isinstance(ref_index, int):
+    if not is_int(ref_index):
         raise TypeError(f"ref_index must be an int, got {type(ref_index).__name__}")
     if ref_index < 0:
         raise ValueError(f"ref_index must be >= 0, got {ref_index}")
@@ -89,7 +91,7 @@ def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,
     if not test_dir.is_dir():
         raise MissingInputError(f"defect {defect!r} not found in {cat / 'test'}; defects of {category}: "
                                 f"{_shown(defects)}")
-    tests = _images(test_dir)
+    tests = image_files(test_dir)
     if not tests:
         raise InputError(f"no images in {test_dir}")
     if ref_index >= len(tests):
@@ -106,7 +108,7 @@ def mvtec_inputs(root: str | os.PathLike, category: str, defect: str,
     good = cat / "train" / "good"
     if not good.is_dir():
         raise MissingInputError(f"normal images folder not found: {good}")
-    normals = _images(good)
+    normals = image_files(good)
     if not normals:
         raise InputError(f"no normal images in {good}")
     return ref, mask, normals

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checks import check_fraction, check_int, check_range, check_shape, sample_indices
-from .errors import InputError, MissingInputError
+from ..checks import check_fraction, check_int, check_range, check_shape, sample_indices
+from ..errors import InputError, MissingInputError
 from .foreground import check_foreground
-from .images import MASK_EXTENSIONS, load_mask, to_mask
+from .images import MASK_EXTENSIONS, image_files, load_mask, to_mask
 from .morphology import border_frame, frame_width, largest_component
 
 __all__ = [
@@ -287,8 +287,7 @@ def folder_masks(path: str | os.PathLike, shape: tuple[int, int]) -> list[Target
         raise MissingInputError(f"mask folder not found: {folder}")
     if not folder.is_dir():
         raise InputError(f"mask folder is not a folder: {folder}")
-    files = sorted(f for f in folder.iterdir()
-                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in MASK_EXTENSIONS)
+    files = image_files(folder)
     if not files:
         others = sorted(f.name for f in folder.iterdir())[:10]
         raise InputError(f"mask folder {folder} holds no mask images ({', '.join(MASK_EXTENSIONS)})"

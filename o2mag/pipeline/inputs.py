@@ -1,22 +1,23 @@
-"""What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size.
+"""What a caller hands :class:`o2mag.O2MAGPipeline`, checked and brought to the working size, and
+where the anomaly word sits in the prompt.
 
 Images may be PIL images, paths, uint8 ``(H, W, 3)`` arrays, ``[0, 1]`` float arrays or tensors;
-masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.images`, exactly as the
+masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.masks.images`, exactly as the
 command line reads mask files). Errors name the argument the bad value was given for.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
-from .images import load_image, load_mask, resize_image, resize_mask, to_mask
+from ..errors import InputError
+from ..masks.images import load_image, load_mask, resize_image, resize_mask, to_mask
 
-__all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets"]
+__all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets", "token_indices"]
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 
@@ -30,7 +31,7 @@ def _named(what: str, fn, *args, **kwargs):
 
 
 def image_array(image: ImageLike, what: str) -> np.ndarray:
-    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.images.load_image`."""
+    """Any image input -> uint8 (H, W, 3). Files are read by :func:`o2mag.masks.images.load_image`."""
     if isinstance(image, (str, os.PathLike)):
         image = _named(what, load_image, image)
     if isinstance(image, Image.Image):
@@ -59,7 +60,7 @@ def image_array(image: ImageLike, what: str) -> np.ndarray:
 
 def mask_array(mask: Any, what: str) -> np.ndarray:
     """Any mask input -> bool (H, W), read as the command line reads masks
-    (:func:`o2mag.images.load_mask` for files, :func:`o2mag.images.to_mask` otherwise)."""
+    (:func:`o2mag.masks.images.load_mask` for files, :func:`o2mag.masks.images.to_mask` otherwise)."""
     if isinstance(mask, (str, os.PathLike)):
         return _named(what, load_mask, mask, allow_empty=True)
     if isinstance(mask, torch.Tensor):
@@ -96,7 +97,7 @@ def prepare_sources(reference: ImageLike, ref_mask: Any, normal: ImageLike,
 def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
     """Target masks ``M_T`` as bool ``(size, size)`` arrays (nearest resize), in the given order.
 
-    Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.targets.TargetMask`) or
+    Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.masks.targets.TargetMask`) or
     one ``(N, H, W)`` / ``(H, W)`` array or tensor. An empty target mask is allowed (the target
     then reproduces the normal image); no target mask at all is an error."""
     if isinstance(target_masks, (np.ndarray, torch.Tensor)):
@@ -114,8 +115,28 @@ def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
         items = list(target_masks)
     out = []
     for k, m in enumerate(items):
-        m = getattr(m, "mask", m)  # o2mag.targets.TargetMask
+        m = getattr(m, "mask", m)  # o2mag.masks.targets.TargetMask
         out.append(resize_mask(mask_array(m, f"target_masks[{k}]"), (size, size)))
     if not out:
         raise ValueError("target_masks is empty: give at least one target mask")
     return out
+
+
+def token_indices(tokenizer, prompt: str, word: Optional[str]) -> List[int]:
+    """Positions (in the padded 77-token sequence, BOS at 0) of ``word``'s tokens inside ``prompt``.
+
+    ``word`` may be several words ("broken large"): the phrase's tokens must occur in a row. An
+    empty word (or None) gives no position (DAE then amplifies nothing)."""
+    if not word:
+        return []
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    w = tokenizer(word, add_special_tokens=False).input_ids
+    if not w:
+        raise InputError(f"anomaly word {word!r} has no tokens")
+    found: List[int] = []
+    for s in range(len(ids) - len(w) + 1):
+        if ids[s : s + len(w)] == w:
+            found.extend(range(s, s + len(w)))
+    if not found:
+        raise InputError(f"anomaly word {word!r} does not occur in the prompt {prompt!r}")
+    return sorted(set(found))

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .checks import check_int, check_shape
-from .errors import InputError, existing_path
+from ..checks import check_int, check_shape, is_int
+from ..errors import InputError, existing_path
 
 __all__ = [
     "MASK_EXTENSIONS",
+    "image_files",
     "to_mask",
     "load_image",
     "load_mask",
@@ -28,6 +29,13 @@ __all__ = [
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File name endings read as images or masks (lower case)."""
+
+
+def image_files(folder: Path, extensions: tuple[str, ...] = MASK_EXTENSIONS) -> list[Path]:
+    """The image files of ``folder`` in name order: files whose ending (any case) is one of
+    ``extensions``, hidden files (``.name``) skipped; the one way o2mag lists a folder of images."""
+    return sorted(f for f in Path(folder).iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in extensions)
 
 
 def to_mask(value: Any, name: str = "mask") -> np.ndarray:
@@ -77,7 +85,7 @@ def _open_image(p: Path, what: str) -> Image.Image:
 
 
 def _size_arg(size: Any) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    if is_int(size):
         s = check_int("size", size, minimum=1)
         return s, s
     try:

@@ -7,7 +7,12 @@ import os
 import re
 from typing import Any, Dict
 
-from .errors import InputError, MissingInputError
+from diffusers import DiffusionPipeline
+from diffusers.utils import is_accelerate_available
+from diffusers.utils import logging as dlog
+from transformers.utils import logging as tlog
+
+from ..errors import InputError, MissingInputError
 
 __all__ = ["check_model_path", "dtype_keyword", "loading_kwargs", "quiet_loading"]
 
@@ -43,8 +48,6 @@ def dtype_keyword() -> str:
     Recent diffusers renamed ``torch_dtype`` to ``dtype`` (the old name still works but warns);
     older ones know only ``torch_dtype`` and would ignore ``dtype``. The method's documented
     parameters tell which one this installation has."""
-    from diffusers import DiffusionPipeline
-
     doc = DiffusionPipeline.from_pretrained.__doc__ or ""
     return "dtype" if re.search(r"^\s*dtype \(", doc, re.MULTILINE) else "torch_dtype"
 
@@ -55,8 +58,6 @@ def loading_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     ``dtype``/``torch_dtype`` (either name) is passed under :func:`dtype_keyword`; giving both is an
     error. Without accelerate, ``low_cpu_mem_usage`` defaults to False: diffusers would switch it
     off anyway, after a warning that says only that."""
-    from diffusers.utils import is_accelerate_available
-
     out = dict(kwargs)
     given = [k for k in ("dtype", "torch_dtype") if out.get(k) is not None]
     if len(given) == 2:
@@ -77,8 +78,6 @@ def quiet_loading(quiet: bool = True):
     if not quiet:
         yield
         return
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
 
     saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
     try:

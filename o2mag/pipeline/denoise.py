@@ -1,0 +1,119 @@
+"""The denoising of a request: its batches of targets, each sharing one reference and one normal
+branch (:meth:`DenoisingMixin._batches`), and the loop that denoises one batch with the grafting
+processors installed (:meth:`DenoisingMixin._denoise`). A mixin of :class:`o2mag.O2MAGPipeline`;
+see ``docs/architecture.md`` (sections 3 and 6) for the batch layout and the phases."""
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..graft import AttentionGraft, SourceCache
+from ..method.inversion import Inversion, ddim_step
+from ..method.layout import BranchLayout
+from .request import Request
+
+__all__ = ["DenoisingMixin"]
+
+
+class DenoisingMixin:
+    """The batches and the denoising loop of :class:`o2mag.O2MAGPipeline` (see the module docstring)."""
+
+    def _batches(self, job: Request) -> Iterator[Tuple[List[int], torch.Tensor]]:
+        """The work shared by ``__call__`` and ``generate_iter``: AGO, the inversions, and the
+        denoising of each batch; yields ``(target indices, their final latents)``."""
+        s = job.settings
+        emb_u = self.encode_prompt("")
+        emb_c = self.optimize_embedding(job.ref, job.prompt, steps=s.ago_steps, lr=s.ago_lr,
+                                        mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
+        n = len(job.masks)
+        steps = s.num_inference_steps
+        if s.scheme == "one_to_more":
+            disk = s.cache_inversions_to_disk
+            inv_r = self.invert(job.ref, steps, cache_to_disk=disk, desc="DDIM inversion (reference)")
+            inv_n = self.invert(job.nor, steps, cache_to_disk=disk, desc="DDIM inversion (normal)")
+            batches = [list(range(k, min(k + s.batch_size, n))) for k in range(0, n, s.batch_size)]
+        else:
+            batches = [[k] for k in range(n)]
+        cache = None
+        for b, idx in enumerate(batches):
+            if s.scheme == "per_sample":
+                inv_r = self.invert(job.ref, steps, use_cache=False, desc="DDIM inversion (reference)")
+                inv_n = self.invert(job.nor, steps, use_cache=False, desc="DDIM inversion (normal)")
+            with_sources = not (s.kv_cache and b > 0)
+            if s.kv_cache and b == 0:
+                cache = SourceCache(device=s.kv_cache_device)
+            latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c,
+                                    job.tokens, config=s.graft, guidance_scale=s.guidance_scale,
+                                    blend=s.blend_background, with_sources=with_sources, cache=cache,
+                                    eta=s.eta, generator=job.generator_for(idx), callback=job.callback,
+                                    callback_inputs=job.callback_inputs,
+                                    desc=f"denoising batch {b + 1}/{len(batches)}")
+            self.stats.samples += len(idx)
+            yield idx, latents
+
+    def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
+                 emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config,
+                 guidance_scale: float, blend: bool, with_sources: bool = True, cache=None, eta: float = 0.0,
+                 generator=None, callback=None, callback_inputs: Sequence[str] = (),
+                 desc: str = "denoising") -> torch.Tensor:
+        """Denoise one batch of targets; returns their final latents (b, C, h, w), float32.
+
+        The reference and normal rows (when ``with_sources``) feed the inverted latents of the
+        current step (replay); their outputs are not used. Without sources, ``cache`` supplies
+        their K/V (recorded by the first batch).
+        """
+        b = len(masks)
+        cfg = guidance_scale != 1.0
+        layout = BranchLayout(b, cfg=cfg, include_sources=with_sources)
+        graft = AttentionGraft(config, layout, source_cache=cache)
+        graft.set_masks(torch.from_numpy(m_r), torch.from_numpy(np.stack(masks)))
+        graft.set_token_indices(tokens)
+        dev = self._execution_device
+
+        def stack(emb_u, emb_c):
+            halves = [emb_u, emb_c] if cfg else [emb_c]
+            return torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
+
+        emb = stack(emb_u, emb_c)
+        x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
+        h, w = x.shape[-2:]
+        m_t = graft.stitch_masks((h, w), dev)
+        num_steps = inv_n.num_steps
+        self.scheduler.set_timesteps(num_steps, device=dev)
+        timesteps = self.scheduler.timesteps
+        if not torch.equal(timesteps.cpu(), inv_n.timesteps.cpu()):
+            raise RuntimeError("scheduler timesteps differ from the inversion's")
+        with graft.installed(self.unet), torch.no_grad():
+            # every mask, routing table and DAE bias now, once: nothing is built (or read back to
+            # the host) inside the UNet calls, which a torch.compile-d UNet needs
+            graft.prepare((h, w), dev, dtype=self.unet.dtype, text_len=emb.shape[1])
+            for i, t in enumerate(self.progress_bar(timesteps, desc=desc, leave=False)):
+                graft.set_step(i, num_steps)
+                if with_sources:
+                    inp = layout.assemble(reference=inv_r.before_step(i).to(dev),
+                                          normal=inv_n.before_step(i).to(dev), targets=x)
+                else:
+                    inp = layout.assemble(targets=x)
+                out = self._unet(inp, t, emb, generation=True)
+                if cfg:
+                    eps_u = out[layout.target_slice("uncond")]
+                    eps_c = out[layout.target_slice("cond")]
+                    eps = eps_u + guidance_scale * (eps_c - eps_u)
+                else:
+                    eps = out[layout.target_slice("cond")]
+                x = ddim_step(self.scheduler, eps, t, x, eta=eta, generator=generator)
+                if blend:
+                    x = m_t * x + (1 - m_t) * inv_n.after_step(i).to(dev)
+                if callback is not None:
+                    named = {"latents": x, "prompt_embeds": emb_c, "negative_prompt_embeds": emb_u}
+                    returned = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
+                    x = returned.pop("latents", x)
+                    if "prompt_embeds" in returned or "negative_prompt_embeds" in returned:
+                        emb_c = returned.pop("prompt_embeds", emb_c)
+                        emb_u = returned.pop("negative_prompt_embeds", emb_u)
+                        emb = stack(emb_u, emb_c)
+        self.last_run = {"target_latents": x.detach(), "normal_latent": inv_n.latents[0].detach(),
+                         "layout": layout}
+        return x
