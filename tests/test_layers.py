@@ -2,7 +2,7 @@
 inside `o2mag_kernels`" and "Layers inside `o2mag`"): every module is in a row, imports only from
 its own row or lower ones (``o2mag`` also from ``o2mag_kernels``, never the reverse), there is no
 import cycle, no module imports another's ``_private`` name, and every import inside a function
-says why it is deferred. Building the parser (``o2mag --help``) loads neither torch nor
+says why it is deferred, and no function is longer than ~80 lines without saying why. Building the parser (``o2mag --help``) loads neither torch nor
 diffusers."""
 import ast
 import re
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+LONG = 80  # lines: a function longer than this says why ("Long on purpose: ...")
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADINGS = {"o2mag": "## 2. Layers inside `o2mag`",
@@ -136,3 +138,26 @@ def test_the_parser_loads_neither_torch_nor_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_function_over_80_lines_says_why(package):
+    """The reason is in the docstring, or (for a jitted kernel, whose source keys the committed GPU
+    evidence) in the comment block right above its decorators."""
+    silent = []
+    for path in _modules(package).values():
+        text = (ROOT / path).read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if node.end_lineno - node.lineno + 1 <= LONG:
+                continue
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            above = []
+            while first > 0 and lines[first - 1].lstrip().startswith("#"):
+                first -= 1
+                above.insert(0, lines[first])
+            if "Long on purpose" not in (ast.get_docstring(node) or "") + "\n".join(above):
+                silent.append(f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not silent, "functions over %d lines without 'Long on purpose: why':\n" % LONG + "\n".join(silent)

@@ -250,7 +250,7 @@ def card_slug(name: str) -> str:
 def run(args) -> int:
     """``o2mag-kernels gpu-sweep``; returns the exit code (0: every config passed every case).
 
-    Longer than most functions here on purpose: the two phases (parallel correctness, serial
+    Long on purpose: the two phases (parallel correctness, serial
     timing) share the result list and the ``.partial`` writer, kept as closures over them so the
     file on disk always holds exactly what has been measured."""
     interpret = bool(getattr(args, "interpret", False))
