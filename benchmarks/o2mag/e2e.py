@@ -89,9 +89,12 @@ def _txt2img(pipe, n: int, steps: int, batch: int, device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _unet_calls(pipe, device, sizes, *, compiled: bool, repeats: int = 10):
+def unet_call_rows(pipe, device, sizes, *, compiled: bool, repeats: int = 10, mode=None,
+                   backend: str = "auto"):
     """One UNet call at a TriAG + DAE step (step 25 of 50, paper preset) against the stock UNet
-    on the same batch: rows = 2 x (2 + N). Returns rows of median ms per call."""
+    on the same batch: rows = 2 x (2 + N). ``compiled``: through ``torch.compile(unet, mode=mode)``
+    (``mode="reduce-overhead"``: CUDA graphs); ``backend``: the op's backend while grafting.
+    Returns rows of median ms per call."""
     from o2mag import AttentionGraft, BranchLayout
 
     from ..measure import median_seconds
@@ -109,10 +112,10 @@ def _unet_calls(pipe, device, sizes, *, compiled: bool, repeats: int = 10):
         c = pipe.default_size // 2
         m[c - c // 4:c + c // 4, c - c // 6:c + c // 6] = 1
         targets = torch.stack([torch.roll(m, shifts=(k * 7) % c, dims=1) for k in range(n)])
-        graft = AttentionGraft(GraftConfig.paper(), layout)
+        graft = AttentionGraft(GraftConfig.paper(backend=backend), layout)
         graft.set_masks(m, targets)
         graft.set_token_indices([5])
-        fn = torch.compile(unet) if compiled else unet
+        fn = torch.compile(unet, mode=mode) if compiled else unet
         t = torch.tensor(500, device=device)
         with torch.no_grad():
             stock = median_seconds(lambda: fn(lat, t, encoder_hidden_states=emb), device,
@@ -124,7 +127,8 @@ def _unet_calls(pipe, device, sizes, *, compiled: bool, repeats: int = 10):
                                          repeats=repeats, warmup=2)
         if compiled:
             torch._dynamo.reset()
-        out.append({"num": n, "rows": layout.batch_size, "compiled": compiled,
+        out.append({"num": n, "rows": layout.batch_size, "compiled": compiled, "mode": mode,
+                    "backend": backend,
                     "stock_ms": stock * 1e3, "grafted_ms": grafted * 1e3,
                     "grafted_over_stock": grafted / stock})
     return out
@@ -146,9 +150,9 @@ def run_e2e_suite(device: torch.device, *, quick: bool, steps: int = None):
     pipe.set_progress_bar_config(disable=True)
     # the one-UNet-call comparison first: it is the cheapest row and the one a cut-short run most
     # needs (every row is also printed as it lands)
-    unet_rows = _unet_calls(pipe, device, (8, 32) if device.type == "cuda" else (8,), compiled=False)
+    unet_rows = unet_call_rows(pipe, device, (8, 32) if device.type == "cuda" else (8,), compiled=False)
     if device.type == "cuda" and not quick:
-        unet_rows += _unet_calls(pipe, device, (8, 32), compiled=True)
+        unet_rows += unet_call_rows(pipe, device, (8, 32), compiled=True)
     for r in unet_rows:
         print(f"e2e: UNet call N={r['num']}: grafted {r['grafted_ms']:.1f} ms, stock "
               f"{r['stock_ms']:.1f} ms ({r['grafted_over_stock']:.2f}x)", flush=True)

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Everything the kernel owes a GPU, for a machine with a CUDA GPU (never run on CI).
-# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [sweep|sweep-fp32|tests|bench|all|lease|o2mag]
+# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [decide|sweep|sweep-fp32|tests|bench|all|lease|o2mag]
+#   decide      the one call that decides the kernel work (python -m benchmarks.kernels.decide, at
+#               most DECIDE_SECONDS, default 520): plain SDPA's kernel, every candidate at every SD
+#               layer (kernel, eager and CUDA-graph time, error), N 1/32, head-dim cost, a grafted
+#               UNet call eager and with graphs, AGO per step -> <card>-decide.json, row by row
 #   sweep       o2mag-kernels gpu-sweep for fp16 and bf16, and the kernel variants (bg_dense, tma) in
 #               fp16 (each config in its own process) -> o2mag_kernels/sweeps/<card>.json: commit it;
 #               it is what lets `auto` pick the kernel (a sweep of another kernel source is stale:
@@ -77,6 +81,7 @@ o2mag_checks() {
   rm -rf "$tmp"
 }
 case "$step" in
+  decide) run 0 "$py" -m benchmarks.kernels.decide --out "$results" ;;
   sweep) sweep 0 "$card" all fp16 bf16 ;;
   sweep-fp32) sweep 0 "$card-fp32" default fp32 ;;
   tests) tests 0 ;;
@@ -84,7 +89,7 @@ case "$step" in
   all) sweep 0 "$card" all fp16 bf16; sweep 0 "$card-fp32" default fp32; tests 0; bench 0 0 ;;
   lease) sweep 290 "$card" default fp16 bf16; tests 120; bench 100 0 ;;
   o2mag) o2mag_checks 0 0 0 ;;
-  *) echo "unknown step: $step (sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
+  *) echo "unknown step: $step (decide, sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
 esac
 "$py" -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
