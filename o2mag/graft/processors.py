@@ -7,6 +7,8 @@ batch order in :class:`o2mag.BranchLayout`, the masks in :class:`~o2mag.graft.py
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -16,14 +18,60 @@ from .attention import Call, epilogue, prelude, sdpa, spatial
 from .source_cache import QGRAFT_KEYS, SOURCE_KEYS
 
 
+_SIGNED: dict = {}
+
+
+def _with_signature_of(cls, original) -> type:
+    """``cls`` with a ``__call__`` whose signature is ``original``'s (a subclass, one per class and
+    signature). diffusers' ``Attention.forward`` reads ``inspect.signature(processor.__call__)`` to
+    decide which ``cross_attention_kwargs`` to pass and which to drop with a warning; showing the
+    wrapped processor's parameters makes that choice the same as without o2mag, so the grafting
+    processor receives, and hands on when idle, exactly what the original would have received. A
+    subclass rather than an instance attribute keeps ``torch.compile`` tracing the call."""
+    sig = inspect.signature(original.__call__)
+    key = (cls, str(sig))
+    sub = _SIGNED.get(key)
+    if sub is None:
+        def __call__(self, *args, **kwargs):
+            return cls.__call__(self, *args, **kwargs)
+
+        own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        __call__.__signature__ = sig.replace(parameters=[own, *sig.parameters.values()])
+        sub = _SIGNED[key] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return sub
+
+
 class _GraftProcessor:
+    def __new__(cls, graft, index: int, name: str, original=None):
+        shown = original if original is not None else AttnProcessor2_0()
+        return super().__new__(_with_signature_of(cls, shown))
+
     def __init__(self, graft, index: int, name: str, original=None):
         self.graft, self.index, self.name = graft, index, name
         self.original = original if original is not None else AttnProcessor2_0()
 
-    def _idle(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs):
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                             *args, **kwargs)
+    def _idle(self, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
+        """The call exactly as diffusers made it, to the processor this one replaced: the
+        encoder states and the mask by name (as ``Attention.forward`` passes them) unless the
+        caller passed further positional arguments, every keyword as it came."""
+        if args:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args,
+                                 **kwargs)
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+
+    def _active_extras(self, args, kwargs):
+        """``temb`` (what ``AttnProcessor2_0`` takes beyond the mask) from a call the graft
+        replaces; any other argument with a value is an error naming the layer."""
+        if args:
+            temb, args = args[0], args[1:]
+        else:
+            temb = kwargs.get("temb")
+        extra = sorted(k for k, v in kwargs.items() if k != "temb" and v is not None)
+        if args or extra:
+            raise self._unsupported(f"extra arguments {extra or len(args)}")
+        return temb
 
     def _unsupported(self, what: str):
         return ValueError(f"{self.name}: grafting is active on this layer and cannot take {what}; "
@@ -36,16 +84,15 @@ class GraftSelfAttnProcessor(_GraftProcessor):
     it (sources attend to themselves, as in a plain UNet call); otherwise the original processor."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
+                 *args, **kwargs):
         mode = None if encoder_hidden_states is not None else self.graft.self_mode(self.index,
                                                                                    self.name)
         if mode is None:
-            return self._idle(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                              args, kwargs)
+            return self._idle(attn, hidden_states, encoder_hidden_states, attention_mask, args,
+                              kwargs)
         if attention_mask is not None:
             raise self._unsupported("an attention_mask")
-        if args or kwargs:
-            raise self._unsupported(f"extra arguments {sorted(kwargs) or len(args)}")
+        temb = self._active_extras(args, kwargs)
         call = prelude(attn, hidden_states, None, None, temb)
         return epilogue(attn, call, self._graft(mode, call))
 
@@ -94,14 +141,13 @@ class GraftCrossAttnProcessor(_GraftProcessor):
     call for it; otherwise the original processor."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
+                 *args, **kwargs):
         if encoder_hidden_states is None or not self.graft.dae_on(self.index):
-            return self._idle(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                              args, kwargs)
+            return self._idle(attn, hidden_states, encoder_hidden_states, attention_mask, args,
+                              kwargs)
         if isinstance(encoder_hidden_states, (tuple, list)):
             raise self._unsupported("IP-Adapter style (tuple) encoder_hidden_states")
-        if args or kwargs:
-            raise self._unsupported(f"extra arguments {sorted(kwargs) or len(args)}")
+        temb = self._active_extras(args, kwargs)
         call = prelude(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         out = sdpa(call.q, call.k, call.v, call.attention_mask)
         self._dae(call, out, spatial(call))
