@@ -8,12 +8,14 @@ generate`` on the same folder. Order of work: ``--rescore``, then ``--reject-bel
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..curation.decisions import Sample, decide, defect_folders, keep_top, reject_below, samples
 from ..curation.quality import QUALITY_VERSION
 from ..curation.rescore import rescore
 from ..errors import InputError, UsageError
+from ..runs.contact_sheet import write_contact_sheet
 from ..runs.store import OutputStore
 from . import options as o
 
@@ -79,11 +81,12 @@ def table(items: List[Sample]) -> str:
                      for r in rows)
 
 
-def _apply(out: str, plan: Dict[Tuple[str, str], Dict[int, Optional[str]]], what: str) -> int:
+def _apply(out: str, plan: Dict[Tuple[str, str], Dict[int, Optional[str]]], what: str, changed: set) -> int:
     n = 0
     for (cat, dfc), reviews in plan.items():
         if reviews:
             n += len(decide(out, cat, dfc, reviews))
+            changed.add((cat, dfc))
     print(f"o2mag: curate: {what}: {n} sample(s) marked", file=sys.stderr)
     return n
 
@@ -132,16 +135,20 @@ def run(args) -> int:
         print(f"o2mag: curate: rescored {n} sample(s) ({len(items) - len(stale)} already had a record)",
               file=sys.stderr)
         items = samples(args.out, args.category, args.defect)
+    changed: set = set()
     unscored = sum(1 for s in items if s.score is None)
     if (args.reject_below is not None or args.keep_top is not None) and unscored:
         print(f"o2mag: curate: {unscored} sample(s) have no quality record and are left as they are "
               "(run with --rescore to score them)", file=sys.stderr)
     if args.reject_below is not None:
-        _apply(args.out, reject_below(items, args.reject_below), f"score below {args.reject_below:g}")
+        _apply(args.out, reject_below(items, args.reject_below), f"score below {args.reject_below:g}", changed)
     if args.keep_top is not None:
-        _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}")
+        _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}", changed)
     if by_index:
-        _apply(args.out, by_index, "by index")
+        _apply(args.out, by_index, "by index", changed)
+    if changed:
+        for cat, dfc in sorted(changed):  # the sheets show the decisions (rejected ones crossed out)
+            write_contact_sheet(Path(args.out) / cat / dfc)
     if args.list:
         print(table(samples(args.out, args.category, args.defect)))
     return 0
