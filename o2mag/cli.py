@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ._version import __version__
-from .commands import curate, dataset, evaluate, generate
+from .commands import curate, dataset, evaluate, generate, review
 from .commands.options import Parser
 from .errors import InputError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_parser(sub)
     evaluate.add_parser(sub)
     curate.add_parser(sub)
+    review.add_parser(sub)
     return p
 
 
