@@ -3,7 +3,8 @@
 Decisions go into each sample's manifest line as ``review`` (``"accepted"``, ``"rejected"``, or
 absent = unreviewed) through :mod:`o2mag.curation.decisions`, safe beside a running ``o2mag
 generate`` on the same folder. Order of work: ``--rescore``, then ``--reject-below`` and
-``--keep-top``, then ``--accept``/``--reject``/``--clear`` by index, then ``--list``.
+``--keep-top``, then ``--accept``/``--reject``/``--clear`` by index, then
+``--regenerate-rejected``, then ``--list``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..curation.rescore import rescore
 from ..errors import InputError, UsageError
 from ..runs.contact_sheet import write_contact_sheet
 from ..runs.store import OutputStore
+from . import generate
 from . import options as o
 
 __all__ = ["add_parser", "run", "parse_indices", "table"]
@@ -46,7 +48,87 @@ def add_parser(sub) -> None:
         c.add_argument(f"--{name}", metavar="INDICES", action="append", default=[],
                        help=f"{what} these samples of the one selected defect folder: e.g. 3,5,10-12 "
                             "(repeatable)")
+    regen = c.add_argument_group("replacements")
+    regen.add_argument("--regenerate-rejected", action="store_true",
+                       help="generate new samples (new indices, so new mask seeds) with the folder's own settings "
+                            "until --num accepted-or-unreviewed samples exist; with --reject-below the new ones "
+                            "are judged too (up to 5 rounds). Folders of o2mag generate only")
+    regen.add_argument("--num", type=o.int_at_least("--num", 1), help="how many accepted-or-unreviewed samples "
+                                                                      "--regenerate-rejected makes sure exist")
+    regen.add_argument("--device", default="auto", help="device for --regenerate-rejected (as o2mag generate)")
+    regen.add_argument("--batch-size", type=o.int_at_least("--batch-size", 1), default=4,
+                       help="targets per UNet batch for --regenerate-rejected")
     c.set_defaults(handler=run)
+
+
+ROUNDS = 5  # --regenerate-rejected: at most this many generate runs
+
+
+def generate_argv(settings: dict, out: str, category: str, defect: str, num: int) -> List[str]:
+    """The ``o2mag generate`` arguments that reproduce a folder's manifest ``settings`` (the store
+    refuses to resume if any of them differs, so a wrong guess cannot mix two setups)."""
+    def need(key):
+        if settings.get(key) is None:
+            raise InputError(f"--regenerate-rejected: the manifest's settings lack {key!r}")
+        return settings[key]
+
+    argv = ["generate", "--out", str(out), "--category", category, "--defect", defect, "--num", str(num)]
+    model = need("model")
+    if model != "o2mag-tiny-seed0":  # the embedded default loads that one without --model
+        argv += ["--model", model]
+    source, normals = need("source"), need("normals")
+    if source == "files":
+        if len(normals) != 1:
+            raise UsageError("--regenerate-rejected: this folder was made from a folder of normal images; rerun "
+                             "o2mag generate with --num to add samples")
+        argv += ["--ref", need("reference"), "--ref-mask", need("ref_mask"), "--normal", normals[0]]
+    elif source == "mvtec":
+        ref = Path(need("reference"))
+        refs = sorted(ref.parent.iterdir())
+        argv += ["--mvtec-root", str(ref.parents[3]), "--ref-index", str(refs.index(ref)),
+                 "--num-normals", str(len(normals))]
+    elif source != "embedded":
+        raise UsageError(f"--regenerate-rejected: folders made by o2mag {source} are not supported; rerun that "
+                         "command with a larger --num")
+    argv += ["--prompt", need("prompt"), "--anomaly-word", need("anomaly_word"), "--dtype", need("dtype"),
+             "--size", str(need("size")), "--steps", str(need("steps")), "--guidance", repr(need("guidance")),
+             "--ago-steps", str(need("ago_steps")), "--ago-lr", repr(need("ago_lr")), "--seed", str(need("seed")),
+             "--mask-mode", need("mask_mode"), "--foreground", need("foreground"), "--quiet"]
+    if settings.get("masks"):
+        argv += ["--masks", settings["masks"]]
+    if settings.get("ago_mask_weight"):
+        argv.append("--ago-mask-weight")
+    if settings.get("blend_background") is False:
+        argv.append("--no-blend")
+    return argv
+
+
+def _regenerate(args, changed: set) -> None:
+    folders = sorted({(s.category, s.defect) for s in samples(args.out, args.category, args.defect)})
+    parser = o.Parser(prog="o2mag")
+    generate.add_parser(parser.add_subparsers(dest="command", parser_class=o.Parser))
+    for cat, dfc in folders:
+        for _ in range(ROUNDS):
+            items = samples(args.out, cat, dfc)
+            kept = [s for s in items if s.review != "rejected"]
+            if len(kept) >= args.num:
+                break
+            slots = max(s.index for s in items) + 1
+            argv = generate_argv(items[-1].record.get("settings") or {}, args.out, cat, dfc,
+                                 slots + args.num - len(kept))
+            gen_args = parser.parse_args(argv + ["--device", args.device, "--batch-size", str(args.batch_size)])
+            print(f"o2mag: curate: {cat}/{dfc}: {len(kept)} of {args.num} samples kept, generating "
+                  f"{args.num - len(kept)} more", file=sys.stderr)
+            generate.run(gen_args)
+            changed.add((cat, dfc))
+            if args.reject_below is not None:
+                new = [s for s in samples(args.out, cat, dfc) if s.index >= slots]
+                _apply(args.out, reject_below(new, args.reject_below), f"new samples below {args.reject_below:g}",
+                       changed)
+        kept = sum(1 for s in samples(args.out, cat, dfc) if s.review != "rejected")
+        if kept < args.num:
+            print(f"o2mag: curate: {cat}/{dfc}: only {kept} of {args.num} samples kept after {ROUNDS} rounds",
+                  file=sys.stderr)
 
 
 def parse_indices(text: str, option: str) -> List[int]:
@@ -119,6 +201,8 @@ def run(args) -> int:
     if not items:
         raise InputError(f"no complete samples in {args.out} for the selected category/defect")
     by_index = _by_index(args, items)  # checked before anything is written
+    if args.regenerate_rejected != (args.num is not None):
+        raise UsageError("--regenerate-rejected and --num go together")
     if args.rescore:
         stale = [s for s in items if not isinstance(s.record.get("quality"), dict)
                  or s.record["quality"].get("version") != QUALITY_VERSION]
@@ -146,6 +230,8 @@ def run(args) -> int:
         _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}", changed)
     if by_index:
         _apply(args.out, by_index, "by index", changed)
+    if args.regenerate_rejected:
+        _regenerate(args, changed)
     if changed:
         for cat, dfc in sorted(changed):  # the sheets show the decisions (rejected ones crossed out)
             write_contact_sheet(Path(args.out) / cat / dfc)

@@ -171,3 +171,19 @@ def test_a_reviewer_holding_the_manifest_lease_never_stops_a_writer(out):
     finally:
         writer.close()
         reviewer.close()
+
+
+def test_regenerate_rejected_adds_new_samples_with_the_folders_own_settings(out, capsys):
+    assert main(["curate", str(out), "--reject", "1,3"]) == 0
+    before = {i: (out / CAT / DEF / "image" / f"{i:03d}.png").read_bytes() for i in range(5)}
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5", "--device", "cpu"]) == 0
+    assert "3 of 5 samples kept, generating 2 more" in capsys.readouterr().err
+    recs = _last(out)
+    assert sorted(recs) == list(range(7))
+    assert [i for i, r in recs.items() if r.get("review") == "rejected"] == [1, 3]
+    assert all(recs[i]["settings"] == recs[0]["settings"] and "quality" in recs[i] for i in (5, 6))
+    assert recs[5]["mask_params"] != recs[1]["mask_params"]  # a new index: a new mask seed
+    assert all((out / CAT / DEF / "image" / f"{i:03d}.png").read_bytes() == b for i, b in before.items())
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5"]) == 0  # enough: nothing made
+    assert sorted(_last(out)) == list(range(7))
+    assert main(["curate", str(out), "--num", "5"]) == 2
