@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ._version import __version__
-from .commands import dataset, evaluate, generate
+from .commands import curate, dataset, evaluate, generate, review
 from .commands.options import Parser
 from .errors import InputError
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     dataset.add_parser(sub)
     evaluate.add_parser(sub)
+    curate.add_parser(sub)
+    review.add_parser(sub)
     return p
 
 

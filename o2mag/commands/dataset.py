@@ -19,10 +19,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from ..curation.decisions import review_counts
 from ..errors import InputError, UsageError
 from ..masks import load_image, load_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
@@ -85,19 +86,23 @@ def add_parser(sub) -> None:
     d.set_defaults(handler=run)
 
 
-def summary_table(report) -> str:
-    """A fixed-width table: one row per group, then the totals."""
-    rows = [("category", "defect", "refs", "wanted", "present", "made", "s/sample")]
+def summary_table(report, reviews: Optional[Dict[str, Dict[str, int]]] = None) -> str:
+    """A fixed-width table: one row per group, then the totals. ``reviews`` (group key -> counts of
+    :func:`o2mag.curation.decisions.review_counts`) adds accepted/rejected/unreviewed columns."""
+    kinds = ("accepted", "rejected", "unreviewed") if reviews is not None else ()
+    rows = [("category", "defect", "refs", "wanted", "present", "made", "s/sample") + kinds]
     for g in report.groups:
         per = f"{g.seconds / g.made:.2f}" if g.made else "-"
         rows.append((g.category, g.defect, str(g.references), str(g.wanted),
-                     str(g.complete if g.complete is not None else "?"), str(g.made), per))
+                     str(g.complete if g.complete is not None else "?"), str(g.made), per)
+                    + tuple(str(reviews.get(g.key, {}).get(k, 0)) for k in kinds))
     made = sum(g.made for g in report.groups)
     secs = sum(g.seconds for g in report.groups)
     rows.append(("total", f"{len(report.groups)} groups", str(sum(g.references for g in report.groups)),
                  str(sum(g.wanted for g in report.groups)),
                  str(sum(g.complete or 0 for g in report.groups)), str(made),
-                 f"{secs / made:.2f}" if made else "-"))
+                 f"{secs / made:.2f}" if made else "-")
+                + tuple(str(sum(r.get(k, 0) for r in reviews.values())) for k in kinds))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
@@ -232,7 +237,8 @@ def run(args) -> int:
         for g in report.groups:
             if g.made:
                 write_contact_sheet(g.dir)  # what a person looks at first, one per defect folder
-        print(summary_table(report), file=sys.stderr)
+        reviews = {g.key: review_counts(g.dir) for g in report.groups}  # what o2mag curate/review decided
+        print(summary_table(report, reviews), file=sys.stderr)
         complete = sum(g.complete or 0 for g in report.groups)
         wanted = sum(g.wanted for g in report.groups)
         print(f"o2mag: dataset: {complete} of {wanted} samples present in {args.out}; made {report.made} in "

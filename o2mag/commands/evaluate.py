@@ -230,6 +230,10 @@ def _detect(args) -> int:
     records = {}
     for cat in cats:
         records[cat] = evaluate_category(cat, opts)
+        left_out = sum(records[cat]["synthetic_rejected"].values())
+        _say(f"o2mag: {cat}: trained without {left_out} rejected synthetic sample(s)"
+             + (" (" + ", ".join(f"{d} {n}" for d, n in records[cat]["synthetic_rejected"].items()) + ")"
+                if left_out else ""))
         m = records[cat]["metrics"]
         _say(f"o2mag: {cat}: " + ", ".join(f"{k} {100 * m[k]:.1f}" for k in METRIC_KEYS)
              + f" ({records[cat]['seconds']:.0f} s)")

@@ -119,5 +119,6 @@ def classify_category(category: str, opts: ClassifyOptions) -> dict:
     torch.save({"state_dict": model.state_dict(), "classes": classes, "size": opts.size}, ckpt)
     return {"accuracy": float((pred == y_test).mean()), "classes": classes, "confusion": confusion.tolist(),
             "per_class_accuracy": per_class, "n_train": {d: len(synth.pairs[d]) for d in classes},
+            "synthetic_rejected": dict(synth.rejected),
             "n_test": int(len(y_test)), "split": split.counts(), "history": history, "checkpoint": str(ckpt),
             "seconds": time.perf_counter() - t0}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, MissingInputError, existing_path
 from ..sources.mvtec import mvtec_categories, mvtec_defects, reference_count
+from ..curation.decisions import is_rejected
 from ..runs.store import MANIFEST_NAME, complete_samples
 from ._io import MASK_EXTENSIONS, image_files, load_image, load_mask, resize_image, resize_mask
 
@@ -115,6 +116,7 @@ class SyntheticSet:
     category: str
     pairs: Dict[str, List[Tuple[Path, Path]]]  # defect -> [(image, mask)]
     references: List[str]                      # reference files named by the manifests
+    rejected: Dict[str, int] = field(default_factory=dict)  # defect -> samples left out (review "rejected")
 
     def total(self) -> int:
         return sum(len(v) for v in self.pairs.values())
@@ -125,12 +127,16 @@ def synthetic_categories(root: str | os.PathLike) -> List[str]:
     return sorted(p.name for p in r.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _defect_pairs(folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, Path]], List[str]]:
+def _defect_pairs(folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, Path]], List[str], int]:
     refs: List[str] = []
     manifest = folder / MANIFEST_NAME
     pairs: List[Tuple[Path, Path]] = []
+    rejected = 0
     if manifest.is_file():
         for _, img, mask, rec in complete_samples(folder):
+            if is_rejected(rec):  # a reviewer threw it away (o2mag curate / o2mag review)
+                rejected += 1
+                continue
             pairs.append((img, mask))
             settings = rec.get("settings") or {}
             ref = settings.get("reference") if isinstance(settings, dict) else None
@@ -142,13 +148,14 @@ def _defect_pairs(folder: Path, limit: Optional[int]) -> Tuple[List[Tuple[Path, 
         pairs = [(p, masks[p.stem]) for p in image_files(folder / "image") if p.stem in masks]
     if limit is not None:
         pairs = pairs[:limit]
-    return pairs, refs
+    return pairs, refs, rejected
 
 
 def synthetic_samples(root: str | os.PathLike, category: str, max_per_defect: Optional[int] = 500,
                       defects: Optional[Sequence[str]] = None) -> SyntheticSet:
     """Generated (image, mask) pairs of one category, at most ``max_per_defect`` per defect type
-    (lowest indices first). No sample at all is an ``InputError``."""
+    (lowest indices first), without the samples a reviewer rejected (counted in ``rejected``). No
+    sample at all is an ``InputError``."""
     r = existing_path(root, "synthetic tree", folder=True)
     cat = r / category
     if not cat.is_dir():
@@ -156,17 +163,20 @@ def synthetic_samples(root: str | os.PathLike, category: str, max_per_defect: Op
                                 f"(categories there: {', '.join(synthetic_categories(r)) or 'none'})")
     pairs: Dict[str, List[Tuple[Path, Path]]] = {}
     refs: List[str] = []
+    left_out: Dict[str, int] = {}
     for d in sorted(p for p in cat.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if defects is not None and d.name not in defects:
             continue
-        found, rs = _defect_pairs(d, max_per_defect)
+        found, rs, rejected = _defect_pairs(d, max_per_defect)
+        if rejected:
+            left_out[d.name] = rejected
         if found:
             pairs[d.name] = found
             refs += [x for x in rs if x not in refs]
     if not pairs:
         raise InputError(f"synthetic tree {cat} holds no complete samples (expected <defect>/image/NNN.png, "
                          f"<defect>/mask/NNN.png and {MANIFEST_NAME})")
-    return SyntheticSet(category, pairs, refs)
+    return SyntheticSet(category, pairs, refs, left_out)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -136,6 +136,7 @@ def evaluate_category(category: str, opts: DetectOptions) -> dict:
         "metrics": metrics,
         "split": split.counts(),
         "synthetic": {d: len(v) for d, v in synth.pairs.items()},
+        "synthetic_rejected": dict(synth.rejected),
         "synthetic_references": synth.references,
         "history": history,
         "checkpoint": str(ckpt),

@@ -176,7 +176,9 @@ def write_detect_report(out: Path, results: dict) -> Path:
     for c, r in cats.items():
         sp = r["split"]
         lines.append(f"| {c} | {sp['train_good']} | "
-                     + ", ".join(f"{d} {n}" for d, n in r["synthetic"].items()) + " | "
+                     + ", ".join(f"{d} {n}" + (f" ({r.get('synthetic_rejected', {}).get(d)} rejected left out)"
+                                              if r.get("synthetic_rejected", {}).get(d) else "")
+                                 for d, n in r["synthetic"].items()) + " | "
                      + ", ".join(f"{d} {n}" for d, n in sp["test"].items()) + " | "
                      + ", ".join(f"{d} {n}" for d, n in sp["references"].items())
                      + (f" (+{len(sp['excluded_by_manifest'])} named in manifests)" if sp["excluded_by_manifest"] else "")

@@ -124,6 +124,7 @@ class Holder:
     rank: int = 0
     settings: Any = None
     overwrite: bool = False
+    annotator: bool = False  # only appends manifest lines about existing samples: shares with any run
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     host: str = field(default_factory=host_id)
     pid: int = field(default_factory=os.getpid)
@@ -132,11 +133,12 @@ class Holder:
     def record(self, what: str) -> Dict[str, Any]:
         return {"what": what, "token": self.token, "run": self.run, "rank": self.rank, "host": self.host,
                 "pid": self.pid, "started": self.started, "overwrite": self.overwrite,
-                "fingerprint": fingerprint(self.settings), "settings": self.settings}
+                "fingerprint": fingerprint(self.settings), "settings": self.settings,
+                **({"annotator": True} if self.annotator else {})}
 
     def compatible(self, other: Dict[str, Any]) -> bool:
         """May a process holding ``other`` work in the same folder as this one at the same time?"""
-        if other.get("run") == self.run:
+        if other.get("run") == self.run or self.annotator or other.get("annotator"):
             return True
         if self.overwrite or other.get("overwrite"):
             return False

@@ -24,29 +24,43 @@ __all__ = ["write_contact_sheet", "contact_sheet", "CONTACT_SHEET_NAME"]
 
 CONTACT_SHEET_NAME = "contact_sheet.png"
 _OUTLINE = (255, 40, 40)
+_REJECTED_GREY = 200
+_CROSS = (0, 0, 0)
 
 
-def _tile(img_path: Path, mask_path: Path, size: int) -> Image.Image:
+def _tile(img_path: Path, mask_path: Path, size: int, rejected: bool = False) -> Image.Image:
     img = Image.open(img_path).convert("RGB").resize((size, size), Image.BICUBIC)
     m = Image.open(mask_path).convert("L").resize((size, size), Image.NEAREST).point(lambda v: 255 if v > 127 else 0)
     inner = m.filter(ImageFilter.MinFilter(3))
     edge = (np.asarray(m) > 0) & ~(np.asarray(inner) > 0)
     arr = np.asarray(img).copy()
     arr[edge] = _OUTLINE
+    if rejected:  # faded to grey, crossed out
+        arr = (0.35 * arr + 0.65 * _REJECTED_GREY).astype(np.uint8)
+        tile = Image.fromarray(arr)
+        draw = ImageDraw.Draw(tile)
+        draw.line((0, 0, size - 1, size - 1), fill=_CROSS, width=3)
+        draw.line((0, size - 1, size - 1, 0), fill=_CROSS, width=3)
+        return tile
     return Image.fromarray(arr)
 
 
-def contact_sheet(defect_dir: str | os.PathLike, *, max_samples: int = 64, tile: int = 128) -> Optional[Image.Image]:
-    """The sheet as a PIL image (None when the folder holds no complete sample).
+def contact_sheet(defect_dir: str | os.PathLike, *, max_samples: int = 64, tile: int = 128,
+                  omit_rejected: bool = False) -> Optional[Image.Image]:
+    """The sheet as a PIL image (None when the folder holds no sample to show).
 
     Shows the first ``max_samples`` samples by index, ``tile`` px each, with the index under
-    each tile and a header naming the folder and how many samples it holds.
+    each tile and a header naming the folder and how many samples it holds. Samples a reviewer
+    rejected (manifest ``"review": "rejected"``, from ``o2mag curate`` or ``o2mag review``) are
+    faded and crossed out, or left out with ``omit_rejected``; the header counts them.
     """
     for name, v, lo in (("max_samples", max_samples, 1), ("tile", tile, 16)):
         if not is_int(v) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     d = Path(defect_dir)
-    samples = [(i, img, mask) for i, img, mask, _ in complete_samples(d)]
+    every = [(i, img, mask, rec.get("review") == "rejected") for i, img, mask, rec in complete_samples(d)]
+    rejected = sum(r for *_, r in every)
+    samples = [s for s in every if not (omit_rejected and s[3])]
     if not samples:
         return None
     shown = samples[:max_samples]
@@ -56,12 +70,14 @@ def contact_sheet(defect_dir: str | os.PathLike, *, max_samples: int = 64, tile:
     sheet = Image.new("RGB", (cols * (tile + pad) + pad, header_h + rows * (tile + label_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     more = f" (first {len(shown)} shown)" if len(shown) < len(samples) else ""
-    draw.text((pad, 3), f"{d.parent.name}/{d.name}: {len(samples)} samples{more}; red = mask outline", fill=(0, 0, 0))
-    for k, (index, img, mask) in enumerate(shown):
+    rej = (f"; {rejected} rejected " + ("left out" if omit_rejected else "crossed out")) if rejected else ""
+    draw.text((pad, 3), f"{d.parent.name}/{d.name}: {len(samples)} samples{more}; red = mask outline{rej}",
+              fill=(0, 0, 0))
+    for k, (index, img, mask, is_rejected) in enumerate(shown):
         x = pad + (k % cols) * (tile + pad)
         y = header_h + (k // cols) * (tile + label_h + pad)
-        sheet.paste(_tile(img, mask, tile), (x, y))
-        draw.text((x, y + tile + 1), f"{index:03d}", fill=(0, 0, 0))
+        sheet.paste(_tile(img, mask, tile, is_rejected), (x, y))
+        draw.text((x, y + tile + 1), f"{index:03d}" + (" rejected" if is_rejected else ""), fill=(0, 0, 0))
     return sheet
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..curation.quality import sample_quality
 from ..errors import ClaimLostError
 from .claims import Holder, Leases
 from .plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
@@ -408,11 +409,16 @@ class Runner:
         self.bars.status(self.status_text)
         gen = self.pipe.generate_iter(ref.image, ref.mask, normal, [t.mask for t in targets], g.prompt, g.word,
                                       **self.settings.keywords())
+        replay = None
         try:
             for j, image, mask in gen:
                 i = indices[j]
+                if replay is None:
+                    replay = self._replay(normal)
                 record = {"seed": [self.settings.seed, i], "normal": g.normal_names[n],
-                          "mask_params": targets[j].params}
+                          "mask_params": targets[j].params,
+                          "quality": sample_quality(image, replay[0], np.asarray(mask) > 127, ref.image, ref.mask,
+                                                    baseline_kind=replay[1])}
                 if g.record_reference:
                     record["reference"] = g.ref_names[r]
                 try:
@@ -429,6 +435,15 @@ class Runner:
         finally:
             gen.close()
         return True
+
+    def _replay(self, normal) -> Tuple[Any, str]:
+        """The baseline of the quality record: the normal branch's replay decoded (one VAE decode
+        per pair; the target equals it outside ``M_T`` with the blend on), or the normal image for a
+        pipeline that does not expose its last run."""
+        last = getattr(self.pipe, "last_run", None)
+        if isinstance(last, dict) and last.get("normal_latent") is not None:
+            return self.pipe.decode_latents(last["normal_latent"])[0], "replay"
+        return normal, "normal"
 
 
 def run_groups(pipe, out: str | os.PathLike, groups: List[Group], opts: RunOptions, state: ProcessState, *,

@@ -262,7 +262,10 @@ class OutputStore:
     lines; remove them by hand if unwanted. The manifest keeps the full history.
 
     Leftover temporary files of a crashed run (``.o2mag-*.tmp`` in this folder) are removed
-    (while other writers are active, only those older than ten minutes).
+    (while other writers are active, only those older than ten minutes). ``annotator=True``: a
+    store opened only to :meth:`annotate` samples (review decisions, quality records); it leaves
+    temporary files alone (a writer may hold no claim while it renames its files into place) and
+    shares the folder with any run, since it never writes a sample.
 
     Several writers: ``run`` names the run this store writes for (the processes of one launch share
     it; it is recorded as ``"run"`` in each manifest line, and with ``overwrite`` "done" means
@@ -273,7 +276,7 @@ class OutputStore:
 
     def __init__(self, root: str | os.PathLike, category: str, defect: str, overwrite: bool = False,
                  settings: dict[str, Any] | None = None, *, run: str | None = None, rank: int = 0,
-                 lease: float = DEFAULT_LEASE):
+                 lease: float = DEFAULT_LEASE, annotator: bool = False):
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a str or os.PathLike, got {type(root).__name__}")
         if not isinstance(overwrite, (bool, np.bool_)):
@@ -298,9 +301,10 @@ class OutputStore:
             raise InputError(f"cannot create output folder {self.dir}: {exc}") from None
         self.run = run
         self.holder = Holder(run=run or uuid.uuid4().hex[:12], rank=int(rank), settings=self.settings,
-                             overwrite=self.overwrite)
+                             overwrite=self.overwrite, annotator=bool(annotator))
         self.leases = Leases(self.dir / COORD_DIR, self.holder, lease, on_conflict=self._conflict)
-        self._remove_stale_temp_files()
+        if not annotator:  # a store that only annotates leaves writers' files alone
+            self._remove_stale_temp_files()
         self._last: dict[int, dict[str, Any]] = {}
         self._written: set[int] = set()
         self._offset = 0
@@ -498,6 +502,46 @@ class OutputStore:
             os.fsync(f.fileno())
         if new:
             _fsync_dir(self.dir)
+
+    def annotate(self, changes: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Add facts to complete samples' manifest lines (review decisions, quality records):
+        ``{index: {key: value}}``; a value of ``None`` removes the key. Returns the new line of
+        each sample changed; samples not complete (missing, or being replaced) are left out.
+
+        Each change is a new line: a copy of the sample's last ``"ok"`` line with the keys
+        changed, appended under the manifest lease after reading what other writers appended, so
+        it is safe beside a running ``generate`` (a sample it replaces afterwards gets its own new
+        line, without the change). The store's own keys (index, status, image, ...) may not change.
+        """
+        if not isinstance(changes, dict):
+            raise TypeError(f"changes must be a dict {{index: {{key: value}}}}, got {type(changes).__name__}")
+        for i, c in changes.items():
+            if not is_int(i) or not isinstance(c, dict):
+                raise TypeError(f"changes must map int indices to dicts, got {i!r}: {type(c).__name__}")
+            clash = sorted(set(c) & set(_RESERVED))
+            if clash:
+                raise ValueError(f"changes may not set {clash}: the store fills these in")
+        out: dict[int, dict[str, Any]] = {}
+        if not changes:
+            return out
+        self.leases.acquire("manifest")
+        try:
+            self.refresh(check=False)
+            for i in sorted(changes):
+                if not self.is_complete(int(i)):
+                    continue
+                line = dict(self._last[int(i)])
+                for k, v in _normalise(changes[i], "changes").items():
+                    if v is None:
+                        line.pop(k, None)
+                    else:
+                        line[k] = v
+                self._append_locked(line)
+                self._last[int(i)] = out[int(i)] = line
+            self.refresh(check=False)  # step over our own lines
+        finally:
+            self.leases.release("manifest")
+        return out
 
     def write(self, index: int, image: Any, mask: Any,
               record: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -287,3 +287,19 @@ def test_amp_on_cuda_trains_to_finite_results(trees, tmp_path):
                  "--device", "cuda", "--out", str(cls), "--quiet"]) == 0
     res = json.loads((cls / "results.json").read_text())["categories"]["plate"]
     assert 0 <= res["accuracy"] <= 1
+
+
+def test_detect_trains_without_rejected_samples_and_says_how_many(copy, tmp_path, capsys):
+    from o2mag.curation.decisions import decide
+
+    mvtec, synth = copy
+    decide(synth, "plate", "dent", {0: "rejected", 3: "rejected", 5: "accepted"})
+    decide(synth, "plate", "scratch", {1: "rejected"})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "detect", "--mvtec-root", str(mvtec), "--synthetic", str(synth),
+                 "--category", "plate", "--out", str(out), *TINY]) == 0
+    assert "plate: trained without 3 rejected synthetic sample(s) (dent 2, scratch 1)" in capsys.readouterr().err
+    rec = json.loads((out / "results.json").read_text())["categories"]["plate"]
+    assert rec["synthetic"] == {"dent": 22, "scratch": 23}
+    assert rec["synthetic_rejected"] == {"dent": 2, "scratch": 1}
+    assert "dent 22 (2 rejected left out)" in (out / "report.md").read_text()

@@ -44,3 +44,17 @@ def test_replaced_samples_and_limits(tmp_path):
 def test_empty_folder_gives_no_sheet(tmp_path):
     store = OutputStore(tmp_path, "cat", "crack")
     assert write_contact_sheet(store.dir) is None and not (store.dir / "contact_sheet.png").exists()
+
+
+def test_rejected_samples_are_crossed_out_or_left_out(tmp_path):
+    store = _store(tmp_path, 5)
+    reviewer = OutputStore(tmp_path, "cat", "crack", annotator=True)
+    reviewer.annotate({1: {"review": "rejected"}, 2: {"review": "accepted"}})
+    reviewer.close()
+    sheet = np.asarray(contact_sheet(store.dir, tile=64).convert("RGB")).astype(int)
+    tile0, tile1 = sheet[18:18 + 64, 4:4 + 64], sheet[18:18 + 64, 72:72 + 64]
+    # sample 1 (value 30) is faded towards grey and crossed by black diagonals; sample 0 is not
+    assert (tile1[5:60, 5:60].max(-1) == 0).any() and tile1[28:36, 2:10].min() > 100
+    assert (tile0[28:36, 2:10] == 0).all()
+    omitted = contact_sheet(store.dir, tile=64, omit_rejected=True)
+    assert omitted.size[0] == 2 * (64 + 4) + 4  # 4 samples: 2 columns

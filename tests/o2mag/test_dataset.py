@@ -183,3 +183,16 @@ def test_summary_table_layout():
     assert lines[2].split() == ["a", "b", "2", "4", "4", "4", "0.50"]
     assert lines[3].split() == ["a", "c", "1", "4", "4", "0", "-"]
     assert lines[-1].split() == ["total", "2", "groups", "3", "8", "8", "4", "0.50"]
+
+
+def test_summary_table_reports_review_decisions_per_defect_type():
+    from o2mag.runs.runner import GroupResult, RunReport
+
+    rep = RunReport(groups=[GroupResult("a/b", "a", "b", wanted=4, present=4, todo=0, references=1, complete=4),
+                            GroupResult("a/c", "a", "c", wanted=3, present=3, todo=0, references=1, complete=3)])
+    reviews = {"a/b": {"accepted": 1, "rejected": 2, "unreviewed": 1},
+               "a/c": {"accepted": 0, "rejected": 0, "unreviewed": 3}}
+    lines = summary_table(rep, reviews).splitlines()
+    assert lines[0].split()[-3:] == ["accepted", "rejected", "unreviewed"]
+    assert lines[2].split()[-3:] == ["1", "2", "1"] and lines[3].split()[-3:] == ["0", "0", "3"]
+    assert lines[-1].split()[-3:] == ["1", "2", "4"]

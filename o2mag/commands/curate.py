@@ -1,0 +1,240 @@
+"""``o2mag curate OUT``: score, list, accept and reject the samples of an output tree, headless.
+
+Decisions go into each sample's manifest line as ``review`` (``"accepted"``, ``"rejected"``, or
+absent = unreviewed) through :mod:`o2mag.curation.decisions`, safe beside a running ``o2mag
+generate`` on the same folder. Order of work: ``--rescore``, then ``--reject-below`` and
+``--keep-top``, then ``--accept``/``--reject``/``--clear`` by index, then
+``--regenerate-rejected``, then ``--list``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..curation.decisions import Sample, decide, defect_folders, keep_top, reject_below, samples
+from ..curation.quality import QUALITY_VERSION
+from ..curation.rescore import rescore
+from ..errors import InputError, UsageError
+from ..runs.contact_sheet import write_contact_sheet
+from ..runs.store import OutputStore
+from . import generate
+from . import options as o
+
+__all__ = ["add_parser", "run", "parse_indices", "table"]
+
+
+def add_parser(sub) -> None:
+    """Add ``curate`` to the ``o2mag`` sub-parser set ``sub``."""
+    c = sub.add_parser(
+        "curate", help="score, list, accept and reject generated samples (decisions go into the manifests)",
+        description="Curate the samples of an output folder (what o2mag generate --out / o2mag dataset --out "
+                    "wrote): give old folders quality records (--rescore), reject by score, keep the best K "
+                    "per defect type, accept or reject by index, and list them. Decisions are stored in "
+                    "each sample's manifest line as \"review\"; o2mag evaluate leaves rejected samples out.",
+        formatter_class=o.HelpFormatter)
+    c.add_argument("out", metavar="OUT", help="output folder (<OUT>/<category>/<defect>/manifest.jsonl)")
+    c.add_argument("--category", help="only this category")
+    c.add_argument("--defect", help="only this defect type")
+    c.add_argument("--list", action="store_true", help="print a table of the samples with their scores and reviews")
+    c.add_argument("--rescore", action="store_true",
+                   help="compute the quality record of samples that have none (or an older version), against "
+                        "the normal image the manifest names (no model is loaded)")
+    c.add_argument("--reject-below", type=o.fraction("--reject-below"), metavar="SCORE",
+                   help="reject every scored sample whose score is below SCORE (0..1)")
+    c.add_argument("--keep-top", type=o.int_at_least("--keep-top", 0), metavar="K",
+                   help="per defect type, accept the K best scored samples and reject the other scored ones")
+    for name, what in (("accept", "accept"), ("reject", "reject"), ("clear", "forget the decision on")):
+        c.add_argument(f"--{name}", metavar="INDICES", action="append", default=[],
+                       help=f"{what} these samples of the one selected defect folder: e.g. 3,5,10-12 "
+                            "(repeatable)")
+    regen = c.add_argument_group("replacements")
+    regen.add_argument("--regenerate-rejected", action="store_true",
+                       help="generate new samples (new indices, so new mask seeds) with the folder's own settings "
+                            "until --num accepted-or-unreviewed samples exist; with --reject-below the new ones "
+                            "are judged too (up to 5 rounds). Folders of o2mag generate only")
+    regen.add_argument("--num", type=o.int_at_least("--num", 1), help="how many accepted-or-unreviewed samples "
+                                                                      "--regenerate-rejected makes sure exist")
+    regen.add_argument("--device", default="auto", help="device for --regenerate-rejected (as o2mag generate)")
+    regen.add_argument("--batch-size", type=o.int_at_least("--batch-size", 1), default=4,
+                       help="targets per UNet batch for --regenerate-rejected")
+    c.set_defaults(handler=run)
+
+
+ROUNDS = 5  # --regenerate-rejected: at most this many generate runs
+
+
+def generate_argv(settings: dict, out: str, category: str, defect: str, num: int) -> List[str]:
+    """The ``o2mag generate`` arguments that reproduce a folder's manifest ``settings`` (the store
+    refuses to resume if any of them differs, so a wrong guess cannot mix two setups)."""
+    def need(key):
+        if settings.get(key) is None:
+            raise InputError(f"--regenerate-rejected: the manifest's settings lack {key!r}")
+        return settings[key]
+
+    argv = ["generate", "--out", str(out), "--category", category, "--defect", defect, "--num", str(num)]
+    model = need("model")
+    if model != "o2mag-tiny-seed0":  # the embedded default loads that one without --model
+        argv += ["--model", model]
+    source, normals = need("source"), need("normals")
+    if source == "files":
+        if len(normals) != 1:
+            raise UsageError("--regenerate-rejected: this folder was made from a folder of normal images; rerun "
+                             "o2mag generate with --num to add samples")
+        argv += ["--ref", need("reference"), "--ref-mask", need("ref_mask"), "--normal", normals[0]]
+    elif source == "mvtec":
+        ref = Path(need("reference"))
+        refs = sorted(ref.parent.iterdir())
+        argv += ["--mvtec-root", str(ref.parents[3]), "--ref-index", str(refs.index(ref)),
+                 "--num-normals", str(len(normals))]
+    elif source != "embedded":
+        raise UsageError(f"--regenerate-rejected: folders made by o2mag {source} are not supported; rerun that "
+                         "command with a larger --num")
+    argv += ["--prompt", need("prompt"), "--anomaly-word", need("anomaly_word"), "--dtype", need("dtype"),
+             "--size", str(need("size")), "--steps", str(need("steps")), "--guidance", repr(need("guidance")),
+             "--ago-steps", str(need("ago_steps")), "--ago-lr", repr(need("ago_lr")), "--seed", str(need("seed")),
+             "--mask-mode", need("mask_mode"), "--foreground", need("foreground"), "--quiet"]
+    if settings.get("masks"):
+        argv += ["--masks", settings["masks"]]
+    if settings.get("ago_mask_weight"):
+        argv.append("--ago-mask-weight")
+    if settings.get("blend_background") is False:
+        argv.append("--no-blend")
+    return argv
+
+
+def _regenerate(args, changed: set) -> None:
+    folders = sorted({(s.category, s.defect) for s in samples(args.out, args.category, args.defect)})
+    parser = o.Parser(prog="o2mag")
+    generate.add_parser(parser.add_subparsers(dest="command", parser_class=o.Parser))
+    for cat, dfc in folders:
+        for _ in range(ROUNDS):
+            items = samples(args.out, cat, dfc)
+            kept = [s for s in items if s.review != "rejected"]
+            if len(kept) >= args.num:
+                break
+            slots = max(s.index for s in items) + 1
+            argv = generate_argv(items[-1].record.get("settings") or {}, args.out, cat, dfc,
+                                 slots + args.num - len(kept))
+            gen_args = parser.parse_args(argv + ["--device", args.device, "--batch-size", str(args.batch_size)])
+            print(f"o2mag: curate: {cat}/{dfc}: {len(kept)} of {args.num} samples kept, generating "
+                  f"{args.num - len(kept)} more", file=sys.stderr)
+            generate.run(gen_args)
+            changed.add((cat, dfc))
+            if args.reject_below is not None:
+                new = [s for s in samples(args.out, cat, dfc) if s.index >= slots]
+                _apply(args.out, reject_below(new, args.reject_below), f"new samples below {args.reject_below:g}",
+                       changed)
+        kept = sum(1 for s in samples(args.out, cat, dfc) if s.review != "rejected")
+        if kept < args.num:
+            print(f"o2mag: curate: {cat}/{dfc}: only {kept} of {args.num} samples kept after {ROUNDS} rounds",
+                  file=sys.stderr)
+
+
+def parse_indices(text: str, option: str) -> List[int]:
+    """``"3,5,10-12"`` -> [3, 5, 10, 11, 12]; a malformed list is an input error naming ``option``."""
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise UsageError(f"{option}: {text!r} is not a list of sample indices like 3,5,10-12") from None
+        if a < 0 or b < a:
+            raise UsageError(f"{option}: {part!r} is not an index or a rising range of indices >= 0")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def table(items: List[Sample]) -> str:
+    """The ``--list`` table: one row per sample."""
+    rows = [("folder", "index", "score", "presence", "leakage", "likeness", "review")]
+    for s in items:
+        q = s.record.get("quality") if isinstance(s.record.get("quality"), dict) else {}
+        rows.append((s.key, f"{s.index:03d}", _fmt(q.get("score")), _fmt(q.get("presence")),
+                     _fmt(q.get("leakage")), _fmt(q.get("likeness")), s.review or "-"))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def _apply(out: str, plan: Dict[Tuple[str, str], Dict[int, Optional[str]]], what: str, changed: set) -> int:
+    n = 0
+    for (cat, dfc), reviews in plan.items():
+        if reviews:
+            n += len(decide(out, cat, dfc, reviews))
+            changed.add((cat, dfc))
+    print(f"o2mag: curate: {what}: {n} sample(s) marked", file=sys.stderr)
+    return n
+
+
+def _by_index(args, items: List[Sample]) -> Dict[Tuple[str, str], Dict[int, Optional[str]]]:
+    wanted: Dict[int, Optional[str]] = {}
+    for name, value in (("accept", "accepted"), ("reject", "rejected"), ("clear", None)):
+        for text in getattr(args, name):
+            for i in parse_indices(text, f"--{name}"):
+                wanted[i] = value
+    if not wanted:
+        return {}
+    folders = sorted({(s.category, s.defect) for s in items})
+    if len(folders) != 1:
+        raise UsageError("--accept/--reject/--clear need exactly one defect folder; give --category and "
+                         f"--defect (found {', '.join(f'{c}/{d}' for c, d in folders) or 'none'})")
+    present = {s.index for s in items}
+    missing = sorted(set(wanted) - present)
+    if missing:
+        raise InputError(f"{folders[0][0]}/{folders[0][1]} has no complete sample at index(es) "
+                         f"{', '.join(map(str, missing))}")
+    return {folders[0]: wanted}
+
+
+def run(args) -> int:
+    """The ``o2mag curate`` command (called by :func:`o2mag.cli.main`)."""
+    if not defect_folders(args.out):
+        raise InputError(f"{args.out} holds no generated samples (no <category>/<defect>/manifest.jsonl)")
+    items = samples(args.out, args.category, args.defect)
+    if not items:
+        raise InputError(f"no complete samples in {args.out} for the selected category/defect")
+    by_index = _by_index(args, items)  # checked before anything is written
+    if args.regenerate_rejected != (args.num is not None):
+        raise UsageError("--regenerate-rejected and --num go together")
+    if args.rescore:
+        stale = [s for s in items if not isinstance(s.record.get("quality"), dict)
+                 or s.record["quality"].get("version") != QUALITY_VERSION]
+        scores, problems = rescore(stale)
+        for p in problems:
+            print(f"o2mag: curate: not scored: {p}", file=sys.stderr)
+        n = 0
+        for (cat, dfc), records in scores.items():
+            store = OutputStore(args.out, cat, dfc, annotator=True)
+            try:
+                n += len(store.annotate({i: {"quality": q} for i, q in records.items()}))
+            finally:
+                store.close()
+        print(f"o2mag: curate: rescored {n} sample(s) ({len(items) - len(stale)} already had a record)",
+              file=sys.stderr)
+        items = samples(args.out, args.category, args.defect)
+    changed: set = set()
+    unscored = sum(1 for s in items if s.score is None)
+    if (args.reject_below is not None or args.keep_top is not None) and unscored:
+        print(f"o2mag: curate: {unscored} sample(s) have no quality record and are left as they are "
+              "(run with --rescore to score them)", file=sys.stderr)
+    if args.reject_below is not None:
+        _apply(args.out, reject_below(items, args.reject_below), f"score below {args.reject_below:g}", changed)
+    if args.keep_top is not None:
+        _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}", changed)
+    if by_index:
+        _apply(args.out, by_index, "by index", changed)
+    if args.regenerate_rejected:
+        _regenerate(args, changed)
+    if changed:
+        for cat, dfc in sorted(changed):  # the sheets show the decisions (rejected ones crossed out)
+            write_contact_sheet(Path(args.out) / cat / dfc)
+    if args.list:
+        print(table(samples(args.out, args.category, args.defect)))
+    return 0

@@ -1,0 +1,189 @@
+"""``o2mag generate`` writes a quality record per sample, and ``o2mag curate`` lists, rescores,
+accepts and rejects (decisions in the manifest as ``review``, through ``OutputStore.annotate``,
+safe beside another writer of the same folder)."""
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from o2mag.cli import main
+from o2mag.curation.decisions import decide, review_counts, samples
+from o2mag.runs.store import OutputStore, complete_samples
+
+FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
+CAT, DEF = "synthetic_surface", "scratch"
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    assert main(["generate", "--out", str(out), "--num", "5", *FAST]) == 0
+    return out
+
+
+@pytest.fixture
+def out(generated, tmp_path):
+    dest = tmp_path / "out"
+    shutil.copytree(generated, dest, ignore=shutil.ignore_patterns(".o2mag-cache"))
+    return dest
+
+
+def _last(out):
+    return {i: rec for i, _, _, rec in complete_samples(out / CAT / DEF)}
+
+
+def test_generate_writes_a_quality_record_against_the_replay(generated):
+    recs = _last(generated)
+    assert sorted(recs) == list(range(5))
+    for rec in recs.values():
+        q = rec["quality"]
+        assert q["baseline"] == "replay" and 0.0 <= q["score"] <= 1.0
+        assert q["presence"] > 0 and q["leakage"] >= 0 and 0 <= q["likeness"] <= 1
+
+
+def test_list_prints_every_sample_with_its_score(out, capsys):
+    assert main(["curate", str(out), "--list"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["folder", "index", "score", "presence", "leakage", "likeness", "review"]
+    recs = _last(out)
+    assert len(rows) == 1 + len(recs)
+    for row in rows[1:]:
+        folder, index, score, *_, review = row.split()
+        assert folder == f"{CAT}/{DEF}" and review == "-"
+        assert float(score) == pytest.approx(recs[int(index)]["quality"]["score"], rel=1e-3)
+
+
+def test_reject_below_marks_exactly_the_low_scores_and_keeps_status(out, capsys):
+    scores = {i: r["quality"]["score"] for i, r in _last(out).items()}
+    cut = sorted(scores.values())[2]  # the two lowest fall below it (ties aside)
+    assert main(["curate", str(out), "--reject-below", repr(cut)]) == 0
+    recs = _last(out)
+    assert {i for i, r in recs.items() if r.get("review") == "rejected"} == {i for i, s in scores.items() if s < cut}
+    assert all(r["status"] == "ok" for r in recs.values())
+    counts = review_counts(out / CAT / DEF)
+    assert counts["rejected"] == sum(s < cut for s in scores.values()) and counts["accepted"] == 0
+
+
+def test_keep_top_accepts_k_and_rejects_the_rest(out):
+    assert main(["curate", str(out), "--keep-top", "2"]) == 0
+    recs = _last(out)
+    ranked = sorted(recs, key=lambda i: (-recs[i]["quality"]["score"], i))
+    assert [recs[i]["review"] for i in ranked] == ["accepted"] * 2 + ["rejected"] * 3
+
+
+def test_accept_reject_clear_by_index_and_bad_indices(out, capsys):
+    assert main(["curate", str(out), "--reject", "0,2-3", "--accept", "1"]) == 0
+    assert {i: r.get("review") for i, r in _last(out).items()} == \
+        {0: "rejected", 1: "accepted", 2: "rejected", 3: "rejected", 4: None}
+    assert main(["curate", str(out), "--clear", "2"]) == 0
+    assert "review" not in _last(out)[2]
+    before = (out / CAT / DEF / "manifest.jsonl").read_bytes()
+    for bad in (["--reject", "1-x"], ["--reject", "3-1"], ["--accept", "99"]):
+        assert main(["curate", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err
+    assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before  # nothing written on an error
+    assert main(["curate", str(out / "nowhere"), "--list"]) == 2
+
+
+def test_rescore_gives_old_folders_records_against_the_normal_image(out, capsys):
+    path = out / CAT / DEF / "manifest.jsonl"
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    for rec in lines:
+        rec.pop("quality")
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))  # a folder from before quality records
+    assert main(["curate", str(out), "--reject-below", "0.5"]) == 0
+    assert "no quality record" in capsys.readouterr().err and "review" not in _last(out)[0]
+    assert main(["curate", str(out), "--rescore"]) == 0
+    recs = _last(out)
+    assert all(r["quality"]["baseline"] == "normal" and 0 <= r["quality"]["score"] <= 1 for r in recs.values())
+    assert main(["curate", str(out), "--rescore"]) == 0  # nothing stale: nothing rewritten
+    assert "rescored 0 sample(s)" in capsys.readouterr().err
+
+
+def test_decisions_beside_another_writer_of_the_folder(out):
+    """A generate-like writer appends and replaces samples while decisions come in from two
+    threads: every decision on an untouched sample survives, a replaced sample starts unreviewed."""
+    settings = _last(out)[0]["settings"]
+    writer = OutputStore(out, CAT, DEF, settings=settings)
+    img = np.zeros((128, 128, 3), np.uint8)
+    mask = np.zeros((128, 128), bool)
+    mask[40:60, 40:60] = True
+    try:
+        errors = []
+
+        def decide_many(indices, value):
+            try:
+                for i in indices:
+                    decide(out, CAT, DEF, {i: value})
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=decide_many, args=([0, 1, 2], "rejected")),
+                   threading.Thread(target=decide_many, args=([3, 4], "accepted"))]
+        for t in threads:
+            t.start()
+        for k in range(5, 9):
+            assert writer.claim([k]) == [k]  # as the runner does; it checks the live leases too
+            writer.write(k, img, mask, {"seed": [0, k]})
+            writer.check_others()
+        for t in threads:
+            t.join()
+        assert not errors
+        replacer = OutputStore(out, CAT, DEF, settings=settings, overwrite=True)
+        replacer.write(1, img, mask, {"seed": [0, 1]})
+        replacer.close()
+    finally:
+        writer.close()
+    recs = _last(out)
+    assert sorted(recs) == list(range(9))
+    assert {i: recs[i].get("review") for i in range(9)} == \
+        {0: "rejected", 1: None, 2: "rejected", 3: "accepted", 4: "accepted", 5: None, 6: None, 7: None, 8: None}
+    assert [s.index for s in samples(out) if s.review == "rejected"] == [0, 2]
+
+
+def test_annotate_refuses_the_store_keys(out):
+    store = OutputStore(out, CAT, DEF)
+    try:
+        with pytest.raises(ValueError, match="status"):
+            store.annotate({0: {"status": "gone"}})
+        assert store.annotate({99: {"review": "rejected"}}) == {}  # no such sample: nothing written
+    finally:
+        store.close()
+
+
+def test_a_reviewer_holding_the_manifest_lease_never_stops_a_writer(out):
+    settings = _last(out)[0]["settings"]
+    writer = OutputStore(out, CAT, DEF, settings=settings)
+    reviewer = OutputStore(out, CAT, DEF, annotator=True)
+    try:
+        reviewer.leases.acquire("manifest")
+        writer.check_others()  # the reviewer's lease (no settings) is no conflicting run
+        assert writer.claimed_by_others() == set()
+        reviewer.leases.release("manifest")
+        tmp = out / CAT / DEF / "image" / ".o2mag-009.png.abc.tmp"
+        tmp.write_bytes(b"half")  # a writer's file being renamed into place
+        OutputStore(out, CAT, DEF, annotator=True).close()
+        assert tmp.exists()  # a reviewer never tidies writers' files
+    finally:
+        writer.close()
+        reviewer.close()
+
+
+def test_regenerate_rejected_adds_new_samples_with_the_folders_own_settings(out, capsys):
+    assert main(["curate", str(out), "--reject", "1,3"]) == 0
+    before = {i: (out / CAT / DEF / "image" / f"{i:03d}.png").read_bytes() for i in range(5)}
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5", "--device", "cpu"]) == 0
+    assert "3 of 5 samples kept, generating 2 more" in capsys.readouterr().err
+    recs = _last(out)
+    assert sorted(recs) == list(range(7))
+    assert [i for i, r in recs.items() if r.get("review") == "rejected"] == [1, 3]
+    assert all(recs[i]["settings"] == recs[0]["settings"] and "quality" in recs[i] for i in (5, 6))
+    assert recs[5]["mask_params"] != recs[1]["mask_params"]  # a new index: a new mask seed
+    assert all((out / CAT / DEF / "image" / f"{i:03d}.png").read_bytes() == b for i, b in before.items())
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5"]) == 0  # enough: nothing made
+    assert sorted(_last(out)) == list(range(7))
+    assert main(["curate", str(out), "--num", "5"]) == 2
