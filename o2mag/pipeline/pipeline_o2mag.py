@@ -32,7 +32,7 @@ from ..sources.tiny import tiny_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
-from .loading import check_model_path, loading_kwargs
+from .loading import check_model_path, load_error_message, loading_kwargs
 from .outputs import O2MAGPipelineOutput, PipelineStats, mask_image, postprocess
 from .preparation import PreparationMixin
 from .request import Request, check_arguments, prepare_request
@@ -104,7 +104,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         except InputError:
             raise
         except (OSError, ValueError) as e:
-            raise InputError(f"could not load a diffusers pipeline from {name!r}: {e}") from e
+            raise InputError(f"could not load a diffusers pipeline from {name!r}: {load_error_message(e)}") from e
         pipe.model_id = os.path.abspath(name) if os.path.isdir(name) else name
         return pipe
 
