@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..curation.decisions import review_counts
 from ..errors import InputError, UsageError
-from ..masks import load_image, load_mask, resize_image
+from ..masks import load_image, load_mask, read_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
 from ..runs.runner import Group, Reference, run_groups
 from ..sources.groups import DEFAULT_NUM, GroupSpec, job_groups, mvtec_groups
@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
     masks.add_argument("--foreground", choices=("otsu", "all"), default="otsu",
                        help="where target masks may go: 'otsu' (estimated per normal image, falls back to "
                             "the whole image for textures) or 'all'")
-    masks.add_argument("--seed", type=o.int_at_least("--seed", 0), default=0,
+    masks.add_argument("--seed", type=o.integer("--seed"), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     o.add_generation_args(d)
     d.set_defaults(handler=run)
@@ -162,8 +162,9 @@ def _usable_references(spec: GroupSpec, size: int, say: bool) -> List[tuple]:
     refs = []
     for img_path, mask_path in spec.references:
         m = load_mask(mask_path, _image_shape(img_path), resize=False)
+        read_mask(m, f"{spec.key}: reference mask {mask_path}", allow_full=False)  # refused, not skipped
         try:
-            o.load_mask_array(m, size)
+            read_mask(m, "reference mask", shape=(size, size))
         except InputError:
             if say:
                 print(f"o2mag: {spec.key}: reference {img_path} skipped: its mask is empty at {size} px",
@@ -193,7 +194,8 @@ def _group(args, spec: GroupSpec, pipe, state, mode: str, dtype_name: str, gen) 
         for img_path, mask_path in refs:
             im = load_image(img_path)
             m = load_mask(mask_path, (im.height, im.width), resize=False)
-            out_refs.append(Reference(str(img_path), resize_image(im, size), o.load_mask_array(m, size)))
+            out_refs.append(Reference(str(img_path), resize_image(im, size),
+                                      o.load_mask_array(m, size, f"reference mask {mask_path}")))
         return out_refs, [resize_image(load_image(p), size) for p in normal_paths]
 
     return Group(category=spec.category, defect=spec.defect, num=spec.num, ref_names=[str(i) for i, _ in refs],
@@ -215,6 +217,7 @@ def run(args) -> int:
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)
     steps, ago_steps = o.default_steps(args, embedded)
+    o.generation_settings(args, steps, ago_steps, None)  # the settings' rules, before the model loads
     t0 = time.perf_counter()
     pipe = o.load_pipeline(args, device, dtype, state, embedded)
     pipe.progress = False  # the dataset shows its own bars (overall, category, what is running)

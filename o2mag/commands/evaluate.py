@@ -11,6 +11,7 @@ Errors follow the ``o2mag`` command's rules: a problem with what the user gave r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -94,7 +95,7 @@ def add_parser(sub) -> None:
                    help="reproduce the published protocol to compare with published tables: checkpoint chosen on "
                         "the TEST set every epoch, bilinear-truncated masks, 0.05-grid pixel F1 (LEAKY: the "
                         "report says so)")
-    d.set_defaults(handler=_detect)
+    d.set_defaults(handler=_keeps_no_empty_out(_detect))
 
     c = evsub.add_parser(
         "classify", formatter_class=HelpFormatter,
@@ -111,7 +112,7 @@ def add_parser(sub) -> None:
     c.add_argument("--epochs", type=int_at_least("--epochs", 1), default=30, help="training epochs")
     c.add_argument("--batch-size", type=int_at_least("--batch-size", 2), default=16, help="batch size")
     c.add_argument("--lr", type=positive_float("--lr"), default=1e-4, help="Adam learning rate")
-    c.set_defaults(handler=_classify)
+    c.set_defaults(handler=_keeps_no_empty_out(_classify))
 
     q = evsub.add_parser(
         "quality", formatter_class=HelpFormatter, help="KID and IC-LPIPS of generated images against real ones",
@@ -134,7 +135,7 @@ def add_parser(sub) -> None:
                    help="LPIPS backbone for IC-LPIPS (alex as in DFMGAN; vgg as later papers; tiny = demonstration)")
     q.add_argument("--lpips-weights", metavar="FILE", help="AlexNet/VGG-16 ImageNet weights (default: hub cache)")
     q.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=32, help="batch size for the networks")
-    q.set_defaults(handler=_quality)
+    q.set_defaults(handler=_keeps_no_empty_out(_quality))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -144,14 +145,40 @@ def _device(name: str):
     return resolve_device(name)
 
 
+_CREATED: list = []  # the folders this command's _out_dir made (deepest first), for _keeps_no_empty_out
+
+
 def _out_dir(out: Path, overwrite: bool, marker: str) -> Path:
+    """Check ``--out`` and create it: called once every other option and input was checked."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out is not a folder: {out}")
     if (out / marker).exists() and not overwrite:
         raise InputError(f"{out / marker} already exists (an earlier run); use --overwrite to replace its "
                          "results or choose another --out")
+    _CREATED[:] = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _keeps_no_empty_out(handler):
+    """``handler``, but when it fails, the ``--out`` folders it created and left empty are removed:
+    an input error found late (a category's data) leaves no empty folder behind."""
+    @functools.wraps(handler)
+    def run(args):
+        _CREATED.clear()
+        try:
+            return handler(args)
+        except BaseException:
+            for folder in _CREATED:
+                try:
+                    folder.rmdir()  # only when empty; a parent is tried only if its child went
+                except OSError:
+                    break
+            raise
+        finally:
+            _CREATED.clear()
+
+    return run
 
 
 def _categories(args) -> list:
@@ -199,7 +226,6 @@ def _detect(args) -> int:
     if (args.mvtec_root is None) != (args.synthetic is None):
         raise InputError("--mvtec-root and --synthetic go together (give both, or neither for the embedded demo)")
     out = Path(args.out or ("o2mag-eval-demo" if demo else "o2mag-eval"))
-    _out_dir(out, args.overwrite, "results.json")
     device = _device(args.device)
     pick = (lambda name, paper: getattr(args, name) if getattr(args, name) is not None
             else (DEMO[name] if demo else paper))
@@ -213,6 +239,8 @@ def _detect(args) -> int:
                       batch_size=pick("batch_size", 8), lr=pick("lr", 1e-4), base_width=pick("base_width", 64),
                       normal_fraction=args.normal_fraction, real_fraction=0.1 if args.real_refs else 0.0,
                       seed=args.seed, amp=amp)
+    cats = None if demo else _categories(args)
+    _out_dir(out, args.overwrite, "results.json")  # every option and input checked first: no empty --out
     if demo:
         args.mvtec_root, args.synthetic = (str(p) for p in make_demo_data(out / "demo-data"))
         args.category = args.category or "all"
@@ -220,7 +248,7 @@ def _detect(args) -> int:
         if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
             # the demo's convolutions are far too small to gain from threads; extra threads only spin
             torch.set_num_threads(1)
-    cats = _categories(args)
+        cats = _categories(args)
     opts = DetectOptions(mvtec_root=Path(args.mvtec_root), synthetic_root=Path(args.synthetic), out=out, size=size,
                          train=cfg, real_refs=args.real_refs, max_per_defect=args.max_per_defect,
                          leaky=args.leaky_paper_protocol, device=device, progress=not args.quiet)
@@ -278,8 +306,8 @@ def _classify(args) -> int:
         factory = (lambda k: resnet34_classifier(k, args.weights))
     else:
         factory = (lambda k: tiny_classifier(k, seed=args.seed))
-    _out_dir(out, args.overwrite, "results.json")
     device = _device(args.device)
+    _out_dir(out, args.overwrite, "results.json")
     opts = ClassifyOptions(mvtec_root=Path(args.mvtec_root), synthetic_root=Path(args.synthetic), out=out,
                            model_factory=factory, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, max_per_defect=args.max_per_defect, seed=args.seed, device=device,
@@ -337,9 +365,9 @@ def _quality(args) -> int:
     if args.lpips_net != "tiny":
         weights_file(args.lpips_net, args.lpips_weights)
     out = Path(args.out) if args.out else None
+    device = _device(args.device)
     if out is not None:
         _out_dir(out, args.overwrite, "quality.json")
-    device = _device(args.device)
     progress = not args.quiet
     gen = load_images(gen_files, args.size, progress=progress, desc="generated")
     ref = load_images(ref_files, args.size, progress=progress, desc="reference")

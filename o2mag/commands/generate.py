@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List
 
 from ..errors import InputError, MissingInputError, UsageError
-from ..masks import image_files, load_image, load_mask, resize_image
+from ..masks import image_files, load_image, load_mask, read_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
 from ..runs.runner import Group, Reference, run_groups
 from ..sources.mvtec import mvtec_inputs
@@ -78,7 +78,7 @@ def add_parser(sub) -> None:
                        help="where target masks may go: a mask file, 'otsu' (estimated from the normal "
                             "image, "
                             "falls back to the whole image) or 'all'")
-    masks.add_argument("--seed", type=o.int_at_least("--seed", 0), default=0,
+    masks.add_argument("--seed", type=o.integer("--seed"), default=0,
                        help="base seed: mask i uses seed (seed, i); AGO uses seed")
     o.add_generation_args(g)
     g.set_defaults(handler=run)
@@ -131,6 +131,7 @@ def _inputs(args):
         ref_mask = load_mask(mask_path, (reference.height, reference.width), resize=False)
     except InputError as e:
         raise type(e)(f"--ref-mask: {e}") from None
+    read_mask(ref_mask, "--ref-mask", allow_full=False)  # the pipeline's rule, before the model loads
     normals = []
     for p in list(normal_paths)[: args.num_normals]:
         try:
@@ -164,6 +165,7 @@ def run(args) -> int:
     device, dtype, dtype_name = o.device_dtype(args, state)
     inputs = _inputs(args)
     steps, ago_steps = o.default_steps(args, embedded)
+    o.generation_settings(args, steps, ago_steps, None)  # the settings' rules, before the model loads
 
     t0 = time.perf_counter()
     sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""

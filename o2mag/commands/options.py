@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingInputError, UsageError
-from ..masks import resize_mask, resolve_foreground, target_masks
+from ..masks import folder_masks, read_mask, resolve_foreground, target_masks
 from ..runs.processes import process_state
 from ..runs.runner import RunOptions
 
@@ -29,6 +29,7 @@ __all__ = [
     "add_output_args", "add_model_args", "add_generation_args", "process_state_for", "resolve_device",
     "device_dtype", "default_steps", "load_pipeline", "working_size", "prompt_and_word",
     "check_mask_options", "target_masks_for", "load_mask_array", "generation_settings", "manifest_settings",
+    "integer", "number", "SETTING_OPTIONS",
     "run_options", "stats_line",
 ]
 
@@ -55,6 +56,17 @@ def _number(name: str, text: str, kind):
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+
+
+def integer(name: str):
+    """An int, any value: for options whose bounds are a setting's rule (checked by
+    :func:`generation_settings`, so the command line and ``pipe(...)`` share one rule)."""
+    return lambda text: _number(name, text, int)
+
+
+def number(name: str):
+    """A float, any value (see :func:`integer`)."""
+    return lambda text: _number(name, text, float)
 
 
 def int_at_least(name: str, minimum: int):
@@ -150,16 +162,16 @@ def add_model_args(g) -> None:
 
 def add_generation_args(g) -> None:
     gen = g.add_argument_group("generation")
-    gen.add_argument("--steps", type=int_at_least("--steps", 2), default=None,
+    gen.add_argument("--steps", type=integer("--steps"), default=None,
                      help=f"DDIM steps (default {PAPER_STEPS}; {EMBEDDED_STEPS} in the embedded demo)")
-    gen.add_argument("--guidance", type=float_at_least("--guidance", 0.0), default=7.5,
+    gen.add_argument("--guidance", type=number("--guidance"), default=7.5,
                      help="classifier-free guidance scale")
-    gen.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4,
+    gen.add_argument("--batch-size", type=integer("--batch-size"), default=4,
                      help="targets per UNet batch (each batch adds one reference and one normal branch)")
-    gen.add_argument("--ago-steps", type=int_at_least("--ago-steps", 0), default=None,
+    gen.add_argument("--ago-steps", type=integer("--ago-steps"), default=None,
                      help=f"AGO Adam steps, 0 = off (default {PAPER_AGO_STEPS}; {EMBEDDED_AGO_STEPS} in the "
                           "demo)")
-    gen.add_argument("--ago-lr", type=float_at_least("--ago-lr", 0.0, strict=True), default=3e-3,
+    gen.add_argument("--ago-lr", type=number("--ago-lr"), default=3e-3,
                      help="AGO learning rate")
     gen.add_argument("--ago-mask-weight", action="store_true",
                      help="weight the AGO loss by the dilated reference mask (focus on the defect)")
@@ -224,7 +236,7 @@ def device_dtype(args, state=None):
 
 def default_steps(args, embedded: bool) -> tuple:
     """``(steps, ago_steps)``: the options, else the embedded demo's or the paper's defaults."""
-    steps = args.steps or (EMBEDDED_STEPS if embedded else PAPER_STEPS)
+    steps = args.steps if args.steps is not None else (EMBEDDED_STEPS if embedded else PAPER_STEPS)
     ago_steps = args.ago_steps
     if ago_steps is None:
         ago_steps = EMBEDDED_AGO_STEPS if embedded else PAPER_AGO_STEPS
@@ -303,8 +315,14 @@ def check_mask_options(args) -> str:
             raise UsageError("--mask-mode folder needs --masks DIR")
         if not Path(masks).is_dir():
             raise MissingInputError(f"--masks folder not found: {masks}")
-    if args.foreground not in ("otsu", "all") and not Path(args.foreground).is_file():
-        raise MissingInputError(f"--foreground mask not found: {args.foreground}")
+        try:
+            folder_masks(masks)  # every file readable and not empty, before the model loads
+        except InputError as e:
+            raise type(e)(f"--masks: {e}") from None
+    if args.foreground not in ("otsu", "all"):
+        if not Path(args.foreground).is_file():
+            raise MissingInputError(f"--foreground mask not found: {args.foreground}")
+        read_mask(args.foreground, "--foreground")
     return mode
 
 
@@ -317,24 +335,37 @@ def target_masks_for(args, mode: str, ref_mask, normal_image, indices: Sequence[
                         seed=args.seed)
 
 
-def load_mask_array(mask, size: int):
-    """Bool mask resized (nearest) to the working size; an empty result is an input error."""
-    m = resize_mask(mask, (size, size))
-    if not m.any():
-        raise InputError("--ref-mask is empty (no defect pixel) at the working size")
-    return m
+def load_mask_array(mask, size: int, name: str = "--ref-mask"):
+    """A reference mask as bool at the working size (nearest), read by the pipeline's rule
+    (:func:`o2mag.masks.read_mask`): empty, or covering the whole image, is an input error."""
+    return read_mask(mask, name, shape=(size, size), allow_full=False)
 
 
-def generation_settings(args, steps: int, ago_steps: int, size: int):
-    """The :class:`~o2mag.pipeline.settings.GenerationSettings` these options ask for. Inversions go
-    to the disk cache too, so that the processes of a launch and later runs share them."""
+SETTING_OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "batch_size": "--batch-size",
+                   "seed": "--seed", "ago_steps": "--ago-steps", "ago_lr": "--ago-lr", "size": "--size"}
+"""The generation settings the options set: their bounds are the settings' own rules."""
+
+
+def generation_settings(args, steps: int, ago_steps: int, size: Optional[int]):
+    """The :class:`~o2mag.pipeline.settings.GenerationSettings` these options ask for, checked by
+    the settings' own rules (the ones ``pipe(...)`` applies), an error naming the option
+    (``UsageError``). Called once with ``size=None`` before the model loads, to check the options
+    early. Inversions go to the disk cache too, so that the processes of a launch and later runs
+    share them."""
     from ..pipeline.settings import GenerationSettings  # deferred: loads torch
 
-    return GenerationSettings(num_inference_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size,
-                              seed=args.seed, size=size, kv_cache=args.kv_cache,
-                              kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None,
-                              blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
-                              ago_mask_weight=args.ago_mask_weight, cache_inversions_to_disk=True)
+    try:
+        return GenerationSettings(num_inference_steps=steps, guidance_scale=args.guidance,
+                                  batch_size=args.batch_size, seed=args.seed, size=size, kv_cache=args.kv_cache,
+                                  kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None,
+                                  blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
+                                  ago_mask_weight=args.ago_mask_weight, cache_inversions_to_disk=True)
+    except (TypeError, ValueError) as e:
+        text = str(e)
+        for name, option in SETTING_OPTIONS.items():
+            if text.startswith(name + " "):
+                text = option + text[len(name):]
+        raise UsageError(text) from None
 
 
 def manifest_settings(settings) -> dict:

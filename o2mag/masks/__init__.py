@@ -5,7 +5,8 @@ The modules: :mod:`.images` (image and mask files, conversion, resizing), :mod:`
 :mod:`o2mag.checks` beneath them.
 """
 from .foreground import foreground_mask, resolve_foreground
-from .images import MASK_EXTENSIONS, image_files, load_image, load_mask, resize_image, resize_mask, to_mask
+from .images import (MASK_EXTENSIONS, MASK_SCALES, image_files, load_image, load_mask, read_mask, resize_image,
+                     resize_mask, to_mask)
 from .targets import (MASK_KINDS, TargetMask, affine_masks, folder_masks, perlin_masks, perlin_noise,
                       target_masks)
 
@@ -24,6 +25,8 @@ __all__ = [
     "load_mask",
     "load_image",
     "to_mask",
+    "read_mask",
+    "MASK_SCALES",
     "resize_mask",
     "resize_image",
 ]

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..checks import check_fraction, check_shape
-from ..errors import InputError
-from .images import load_mask, resize_mask, to_mask
+from .images import read_mask, resize_mask, to_mask
 from .morphology import border_frame, box_blur, fill_holes, frame_width, largest_component, otsu_threshold
 
 __all__ = [
@@ -95,21 +94,19 @@ def resolve_foreground(spec: Any, normal_image: Any = None,
             raise ValueError("normal_image is needed for foreground='otsu'")
         return resize_mask(foreground_mask(normal_image, "otsu"), shape)
     if isinstance(spec, (str, os.PathLike)):
-        return load_mask(spec, shape)
+        return read_mask(spec, "foreground", shape=shape)
     mask = to_mask(spec, "foreground")
     if shape is not None and mask.shape != tuple(shape):
         raise ValueError(f"foreground has shape {mask.shape}, expected {tuple(shape)}")
-    if not mask.any():
-        raise InputError("foreground mask is empty")
-    return mask
+    return read_mask(spec, "foreground")
 
 
 def check_foreground(foreground: Any, shape: tuple[int, int]) -> np.ndarray:
+    """The foreground a mask maker was given (None: the whole image), read by
+    :func:`~.images.read_mask`: it must have ``shape`` and must not be empty."""
     if foreground is None:
         return np.ones(shape, dtype=bool)
     fg = to_mask(foreground, "foreground")
     if fg.shape != shape:
         raise ValueError(f"foreground has shape {fg.shape} but the masks have shape {shape}")
-    if not fg.any():
-        raise InputError("foreground mask is empty: no place for a target mask")
-    return fg
+    return read_mask(fg, "foreground")

@@ -18,7 +18,7 @@ import numpy as np
 from ..checks import check_fraction, check_int, check_range, check_shape, sample_indices
 from ..errors import InputError, MissingInputError
 from .foreground import check_foreground
-from .images import MASK_EXTENSIONS, image_files, load_mask, to_mask
+from .images import MASK_EXTENSIONS, image_files, load_mask, read_mask, to_mask
 from .morphology import border_frame, frame_width, largest_component
 
 __all__ = [
@@ -123,10 +123,8 @@ def affine_masks(ref_mask: Any, n: int | Sequence[int], *, foreground: Any = Non
     mask lies inside it. Raises ``InputError`` if ``M_R`` is empty or no valid placement is found
     in ``max_tries`` draws (the message counts the reasons).
     """
-    ref = to_mask(ref_mask, "ref_mask")
+    ref = read_mask(ref_mask, "ref_mask", allow_full=False)
     shape = ref.shape
-    if not ref.any():
-        raise InputError("ref_mask (M_R) is empty: the reference defect mask has no pixels")
     idx = sample_indices(n)
     fg = check_foreground(foreground, shape)
     seed = check_int("seed", seed, minimum=0)
@@ -276,13 +274,14 @@ def perlin_masks(shape: tuple[int, int], n: int | Sequence[int], *, foreground: 
     return _rejection_sample("perlin", "mask", idx, seed, max_tries, draw)
 
 
-def folder_masks(path: str | os.PathLike, shape: tuple[int, int]) -> list[TargetMask]:
+def folder_masks(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> list[TargetMask]:
     """All masks in a folder (png/jpg/bmp/tif, sorted by file name), binarised and resized (nearest)
-    to ``shape`` (H, W). Other files are ignored. Errors name the folder or file at fault."""
+    to ``shape`` (H, W; None: each at its own size). Other files are ignored. Errors name the
+    folder or file at fault; an empty mask is one."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     folder = Path(path)
-    shape = check_shape("shape", shape)
+    shape = None if shape is None else check_shape("shape", shape)
     if not folder.exists():
         raise MissingInputError(f"mask folder not found: {folder}")
     if not folder.is_dir():

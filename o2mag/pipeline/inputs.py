@@ -2,8 +2,10 @@
 where the anomaly word sits in the prompt.
 
 Images may be PIL images, paths, uint8 ``(H, W, 3)`` arrays, ``[0, 1]`` float arrays or tensors;
-masks may be paths, PIL images, arrays or tensors (read by :mod:`o2mag.masks.images`, exactly as the
-command line reads mask files). Errors name the argument the bad value was given for.
+masks may be paths, PIL images, arrays or tensors, read by :func:`o2mag.masks.images.read_mask`
+(one rule for every mask type, exactly as the command line reads mask files). Errors name the
+argument the bad value was given for; an empty mask (reference or target) is an error, and so is
+a reference mask that covers the whole image.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..masks.images import load_image, load_mask, resize_image, resize_mask, to_mask
+from ..masks.images import load_image, read_mask, resize_image
 
 __all__ = ["ImageLike", "image_array", "mask_array", "prepare_sources", "prepare_targets", "token_indices"]
 
@@ -58,14 +60,11 @@ def image_array(image: ImageLike, what: str) -> np.ndarray:
     return a
 
 
-def mask_array(mask: Any, what: str) -> np.ndarray:
-    """Any mask input -> bool (H, W), read as the command line reads masks
-    (:func:`o2mag.masks.images.load_mask` for files, :func:`o2mag.masks.images.to_mask` otherwise)."""
-    if isinstance(mask, (str, os.PathLike)):
-        return _named(what, load_mask, mask, allow_empty=True)
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    return to_mask(mask, what)
+def mask_array(mask: Any, what: str, **checks: Any) -> np.ndarray:
+    """Any mask input -> bool (H, W), read as the command line reads masks: by
+    :func:`o2mag.masks.images.read_mask`, which names ``what`` in its errors and refuses an empty
+    mask (``checks``: its ``shape``, ``allow_empty`` and ``allow_full``)."""
+    return read_mask(mask, what, **checks)
 
 
 def _resized(a: np.ndarray, size: int) -> np.ndarray:
@@ -79,27 +78,24 @@ def prepare_sources(reference: ImageLike, ref_mask: Any, normal: ImageLike,
     """``(reference uint8, M_R bool, normal uint8)`` at ``size`` x ``size``.
 
     ``ref_mask`` must have the reference's size (a mask of another image is a mistake worth
-    reporting) and must not be empty, before or after resizing."""
+    reporting), must not be empty and must not cover the whole image, before or after resizing."""
     ref = image_array(reference, "reference")
-    m_r = mask_array(ref_mask, "ref_mask")
+    m_r = mask_array(ref_mask, "ref_mask", allow_full=False)
     if m_r.shape != ref.shape[:2]:
         raise InputError(f"ref_mask is {m_r.shape[0]}x{m_r.shape[1]} (HxW) but the reference image is "
                          f"{ref.shape[0]}x{ref.shape[1]}")
-    if not m_r.any():
-        raise InputError("ref_mask (M_R) is empty: the reference defect mask has no pixels")
     nor = image_array(normal, "normal")
-    ref, nor, m_r = _resized(ref, size), _resized(nor, size), resize_mask(m_r, (size, size))
-    if not m_r.any():
-        raise InputError("ref_mask (M_R) vanished when resized to the working size")
-    return ref, m_r, nor
+    m_r = mask_array(m_r, "ref_mask", shape=(size, size), allow_full=False)
+    return _resized(ref, size), m_r, _resized(nor, size)
 
 
 def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
     """Target masks ``M_T`` as bool ``(size, size)`` arrays (nearest resize), in the given order.
 
     Takes a sequence of masks (arrays, PIL images, paths, :class:`o2mag.masks.targets.TargetMask`) or
-    one ``(N, H, W)`` / ``(H, W)`` array or tensor. An empty target mask is allowed (the target
-    then reproduces the normal image); no target mask at all is an error."""
+    one ``(N, H, W)`` / ``(H, W)`` array or tensor. An empty target mask is an error (it would make
+    a "defect" sample without a defect), also one that vanishes when resized, and so is no target
+    mask at all."""
     if isinstance(target_masks, (np.ndarray, torch.Tensor)):
         arr = target_masks
         if isinstance(arr, torch.Tensor):
@@ -116,7 +112,7 @@ def prepare_targets(target_masks: Any, size: int) -> List[np.ndarray]:
     out = []
     for k, m in enumerate(items):
         m = getattr(m, "mask", m)  # o2mag.masks.targets.TargetMask
-        out.append(resize_mask(mask_array(m, f"target_masks[{k}]"), (size, size)))
+        out.append(mask_array(m, f"target_masks[{k}]", shape=(size, size)))
     if not out:
         raise ValueError("target_masks is empty: give at least one target mask")
     return out

@@ -14,7 +14,7 @@ from transformers.utils import logging as tlog
 
 from ..errors import InputError, MissingInputError
 
-__all__ = ["check_model_path", "dtype_keyword", "loading_kwargs", "quiet_loading"]
+__all__ = ["check_model_path", "dtype_keyword", "loading_kwargs", "quiet_loading", "load_error_message"]
 
 
 def check_model_path(name_or_path: Any) -> str:
@@ -71,10 +71,25 @@ def loading_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def load_error_message(error: BaseException) -> str:
+    """diffusers' loading error as one self-contained line. Where diffusers points to "the root
+    cause in the stacktrace above" (a hub id that is neither cached nor reachable, e.g. with
+    ``HF_HUB_OFFLINE=1``), the cause it chained is named instead: the ``o2mag`` command prints
+    no stack trace."""
+    text = " ".join(str(error).split())
+    cause = error.__cause__ or error.__context__
+    if "stacktrace above" in text:
+        text = text.replace("Please check out the root cause in the stacktrace above.", "").strip()
+        if cause is not None:
+            text += f" Cause: {' '.join(str(cause).split())}"
+    return text
+
+
 @contextlib.contextmanager
 def quiet_loading(quiet: bool = True):
-    """Within the block, diffusers and transformers print errors only and no progress bars
-    (``o2mag generate --quiet``); their previous settings come back afterwards."""
+    """Within the block, diffusers and transformers print nothing -- no progress bars, no advice,
+    no error lines: a failure to load raises, and the ``o2mag`` command reports it in its own one
+    line (``--quiet``); their previous settings come back afterwards."""
     if not quiet:
         yield
         return
@@ -82,7 +97,7 @@ def quiet_loading(quiet: bool = True):
     saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
     try:
         for lib, _, _ in saved:
-            lib.set_verbosity_error()
+            lib.set_verbosity(lib.CRITICAL)  # not even logger.error (diffusers logs one, then raises)
             lib.disable_progress_bar()
         yield
     finally:

@@ -32,11 +32,11 @@ from ..sources.tiny import tiny_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
-from .loading import check_model_path, loading_kwargs
+from .loading import check_model_path, load_error_message, loading_kwargs
 from .outputs import O2MAGPipelineOutput, PipelineStats, mask_image, postprocess
 from .preparation import PreparationMixin
 from .request import Request, check_arguments, prepare_request
-from .settings import CALL, CALLBACK_TENSOR_INPUTS, CHECK, STREAM, GenerationSettings, bind
+from .settings import CALL, CALLBACK_TENSOR_INPUTS, CHECK, MIN_STEPS, STREAM, GenerationSettings, bind
 
 __all__ = ["O2MAGPipeline"]
 
@@ -104,7 +104,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         except InputError:
             raise
         except (OSError, ValueError) as e:
-            raise InputError(f"could not load a diffusers pipeline from {name!r}: {e}") from e
+            raise InputError(f"could not load a diffusers pipeline from {name!r}: {load_error_message(e)}") from e
         pipe.model_id = os.path.abspath(name) if os.path.isdir(name) else name
         return pipe
 
@@ -174,8 +174,9 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
             anomaly_word: the word(s) of ``prompt`` whose cross-attention DAE amplifies inside
                 ``M_T``, e.g. "crack". Required: it is never guessed, since the wrong guess (the
                 object) would amplify the object; ``""`` amplifies no word.
-            num_inference_steps: DDIM steps (also the inversion's). guidance_scale: CFG scale
-                (1 drops the unconditional half).
+            num_inference_steps: DDIM steps (also the inversion's), at least 2
+                (:data:`~.settings.MIN_STEPS` says why). guidance_scale: CFG scale (1 drops the
+                unconditional half).
             eta: DDIM's noise on the target branch: 0 (the paper) is deterministic; > 0 draws
                 noise from ``generator``.
             generator: a ``torch.Generator``, or a list with one per target mask (each target's
@@ -231,7 +232,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         if old_name is not None and steps is not None:
             raise ValueError("give num_inference_steps or num_steps (its older name), not both")
         if old_name is not None:
-            check_int("num_steps", old_name, minimum=1)  # the error names the argument the caller used
+            check_int("num_steps", old_name, minimum=MIN_STEPS)  # the error names the argument the caller used
             steps = old_name
         # no step count given: the settings' default (the dataclass field's value, as for pipe(...))
         a["num_inference_steps"] = GenerationSettings.num_inference_steps if steps is None else steps

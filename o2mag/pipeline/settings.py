@@ -27,12 +27,17 @@ import torch
 from ..checks import check_int, is_number
 from ..method.config import GraftConfig
 
-__all__ = ["GenerationSettings", "CALL_OPTIONS", "CALLBACK_TENSOR_INPUTS", "OUTPUT_TYPES", "SCHEMES", "CALL",
+__all__ = ["GenerationSettings", "MIN_STEPS", "CALL_OPTIONS", "CALLBACK_TENSOR_INPUTS", "OUTPUT_TYPES", "SCHEMES", "CALL",
            "STREAM", "CHECK", "bind", "check_prompt", "check_call_options", "check_size"]
 
 SCHEMES = ("one_to_more", "per_sample")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+MIN_STEPS = 2
+"""The fewest DDIM steps a request may take (``pipe(...)``, ``generate_iter``, ``o2mag --steps``).
+With one step, Stable Diffusion's schedule ("leading" spacing, offset 1) has the single timestep 1:
+the inversion adds almost no noise, so the target comes out as the normal image, and the paper's
+DAE window (40%-80% of the steps) holds no step. Two steps are the first schedule with both."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class GenerationSettings:
     @staticmethod
     def check_numbers(v: Dict[str, Any]) -> None:
         """The counts and numbers: steps, batch size, AGO steps, seed, guidance, eta, AGO lr."""
-        for name, low in (("num_inference_steps", 1), ("batch_size", 1), ("ago_steps", 0), ("seed", 0)):
+        for name, low in (("num_inference_steps", MIN_STEPS), ("batch_size", 1), ("ago_steps", 0), ("seed", 0)):
             check_int(name, v[name], minimum=low)
         g = v["guidance_scale"]
         if not is_number(g) or not math.isfinite(g) or g < 0:

@@ -24,6 +24,9 @@ How the work is split (``o2mag generate`` and ``o2mag dataset`` both run a :clas
   lease in the cache folder (the lock :class:`CacheLeases` hands the pipeline's cache): a second
   process that needs the same result waits and then reads it from the disk cache instead of
   computing (and writing) it again.
+- Before anything is written or computed, every process reads each group's inputs and draws
+  the target masks of each reference/normal pair's first sample (:meth:`Runner.check_inputs`), so
+  a bad input stops the run before the first model call.
 - At the end the processes meet once (``gather``) so process 0 can report totals.
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..curation.quality import sample_quality
-from ..errors import ClaimLostError
+from ..errors import ClaimLostError, InputError
 from .claims import Holder, Leases
 from .plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
 from .processes import ProcessState
@@ -261,6 +264,7 @@ class Runner:
         run = state.broadcast(uuid.uuid4().hex[:12] if state.is_main else None)
         lock_before = self.pipe.cache_lock
         try:
+            self.check_inputs()
             self._plan(run)
             cache_dir = self.pipe.cache_dir
             if cache_dir:
@@ -280,6 +284,28 @@ class Runner:
                 st.close()
             if self.prep is not None:
                 self.prep.release_all()
+
+    def check_inputs(self) -> None:
+        """Read and check every group's inputs before anything is written or computed: load its
+        references and normals, and draw the target masks of the first sample of each
+        reference/normal pair (sample ``i < R*M`` is the first of pair ``(i % R, i // R)``).
+
+        What fails for every sample of a pair -- an unreadable image, an empty or unreadable mask
+        or foreground, a reference mask that fits nowhere on the object, a mask folder without
+        masks -- thus fails here, before the first model call and before any output folder is
+        made; every process checks (the inputs are the same for all, so all stop alike). A draw
+        that fails by chance for one later sample only (a rejection sampler's ``max_tries``) can
+        still stop a run midway; complete samples are kept."""
+        for g in self.groups:
+            try:
+                refs, normals = g.load()
+                for i in range(min(g.num, len(g.ref_names) * len(g.normal_names))):
+                    r, n = g.pair(i)
+                    self.opts.make_masks(refs[r].mask, normals[n], [i])
+            except InputError as e:
+                if len(self.groups) == 1:
+                    raise
+                raise type(e)(f"{g.key}: {e}") from None
 
     def _plan(self, run: str) -> None:
         """Open every group's store, agree on the plan (process 0's view of what is missing),

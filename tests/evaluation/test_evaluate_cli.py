@@ -163,6 +163,31 @@ def test_detect_input_errors(copy, tmp_path, capsys):
     assert main([*base, "--category", "plate"]) == 2
     last = _one_line_error(capsys, "004_mask.png")
     assert "50x40" in last and "004.png" in last
+    # none of these input errors left an --out folder behind (not even an empty one)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("detect", ["--category", "bottle"]), ("detect", ["--device", "cuda:99"]),
+    ("detect", ["--device", "cpu", "--amp", "on"]),
+    ("classify", ["--category", "plate", "--backbone", "tiny", "--device", "cuda:99"]),
+])
+def test_an_input_error_creates_no_out_folder(trees, tmp_path, capsys, command, extra):
+    mvtec, synth = trees
+    out = tmp_path / "new" / "results"
+    code = main(["evaluate", command, "--mvtec-root", str(mvtec), "--synthetic", str(synth), "--out", str(out),
+                 "--quiet", *extra])
+    assert code == 2, capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_quality_input_error_creates_no_out_folder(trees, tmp_path, capsys):
+    mvtec, _ = trees
+    good = mvtec / "plate" / "train" / "good"
+    out = tmp_path / "q"
+    assert main(["evaluate", "quality", "--generated", str(good), "--reference", str(good), "--out", str(out),
+                 "--kid-features", "tiny", "--lpips-net", "tiny", "--device", "cuda:99", "--quiet"]) == 2
+    assert not out.exists()
 
 
 def test_split_without_test_defects_is_an_error(copy, tmp_path, capsys):

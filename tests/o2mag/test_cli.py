@@ -210,7 +210,7 @@ def test_input_errors(files, capsys):
     ("--steps", "1", "--steps must be >= 2"),
     ("--ago-steps", "-1", "--ago-steps must be >= 0"),
     ("--ago-lr", "0", "--ago-lr must be > 0"),
-    ("--guidance", "nan", "--guidance must be >= 0"),
+    ("--guidance", "nan", "--guidance must be a finite number >= 0"),
     ("--num", "many", "--num must be an integer"),
     ("--dtype", "fp64", "invalid choice"),
     ("--size", "16", "--size 16"),  # the embedded sample is drawn at 32..1024 px only

@@ -48,7 +48,7 @@ def test_quiet_loading_restores_the_libraries_settings():
 
     before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
     with quiet_loading():
-        assert all(lib.get_verbosity() == lib.ERROR and not lib.is_progress_bar_enabled() for lib in (dlog, tlog))
+        assert all(lib.get_verbosity() == lib.CRITICAL and not lib.is_progress_bar_enabled() for lib in (dlog, tlog))
     assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)] == before
     with quiet_loading(False):
         assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)] == before
@@ -80,3 +80,43 @@ def test_a_damaged_folder_is_an_input_error(tmp_path, model_dir, damage):
         (d / damage).write_text("{not json")
     with pytest.raises(InputError, match="could not load"):
         O2MAGPipeline.from_pretrained(d)
+
+
+def _quiet_command(env_extra, *args, tmp_path):
+    """``o2mag generate --quiet`` in a fresh process (diffusers' log handlers and the hub's
+    offline switch are set when they are imported), with an empty Hugging Face cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(root), **env_extra}
+    return subprocess.run([sys.executable, "-m", "o2mag", "generate", "--out", str(tmp_path / "out"), "--quiet",
+                           *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_quiet_offline_hub_id_is_one_self_contained_line(tmp_path):
+    # diffusers' own message ends "Please check out the root cause in the stacktrace above.", which
+    # the command does not print: the line must name the cause itself (no network is used)
+    r = _quiet_command({"HF_HUB_OFFLINE": "1"}, "--model", "some-org/some-model", tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("o2mag: error: could not load"), r.stderr
+    assert "stacktrace above" not in r.stderr and "HF_HUB_OFFLINE" in lines[0], r.stderr
+
+
+def test_quiet_hides_diffusers_error_lines(tmp_path, model_dir):
+    # a folder whose UNet weights are missing: diffusers logs "An error occurred while trying to
+    # fetch ..." with logger.error before it raises; under --quiet only o2mag's line remains
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(model_dir, d)
+    for f in (d / "unet").glob("*.safetensors"):
+        f.unlink()
+    r = _quiet_command({}, "--model", str(d), tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("o2mag: error: could not load"), r.stderr
+    assert "An error occurred" not in r.stderr

@@ -228,7 +228,7 @@ def test_affine_rejections_raise_clear_errors():
     big[2:126, 60:64] = True  # as tall as the image: any rotation reaches the border
     with pytest.raises(InputError, match="border"):
         targets.affine_masks(big, 1, seed=0, max_border_touch=0.0, max_tries=20)
-    with pytest.raises(InputError, match="foreground mask is empty"):
+    with pytest.raises(InputError, match="foreground is empty"):
         targets.affine_masks(ref, 1, foreground=np.zeros((H, W), bool))
 
 
@@ -545,3 +545,130 @@ def test_o2mag_masks_still_offers_the_public_mask_api():
         obj = getattr(masks, name)
         home = next(m for m in (images, foreground, targets) if name in m.__all__)
         assert obj is getattr(home, name), name
+
+
+# ------------------------------------------------------------------ one mask rule for every type
+# bool is itself; otherwise the values' range is the smallest of 0-1, 0-255 and 0-65535 holding the
+# largest value, and a pixel is set above half of it (o2mag.masks.images.to_mask). Before this rule
+# a uint8 0/1 mask read as empty while a float 0/1 mask was accepted.
+
+import torch  # noqa: E402
+
+_INT_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_SHAPE_MASK = np.zeros((9, 11), bool)
+_SHAPE_MASK[2:5, 3:8] = True
+_SHAPE_MASK[7, 0] = True
+
+
+def _encodings(m):
+    """(label, value) pairs that all mean the bool mask ``m`` under the one rule."""
+    out = [("bool", m)]
+    for dt in _INT_DTYPES:
+        for scale in (1, 255, 65535):
+            if np.iinfo(dt).max >= scale:
+                out.append((f"{np.dtype(dt).name} 0/{scale}", m.astype(dt) * dt(scale)))
+    for dt in _FLOAT_DTYPES:
+        for scale in (1.0, 255.0):
+            out.append((f"{np.dtype(dt).name} 0/{scale:g}", m.astype(dt) * dt(scale)))
+    for dt in (torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+               torch.float32, torch.float64):
+        for scale in (1, 255):
+            t = torch.from_numpy(m).to(dt) if dt is torch.bool else torch.from_numpy(m).to(dt) * scale
+            out.append((f"{dt} 0/{scale}", t))
+            out.append((f"{dt} 0/{scale} (1, H, W)", t[None]))
+            out.append((f"{dt} 0/{scale} (1, 1, H, W)", t[None, None]))
+    out.append(("uint8 0/255 (H, W, 1)", m[..., None].astype(np.uint8) * 255))
+    base = Image.fromarray(m.astype(np.uint8) * 255)
+    for mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "F", "CMYK"):
+        out.append((f"PIL {mode}", base.convert(mode)))
+    out.append(("PIL L 0/1", Image.fromarray(m.astype(np.uint8))))
+    out.append(("PIL RGB 0/1", Image.fromarray(np.stack([m.astype(np.uint8)] * 3, -1))))
+    out.append(("PIL I;16", Image.fromarray(m.astype(np.uint16) * 65535)))
+    out.append(("PIL F 0/1", Image.fromarray(m.astype(np.float32))))
+    alpha = np.zeros(m.shape + (4,), np.uint8)
+    alpha[..., 3] = m * 255
+    out.append(("PIL RGBA drawn as alpha on black", Image.fromarray(alpha, "RGBA")))
+    pal = Image.fromarray(m.astype(np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 255, 255])
+    out.append(("PIL P black/white palette", pal))
+    return out
+
+
+@pytest.mark.parametrize("label, value", _encodings(_SHAPE_MASK), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_mask_type_means_the_same_mask(label, value):
+    got = images.to_mask(value)
+    assert got.dtype == bool and got.shape == _SHAPE_MASK.shape
+    assert np.array_equal(got, _SHAPE_MASK), label
+    assert np.array_equal(images.read_mask(value, "m"), _SHAPE_MASK), label
+
+
+@pytest.mark.parametrize("mode, ext", [("1", "png"), ("L", "png"), ("L", "jpg"), ("LA", "png"), ("P", "png"),
+                                       ("RGB", "png"), ("RGB", "bmp"), ("RGBA", "png"), ("I", "tif"),
+                                       ("F", "tif"), ("I;16", "png"), ("L 0/1", "png"), ("CMYK", "tif")])
+def test_mask_files_of_every_mode_read_by_the_same_rule(tmp_path, mode, ext):
+    big = np.kron(_SHAPE_MASK, np.ones((8, 8), bool))  # blocks, so JPEG's ringing stays below half
+    if mode == "I;16":
+        im = Image.fromarray(big.astype(np.uint16) * 65535)
+    elif mode == "L 0/1":
+        im = Image.fromarray(big.astype(np.uint8))
+    else:
+        im = Image.fromarray(big.astype(np.uint8) * 255).convert(mode)
+    path = tmp_path / f"m.{ext}"
+    im.save(path)
+    with Image.open(path) as opened:
+        from_image = images.to_mask(opened)
+    assert np.array_equal(images.load_mask(path), big)
+    assert np.array_equal(images.read_mask(path, "m"), big)
+    assert np.array_equal(images.read_mask(str(path), "m"), big)
+    assert np.array_equal(from_image, big)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=12, max_size=12),
+       dtype=st.sampled_from(_INT_DTYPES + _FLOAT_DTYPES), scale=st.sampled_from((1, 255, 65535)),
+       low=st.floats(0, 0.49), high=st.floats(0.51, 1))  # clear of the half-way line after rounding
+def test_the_rule_holds_for_any_dtype_scale_and_grey_levels(bits, dtype, scale, low, high):
+    m = np.array(bits).reshape(3, 4)
+    m[0, 0] = True  # the largest value sets the scale: keep one pixel at the top of it
+    if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max < scale:
+        return
+    if np.dtype(dtype) == np.float16 and scale == 65535:
+        return  # 65535 is not a float16 value
+    values = np.where(m, high, low) * scale
+    values[0, 0] = scale
+    if np.issubdtype(dtype, np.integer):  # rounding must not cross the half-way line
+        values = np.where(m, np.maximum(np.ceil(values), scale // 2 + 1), np.minimum(np.floor(values), scale // 2))
+    arr = values.astype(dtype)
+    assert np.array_equal(images.to_mask(arr), m)
+    assert np.array_equal(images.to_mask(torch.from_numpy(arr.astype(np.float64))), m)
+
+
+@pytest.mark.parametrize("value", [np.zeros((6, 6), np.uint8), np.zeros((6, 6), bool), np.zeros((6, 6), np.float32),
+                                   np.full((6, 6), 100, np.uint8), np.full((6, 6), 0.4), torch.zeros(1, 6, 6),
+                                   Image.new("L", (6, 6), 0), Image.new("RGBA", (6, 6), (0, 0, 0, 255))])
+def test_an_empty_mask_of_any_type_is_refused_naming_the_argument(value):
+    assert not images.to_mask(value).any()  # the conversion itself allows it
+    with pytest.raises(InputError, match=r"^target_masks\[3\] is empty"):
+        images.read_mask(value, "target_masks[3]")
+    assert not images.read_mask(value, "x", allow_empty=True).any()
+
+
+def test_a_full_reference_mask_and_impossible_values_are_refused():
+    with pytest.raises(InputError, match="ref_mask covers the whole image.*inverted"):
+        images.read_mask(np.ones((6, 6), np.uint8), "ref_mask", allow_full=False)
+    assert images.read_mask(np.ones((6, 6), np.uint8), "foreground").all()  # a foreground may be everything
+    for bad, needle in [(np.full((4, 4), -1), "negative"), (np.full((4, 4), 70000), "up to 70000"),
+                        (np.full((4, 4), np.nan), "NaN"), (np.full((4, 4), 1e6), r"up to 1e\+06")]:
+        with pytest.raises(InputError, match=needle):
+            images.read_mask(bad, "m")
+    with pytest.raises(InputError, match="vanished when resized"):
+        one = np.zeros((64, 64), bool)
+        one[31, 33] = True
+        images.read_mask(one, "m", shape=(8, 8))
+
+
+def test_empty_mask_files_name_the_argument_and_the_file(tmp_path):
+    Image.new("L", (8, 8), 90).save(tmp_path / "dark.png")
+    with pytest.raises(InputError, match=r"^--foreground: mask .*dark.png is empty \(values in 0-255, largest 90"):
+        images.read_mask(tmp_path / "dark.png", "--foreground")

@@ -69,7 +69,7 @@ def test_every_setting_has_one_default_everywhere():
 
 
 @pytest.mark.parametrize("bad, kind, match", [
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be >= 1"),
+    (dict(num_inference_steps=1), ValueError, "num_inference_steps must be >= 2"),
     (dict(batch_size=1.5), TypeError, "batch_size must be an int"),
     (dict(seed=True), TypeError, "seed must be an int"),
     (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
@@ -146,3 +146,42 @@ def test_the_command_line_hands_the_pipeline_exactly_the_settings():
 ])
 def test_one_int_and_number_check(value, integer, number):
     assert is_int(value) is integer and is_number(value) is number
+
+
+# the command's options that are generation settings accept exactly what pipe(...) accepts
+_OPTION_VALUES = {"--steps": ("num_inference_steps", ["-1", "0", "1", "2", "3"]),
+                  "--batch-size": ("batch_size", ["-1", "0", "1", "2"]),
+                  "--ago-steps": ("ago_steps", ["-1", "0", "1"]),
+                  "--seed": ("seed", ["-1", "0", "5"]),
+                  "--guidance": ("guidance_scale", ["-1", "0", "1.5", "nan", "inf"]),
+                  "--ago-lr": ("ago_lr", ["-1", "0", "1e-3", "nan"])}
+
+
+@pytest.mark.parametrize("command", ["generate", "dataset"])
+@pytest.mark.parametrize("option", sorted(_OPTION_VALUES))
+def test_the_command_and_the_pipeline_share_one_rule(command, option):
+
+    from o2mag.cli import build_parser
+    from o2mag.commands import options
+    from o2mag.errors import UsageError
+
+    setting, values = _OPTION_VALUES[option]
+    for text in values:
+        value = (int if setting in ("num_inference_steps", "batch_size", "ago_steps", "seed") else float)(text)
+        try:
+            GenerationSettings(**{setting: value})
+            api = True
+        except (TypeError, ValueError):
+            api = False
+        try:
+            args = build_parser().parse_args([command, f"{option}={text}"])
+            steps = args.steps if args.steps is not None else 50
+            ago_steps = args.ago_steps if args.ago_steps is not None else 500
+            options.generation_settings(args, steps, ago_steps, None)
+            cli = True
+        except SystemExit:  # argparse's own bound
+            cli = False
+        except UsageError as e:
+            assert str(e).startswith(option), e  # the error names the option
+            cli = False
+        assert cli == api, (option, text, cli, api)
