@@ -20,10 +20,16 @@ __all__ = ["DenoisingMixin"]
 class DenoisingMixin:
     """The batches and the denoising loop of :class:`o2mag.O2MAGPipeline` (see the module docstring)."""
 
-    def _batches(self, job: Request) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    def _batches(self, job: Request,
+                 stop_on_interrupt: bool = False) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """The work shared by ``__call__`` and ``generate_iter``: AGO, the inversions, and the
-        denoising of each batch; yields ``(target indices, their final latents)``."""
+        denoising of each batch; yields ``(target indices, their final latents)``.
+
+        After a callback sets ``pipe._interrupt``, no denoising step runs: the batches left are
+        yielded undenoised (``pipe(...)`` returns every target, as diffusers' pipelines do), or,
+        with ``stop_on_interrupt`` (streaming), not at all."""
         s = job.settings
+        self._interrupt = False
         emb_u = self.encode_prompt("")
         emb_c = self.optimize_embedding(job.ref, job.prompt, steps=s.ago_steps, lr=s.ago_lr,
                                         mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
@@ -38,7 +44,10 @@ class DenoisingMixin:
             batches = [[k] for k in range(n)]
         cache = None
         for b, idx in enumerate(batches):
-            if s.scheme == "per_sample":
+            if self.interrupt and stop_on_interrupt:
+                return
+            # per_sample re-inverts for its cost only (same values); once interrupted, nothing runs
+            if s.scheme == "per_sample" and not (self.interrupt and b > 0):
                 inv_r = self.invert(job.ref, steps, use_cache=False, desc="DDIM inversion (reference)")
                 inv_n = self.invert(job.nor, steps, use_cache=False, desc="DDIM inversion (normal)")
             with_sources = not (s.kv_cache and b > 0)
@@ -63,9 +72,14 @@ class DenoisingMixin:
         The reference and normal rows (when ``with_sources``) feed the inverted latents of the
         current step (replay); their outputs are not used. Without sources, ``cache`` supplies
         their K/V (recorded by the first batch).
+
+        diffusers' callback state: ``pipe.guidance_scale`` starts at ``guidance_scale`` and is read
+        at every step (a callback may change it); the unconditional half runs when guidance is on
+        at the start (``do_classifier_free_guidance``); a step is skipped once ``pipe.interrupt``.
         """
         b = len(masks)
-        cfg = guidance_scale != 1.0
+        self._guidance_scale = guidance_scale
+        cfg = self.do_classifier_free_guidance
         layout = BranchLayout(b, cfg=cfg, include_sources=with_sources)
         graft = AttentionGraft(config, layout, source_cache=cache)
         graft.set_masks(torch.from_numpy(m_r), torch.from_numpy(np.stack(masks)))
@@ -83,6 +97,7 @@ class DenoisingMixin:
         num_steps = inv_n.num_steps
         self.scheduler.set_timesteps(num_steps, device=dev)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         if not torch.equal(timesteps.cpu(), inv_n.timesteps.cpu()):
             raise RuntimeError("scheduler timesteps differ from the inversion's")
         with graft.installed(self.unet), torch.no_grad():
@@ -90,6 +105,8 @@ class DenoisingMixin:
             # the host) inside the UNet calls, which a torch.compile-d UNet needs
             graft.prepare((h, w), dev, dtype=self.unet.dtype, text_len=emb.shape[1])
             for i, t in enumerate(self.progress_bar(timesteps, desc=desc, leave=False)):
+                if self.interrupt:
+                    continue
                 graft.set_step(i, num_steps)
                 if with_sources:
                     inp = layout.assemble(reference=inv_r.before_step(i).to(dev),
@@ -97,12 +114,15 @@ class DenoisingMixin:
                 else:
                     inp = layout.assemble(targets=x)
                 out = self._unet(inp, t, emb, generation=True)
-                if cfg:
+                eps = out[layout.target_slice("cond")]
+                if self.do_classifier_free_guidance:
+                    if not cfg:
+                        raise RuntimeError(
+                            f"a step-end callback set guidance_scale to {self.guidance_scale} (> 1) in a "
+                            f"batch that started without guidance (guidance_scale {guidance_scale} <= 1): "
+                            "the unconditional half was never run; start with guidance_scale > 1")
                     eps_u = out[layout.target_slice("uncond")]
-                    eps_c = out[layout.target_slice("cond")]
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
-                else:
-                    eps = out[layout.target_slice("cond")]
+                    eps = eps_u + self.guidance_scale * (eps - eps_u)
                 x = ddim_step(self.scheduler, eps, t, x, eta=eta, generator=generator)
                 if blend:
                     x = m_t * x + (1 - m_t) * inv_n.after_step(i).to(dev)

@@ -19,12 +19,14 @@ shows how they fit.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..checks import check_int
 from ..errors import InputError
@@ -64,15 +66,21 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    # The annotations are diffusers' contract, not decoration: ``from_pipe`` hands a model
+    # component over only when its class is among them (else it asks for it).
+    def __init__(self, unet: UNet2DConditionModel, vae: Union[AutoencoderKL, AutoencoderTiny],
+                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: KarrasDiffusionSchedulers):
         super().__init__()
-        cfg = scheduler.config
-        if not isinstance(scheduler, DDIMScheduler) or cfg.get("clip_sample", True) \
-                or cfg.get("thresholding", False):
-            scheduler = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False)
+        if scheduler is not None:
+            cfg = scheduler.config
+            if not isinstance(scheduler, DDIMScheduler) or cfg.get("clip_sample", True) \
+                    or cfg.get("thresholding", False):
+                scheduler = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False)
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
-        vcfg = self.vae.config
+        # a pipeline may hold only some components (e.g. the text ones, to encode prompts): the
+        # VAE factor then takes SD's value, as diffusers' pipelines do
+        vcfg = self.vae.config if self.vae is not None else None
         blocks = getattr(vcfg, "block_out_channels", None)
         blocks = blocks or getattr(vcfg, "decoder_block_out_channels", None)
         self.vae_scale_factor = 2 ** (len(blocks) - 1) if blocks else 8
@@ -85,6 +93,10 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         self.model_id: Optional[str] = None
         self._inversions = ResultCache("inversions")
         self._embeddings = ResultCache("embeddings")
+        # what diffusers' step-end callbacks read and write (see the properties below)
+        self._guidance_scale = GenerationSettings.guidance_scale
+        self._num_timesteps = 0
+        self._interrupt = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,6 +155,33 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         s = self.unet.config.sample_size
         s = s[0] if isinstance(s, (tuple, list)) else s
         return int(s) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------ diffusers' callback state
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the batch being denoised. A step-end callback may change it
+        (``pipe._guidance_scale = ...``, as diffusers' callbacks do); each batch of targets starts
+        again from the call's value, so a target's image does not depend on the batching."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' rule: guidance is on when ``guidance_scale > 1``; at 1 or below only the
+        conditional half runs. Read at every step, so a callback that sets ``_guidance_scale``
+        to 0 (diffusers' ``SDCFGCutoffCallback``) uses the conditional prediction alone from then on."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of one batch of targets (the callback is called this many times per batch)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (in a callback) to stop denoising: no later step runs;
+        ``pipe(...)`` still returns every target, denoised as far as it got (targets of later
+        batches not at all), and ``generate_iter`` stops after the batch it was denoising."""
+        return self._interrupt
 
     # ------------------------------------------------------------------ checking
     @_with_signature(CHECK)
@@ -243,7 +282,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     def _stream(self, job: Request):
         bar = self.progress_bar(total=len(job.masks), desc="generating")
         try:
-            for idx, latents in self._batches(job):
+            for idx, latents in self._batches(job, stop_on_interrupt=True):
                 images = self.decode_latents(latents)
                 for j, k in enumerate(idx):
                     mask = mask_image(job.masks[k], self.mask_processor)
