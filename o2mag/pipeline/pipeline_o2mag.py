@@ -196,7 +196,8 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
                 it in host memory). blend_background: after every step, replace the target latent
                 outside ``M_T`` by the normal branch's.
             ago_steps, ago_lr, ago_mask_weight: AGO settings (0 steps: the plain prompt embedding).
-            graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.paper()``).
+            graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.for_unet(pipe.unet)``:
+                the paper's layers restated for this UNet, ``GraftConfig.paper()`` on SD 1.x/2.x).
             scheme: "one_to_more", or "per_sample" (the authors' cost, the benchmark baseline).
             cache_inversions_to_disk: also keep inversions in ``pipe.cache_dir``.
 

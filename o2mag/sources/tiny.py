@@ -66,6 +66,33 @@ def tiny_unet_config(**overrides: Any) -> Dict[str, Any]:
     return cfg
 
 
+def tiny_sdxl_unet_config(**overrides: Any) -> Dict[str, Any]:
+    """Config of a UNet with SDXL's block layout at a tiny width: 70 transformer blocks (down 2x2 at
+    1/2 of the latent side and 2x10 at 1/4, mid 10, up 3x10 at 1/4 and 3x2 at 1/2), head dim 64,
+    linear projections, and SDXL's "text_time" added conditioning (pooled text embedding plus six
+    size/crop numbers, each embedded in ``addition_time_embed_dim`` channels)."""
+    cfg: Dict[str, Any] = dict(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(1, 1, 1),  # heads per level, as SDXL's config counts them: head dim 64
+        use_linear_projection=True,
+        cross_attention_dim=2 * TINY_TEXT_HIDDEN,  # the two text encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TINY_TEXT_HIDDEN + 6 * 8,
+        norm_num_groups=32,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
 def tiny_unet(seed: int = 0, **overrides: Any):
     """A seeded tiny ``UNet2DConditionModel`` (eval, float32, no grad) with SD v1.5's block layout."""
     torch.manual_seed(seed)
