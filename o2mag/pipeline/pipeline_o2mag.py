@@ -32,7 +32,7 @@ from ..sources.tiny import tiny_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
-from .loading import check_model_path, loading_kwargs
+from .loading import check_model_path, detect_family, loading_kwargs
 from .outputs import O2MAGPipelineOutput, PipelineStats, mask_image, postprocess
 from .preparation import PreparationMixin
 from .request import Request, check_arguments, prepare_request
@@ -83,6 +83,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         self.cache_dir: Optional[str] = None
         self.cache_lock: Optional[CacheLock] = None  # held while a missing result is computed (caches.py)
         self.model_id: Optional[str] = None
+        self.family = None  # from_pretrained sets the ModelFamily it detected (loading.detect_family)
         self._inversions = ResultCache("inversions")
         self._embeddings = ResultCache("embeddings")
 
@@ -94,10 +95,13 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         ``dtype`` (or its older name ``torch_dtype``) is passed under the name the installed
         diffusers takes. A missing path, a folder that is not a diffusers pipeline, or a folder
         diffusers cannot read (broken JSON, missing or corrupt weights: diffusers' ``OSError`` and
-        ``ValueError``) raises :class:`o2mag.errors.InputError`; anything else -- running out of
+        ``ValueError``) raises :class:`o2mag.errors.InputError`, and so does a folder of a family
+        o2mag does not run (:func:`o2mag.pipeline.loading.detect_family`: SD 1.x and SD 2.x run;
+        ``pipe.family`` tells which); anything else -- running out of
         memory, a bug -- propagates as itself.
         """
         name = check_model_path(pretrained_model_name_or_path)
+        family = detect_family(name)  # one line for SD3/Flux, inpainting, refiners, SDXL (for now)
         kwargs = loading_kwargs(kwargs)
         try:
             pipe = super().from_pretrained(name, **kwargs)
@@ -106,6 +110,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         except (OSError, ValueError) as e:
             raise InputError(f"could not load a diffusers pipeline from {name!r}: {e}") from e
         pipe.model_id = os.path.abspath(name) if os.path.isdir(name) else name
+        pipe.family = family
         return pipe
 
     @classmethod
