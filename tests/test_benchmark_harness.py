@@ -39,12 +39,16 @@ def test_masks_follow_the_case():
 
 
 def test_gpu_cases_cover_the_acceptance_matrix():
-    """The GPU quick run holds every SD v1.5 layer size at N = 1, 8 and 32 with blob masks."""
+    """The GPU quick run holds every SD v1.5 layer size at N = 1, 8 and 32 with blob masks, and the
+    head-dim-64 layers of SD 2.x (1024, 4096 tokens), SD 2.1 at 768 px (9216) and SDXL (32x32)."""
     from benchmarks.kernels.suite import SD15_LAYERS, cases
 
     quick = cases(torch.device("cuda"), quick=True)
     got = {(c.tokens, c.head_dim, c.targets) for c in quick if c.masks == "blob"}
-    assert got == {(t, d, n) for t, d in SD15_LAYERS for n in (1, 8, 32)}
+    assert got == {(t, d, n) for t, d in SD15_LAYERS for n in (1, 8, 32)} | {
+        (t, 64, 8) for t in (1024, 2304, 4096, 9216)}
+    cpu = {(c.tokens, c.head_dim) for c in cases(torch.device("cpu"), quick=True)}
+    assert {(1024, 64), (4096, 64)} <= cpu
     full = cases(torch.device("cuda"), quick=False)
     assert {c.masks for c in full} == {"blob", "scattered"} and {c.dtype for c in full} >= {"fp16", "bf16"}
 

@@ -12,7 +12,10 @@ from .cases import FG_GAIN, Case, flex_status, make_inputs, runner, useful_flops
 
 # SD v1.5 at 512 px: (tokens, head dim) of its self-attention resolutions; SD 2.x uses head dim 64.
 SD15_LAYERS = ((4096, 40), (1024, 80), (256, 160), (64, 160))
-SD2_LAYERS = ((4096, 64), (1024, 64))
+SD2_LAYERS = ((4096, 64), (1024, 64))  # SD 2.x at 512 px (64x64, 32x32)
+SD21_768_LAYERS = ((9216, 64), (2304, 64))  # SD 2.1 at 768 px (96x96, 48x48)
+SDXL_LAYERS = ((4096, 64), (1024, 64))  # SDXL at 1024 px: 64x64 (2 blocks each) and 32x32 (10 each)
+FAMILY_LAYERS = tuple(dict.fromkeys(SD2_LAYERS + SD21_768_LAYERS + SDXL_LAYERS))  # head dim 64, no repeats
 TARGETS = (1, 8, 32)
 # Dense score matrices of the reference take 4·N·H·L² bytes each (fp32); skip it above this.
 REFERENCE_MEMORY_LIMIT = 6 * 2**30
@@ -21,23 +24,27 @@ FLEX_MIN_TOKENS = 1024
 
 
 def cases(device: torch.device, quick: bool):
-    """The case list. GPU quick (< 5 min): every SD v1.5 layer size x N = 1, 8, 32, blob 5%
-    masks, fp16. GPU full (< 10 min): plus scattered masks, 20% blobs, bf16 and SD 2.x head dim 64.
-    CPU: a handful of fp32 cases (the CPU is for the torch backend and the harness)."""
+    """The case list. GPU quick (< 5 min): every SD v1.5 layer size x N = 1, 8, 32, and the head-dim-64
+    layers of SD 2.x, SD 2.1 at 768 px and SDXL (:data:`FAMILY_LAYERS`) at N = 8, blob 5% masks,
+    fp16. GPU full (< 10 min): plus scattered masks, 20% blobs, bf16 and the family layers at N = 1
+    and 32. CPU: a handful of fp32 cases, head dim 64 at 1024 and 4096 tokens among them (9216 in
+    the full list); the CPU is for the torch backend and the harness."""
     if device.type == "cpu":
         base = [Case(4096, 8, 40, 0.05, 1, "fp32"), Case(1024, 8, 80, 0.05, 1, "fp32"),
-                Case(1024, 8, 80, 0.05, 1, "fp32", "scattered"), Case(256, 8, 160, 0.05, 8, "fp32")]
+                Case(1024, 8, 80, 0.05, 1, "fp32", "scattered"), Case(256, 8, 160, 0.05, 8, "fp32"),
+                Case(1024, 8, 64, 0.05, 1, "fp32"), Case(4096, 2, 64, 0.05, 1, "fp32")]  # SD 2.x / SDXL
         if quick:
             return base
         return base + [Case(1024, 8, 80, 0.2, 1, "fp32"), Case(4096, 8, 40, 0.05, 1, "bf16"),
-                       Case(64, 8, 160, 0.05, 8, "fp32")]
+                       Case(64, 8, 160, 0.05, 8, "fp32"), Case(9216, 2, 64, 0.05, 1, "fp32")]
     out = [Case(t, 8, d, 0.05, n, "fp16") for (t, d) in SD15_LAYERS for n in TARGETS]
+    out += [Case(t, 8, d, 0.05, 8, "fp16") for (t, d) in FAMILY_LAYERS]  # SD 2.x, SD 2.1 768 px, SDXL
     if quick:
         return out
     out += [Case(t, 8, d, 0.05, n, "fp16", "scattered") for (t, d) in SD15_LAYERS for n in (1, 8)]
     out += [Case(t, 8, d, 0.2, 8, "fp16") for (t, d) in SD15_LAYERS[:2]]
     out += [Case(t, 8, d, 0.05, 8, "bf16") for (t, d) in SD15_LAYERS[:2]]
-    out += [Case(t, 8, d, 0.05, 8, "fp16") for (t, d) in SD2_LAYERS]
+    out += [Case(t, 8, d, 0.05, n, "fp16") for (t, d) in FAMILY_LAYERS for n in (1, 32)]
     return out
 
 

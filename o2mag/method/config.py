@@ -5,7 +5,8 @@ Step windows are half-open ``(start, end)`` pairs, either fractions of the sched
 [0, 1]) or step indices (ints); :meth:`GraftConfig.step_range` converts them for any number of
 steps (fractions: ``floor(num_steps * x)``, as the authors' code does). ``None`` means "never".
 Layers are counted in the UNet's execution order of transformer blocks (SD 1.x/2.x: down 0-5,
-mid 6, up 7-15).
+mid 6, up 7-15; SDXL: down 0-23, mid 24-33, up 34-69). :meth:`GraftConfig.for_unet` restates the
+paper's SD 1.5 layers by position (:data:`PAPER_DECODER_SHARE`) for any diffusers UNet.
 """
 from __future__ import annotations
 
@@ -17,10 +18,30 @@ from typing import Any, Dict, Optional, Tuple, Union
 from o2mag_kernels import BACKENDS  # the op's own list: a config cannot name a backend it lacks
 
 from ..checks import is_int, is_number
+from .levels import attention_levels
 
 Window = Optional[Union[Tuple[float, float], Tuple[int, int]]]
 MASK_MODES = ("max", "nearest")
 PAPER_TEMPERATURE = 0.7
+PAPER_DECODER_SHARE: Dict[int, float] = {4: 1.0 / 3.0, 2: 1.0, 1: 1.0}
+"""The paper's TriAG layers by position: for each decoder (up) level that runs attention at 1/f of
+the latent side, the share of its transformer blocks, counted from the level's end, that TriAG
+grafts. On SD 1.5 (decoder levels 16x16, 32x32, 64x64 at 512 px: f = 4, 2, 1, three blocks each)
+this is the last block of the 16x16 level and every block of the two finer ones: layers 9-15.
+Levels at other factors (SD's 8x8 middle) are not grafted."""
+
+
+def _ranges(indices) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2, 5"``."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
 
 
 def _norm_window(name: str, w) -> Window:
@@ -144,6 +165,40 @@ class GraftConfig:
         excluded, M_R/M_T max-pooled, nearest masks for the exclusion, the Q graft and DAE; DAE gain
         100 for [40%, 80%) (20-39 of 50), conditional half."""
         return cls(**changes)
+
+    @classmethod
+    def for_unet(cls, unet, **changes: Any) -> "GraftConfig":
+        """The paper's settings with its layers restated by position for ``unet`` (any diffusers
+        ``UNet2DConditionModel``): TriAG on the blocks :data:`PAPER_DECODER_SHARE` picks (the last
+        third of the decoder level at 1/4 of the latent side, all of those at 1/2 and 1/1), the Q
+        graft on every transformer block, DAE on every block with cross-attention. On SD 1.x/2.x
+        this is exactly :meth:`paper`; on SDXL (70 blocks) TriAG takes layers 54-69: the last 10 of
+        the 30 decoder blocks at 32x32 and the 6 at 64x64. ``changes`` override any field."""
+        levels = attention_levels(unet)
+        if not levels:
+            raise ValueError("unet has no transformer blocks (down_blocks/mid_block/up_blocks "
+                             "without attentions): there is no attention to graft")
+        graft = []
+        for level in levels:
+            share = PAPER_DECODER_SHARE.get(level.factor) if level.part == "up" else None
+            if share:
+                n = math.ceil(share * len(level.layers) - 1e-9)
+                graft.extend(level.layers[len(level.layers) - n:])
+        if not graft and "graft_layers" not in changes and "graft_layer_names" not in changes:
+            raise ValueError("unet has no decoder attention at 1/4, 1/2 or 1/1 of the latent side, "
+                             "so the paper's layer rule picks no TriAG layer; pass graft_layers")
+        every = [i for level in levels for i in level.layers]
+        base = dict(graft_layers=tuple(graft), qgraft_layers=tuple(every),
+                    dae_layers=tuple(i for level in levels if level.cross for i in level.layers))
+        base.update(changes)
+        return cls(**base)
+
+    def describe_layers(self) -> str:
+        """The layers each phase acts on, e.g. ``"TriAG 9-15; Q graft 0-15; DAE 0-15"``."""
+        triag = _ranges(self.graft_layers)
+        if self.graft_layer_names:
+            triag += " + " + ", ".join(self.graft_layer_names)
+        return f"TriAG {triag}; Q graft {_ranges(self.qgraft_layers)}; DAE {_ranges(self.dae_layers)}"
 
     @classmethod
     def disabled(cls, **changes: Any) -> "GraftConfig":

@@ -90,7 +90,8 @@ def ddim_invert(
     progress=True,
     desc: str = "DDIM inversion",
 ) -> Inversion:
-    """Invert ``latent0`` (float32, (1, C, h, w)) over ``num_steps`` DDIM steps.
+    """Invert ``latent0`` ((1, C, h, w)) over ``num_steps`` DDIM steps, in float32 (float64 when
+    ``latent0`` is float64: the near-exact run tests compare against).
 
     ``predict(latent, t)`` returns the model output (float32) for the inversion prompt (the empty
     prompt, as in the authors' code). The scheduler's timesteps are set to ``num_steps``.
@@ -101,14 +102,15 @@ def ddim_invert(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     scheduler.set_timesteps(num_steps, device=latent0.device)
     timesteps = scheduler.timesteps.clone()
-    z = latent0.float()
+    dtype = torch.float64 if latent0.dtype == torch.float64 else torch.float32
+    z = latent0.to(dtype)
     latents = [z]
     steps = list(reversed(timesteps.tolist()))
     bar = progress(steps, desc) if callable(progress) else tqdm(steps, desc=desc, disable=not progress,
                                                                  leave=False)
     for t in bar:
         a_t, a_prev = alpha_pair(scheduler, t, num_steps)
-        eps = to_epsilon(scheduler, predict(z, t).float(), z, a_t)
+        eps = to_epsilon(scheduler, predict(z, t).to(dtype), z, a_t)
         # mirror of the DDIM update x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, solved for x_t
         x0 = (z - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
         z = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps

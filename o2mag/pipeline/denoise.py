@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..graft import AttentionGraft, SourceCache
+from ..method.config import GraftConfig
 from ..method.inversion import Inversion, ddim_step
 from ..method.layout import BranchLayout
 from .request import Request
@@ -43,6 +44,8 @@ class DenoisingMixin:
         else:
             batches = [[k] for k in range(n)]
         cache = None
+        # the paper's layers restated for this UNet (exactly GraftConfig.paper() on SD 1.x/2.x)
+        config = s.graft_config if s.graft_config is not None else GraftConfig.for_unet(self.unet)
         for b, idx in enumerate(batches):
             if self.interrupt and stop_on_interrupt:
                 return
@@ -54,7 +57,7 @@ class DenoisingMixin:
             if s.kv_cache and b == 0:
                 cache = SourceCache(device=s.kv_cache_device)
             latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c,
-                                    job.tokens, config=s.graft, guidance_scale=s.guidance_scale,
+                                    job.tokens, config=config, guidance_scale=s.guidance_scale,
                                     blend=s.blend_background, with_sources=with_sources, cache=cache,
                                     eta=s.eta, generator=job.generator_for(idx), callback=job.callback,
                                     callback_inputs=job.callback_inputs,

@@ -34,7 +34,7 @@ from ..sources.tiny import tiny_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
-from .loading import check_model_path, load_error_message, loading_kwargs
+from .loading import check_model_path, detect_family, load_error_message, loading_kwargs
 from .outputs import O2MAGPipelineOutput, PipelineStats, mask_image, postprocess
 from .preparation import PreparationMixin
 from .request import Request, check_arguments, prepare_request
@@ -91,6 +91,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         self.cache_dir: Optional[str] = None
         self.cache_lock: Optional[CacheLock] = None  # held while a missing result is computed (caches.py)
         self.model_id: Optional[str] = None
+        self.family = None  # from_pretrained sets the ModelFamily it detected (loading.detect_family)
         self._inversions = ResultCache("inversions")
         self._embeddings = ResultCache("embeddings")
         # what diffusers' step-end callbacks read and write (see the properties below)
@@ -106,10 +107,13 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         ``dtype`` (or its older name ``torch_dtype``) is passed under the name the installed
         diffusers takes. A missing path, a folder that is not a diffusers pipeline, or a folder
         diffusers cannot read (broken JSON, missing or corrupt weights: diffusers' ``OSError`` and
-        ``ValueError``) raises :class:`o2mag.errors.InputError`; anything else -- running out of
+        ``ValueError``) raises :class:`o2mag.errors.InputError`, and so does a folder of a family
+        o2mag does not run (:func:`o2mag.pipeline.loading.detect_family`: SD 1.x and SD 2.x run;
+        ``pipe.family`` tells which); anything else -- running out of
         memory, a bug -- propagates as itself.
         """
         name = check_model_path(pretrained_model_name_or_path)
+        family = detect_family(name)  # one line for SD3/Flux, inpainting, refiners, SDXL (for now)
         kwargs = loading_kwargs(kwargs)
         try:
             pipe = super().from_pretrained(name, **kwargs)
@@ -118,6 +122,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         except (OSError, ValueError) as e:
             raise InputError(f"could not load a diffusers pipeline from {name!r}: {load_error_message(e)}") from e
         pipe.model_id = os.path.abspath(name) if os.path.isdir(name) else name
+        pipe.family = family
         return pipe
 
     @classmethod
@@ -236,7 +241,8 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
                 it in host memory). blend_background: after every step, replace the target latent
                 outside ``M_T`` by the normal branch's.
             ago_steps, ago_lr, ago_mask_weight: AGO settings (0 steps: the plain prompt embedding).
-            graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.paper()``).
+            graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.for_unet(pipe.unet)``:
+                the paper's layers restated for this UNet, ``GraftConfig.paper()`` on SD 1.x/2.x).
             scheme: "one_to_more", or "per_sample" (the authors' cost, the benchmark baseline).
             cache_inversions_to_disk: also keep inversions in ``pipe.cache_dir``.
 

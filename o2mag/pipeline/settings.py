@@ -44,7 +44,8 @@ DAE window (40%-80% of the steps) holds no step. Two steps are the first schedul
 class GenerationSettings:
     """What one request makes and how it is batched (see the module docstring), with the defaults
     of ``pipe(...)``. ``size=None`` is the model's native size (the pipeline resolves it and checks
-    it with :func:`check_size`); ``graft_config=None`` is :meth:`GraftConfig.paper` (:attr:`graft`).
+    it with :func:`check_size`); ``graft_config=None`` is :meth:`GraftConfig.for_unet` of the
+    pipeline's UNet.
     Numbers are stored as ``int``/``float`` and flags as ``bool``."""
 
     num_inference_steps: int = 50
@@ -124,7 +125,8 @@ class GenerationSettings:
 
     @property
     def graft(self) -> GraftConfig:
-        """The grafting config in force: ``graft_config``, else the paper's."""
+        """``graft_config``, else the paper's (the pipeline uses :meth:`GraftConfig.for_unet` of its
+        UNet instead, which is the paper's on SD 1.x/2.x)."""
         return self.graft_config if self.graft_config is not None else GraftConfig.paper()
 
     def keywords(self) -> Dict[str, Any]:

@@ -36,6 +36,15 @@ SD15_SCHEDULER_CONFIG: Dict[str, Any] = dict(
     prediction_type="epsilon",
 )
 
+# SD 2.1's scheduler config (768 px, v-prediction); SD 2 base (512 px) is the same with "epsilon".
+SD2_SCHEDULER_CONFIG: Dict[str, Any] = dict(SD15_SCHEDULER_CONFIG, prediction_type="v_prediction")
+
+# The SD 2.x UNet's attention at a tiny width: head dim 64 at every level (SD 2.x's
+# attention_head_dim (5, 10, 20, 20) over 320/640/1280 channels), linear projections in and out of
+# each transformer (SD 1.x uses 1x1 convolutions). The block layout stays SD's 16 blocks.
+SD2_UNET_OVERRIDES: Dict[str, Any] = dict(block_out_channels=(64, 64, 64, 64), attention_head_dim=(1, 1, 1, 1),
+                                          use_linear_projection=True)
+
 
 def _finish(module: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, no grad; configs build float32 already (casting again only triggers a warning)."""
@@ -60,6 +69,33 @@ def tiny_unet_config(**overrides: Any) -> Dict[str, Any]:
         transformer_layers_per_block=1,
         attention_head_dim=2,  # diffusers' name for the number of heads in SD 1.x configs
         cross_attention_dim=TINY_TEXT_HIDDEN,
+        norm_num_groups=32,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_sdxl_unet_config(**overrides: Any) -> Dict[str, Any]:
+    """Config of a UNet with SDXL's block layout at a tiny width: 70 transformer blocks (down 2x2 at
+    1/2 of the latent side and 2x10 at 1/4, mid 10, up 3x10 at 1/4 and 3x2 at 1/2), head dim 64,
+    linear projections, and SDXL's "text_time" added conditioning (pooled text embedding plus six
+    size/crop numbers, each embedded in ``addition_time_embed_dim`` channels)."""
+    cfg: Dict[str, Any] = dict(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(1, 1, 1),  # heads per level, as SDXL's config counts them: head dim 64
+        use_linear_projection=True,
+        cross_attention_dim=2 * TINY_TEXT_HIDDEN,  # the two text encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TINY_TEXT_HIDDEN + 6 * 8,
         norm_num_groups=32,
     )
     cfg.update(overrides)
@@ -123,6 +159,21 @@ def tiny_text_encoder(seed: int = 0):
 def tiny_scheduler():
     """A ``DDIMScheduler`` with SD v1.5's configuration."""
     return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+
+
+def tiny_sd2_components(seed: int = 0, prediction_type: str = "v_prediction") -> Dict[str, Any]:
+    """An SD 2.x-shaped model: the SD 1.5 layout with SD 2.x's attention (head dim 64, linear
+    projections, :data:`SD2_UNET_OVERRIDES`) and SD 2.1's scheduler with ``prediction_type``
+    ("v_prediction", as SD 2.1 at 768 px, or "epsilon", as SD 2 base)."""
+    if prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {prediction_type!r}")
+    return dict(
+        unet=tiny_unet(seed, **SD2_UNET_OVERRIDES),
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        scheduler=DDIMScheduler(**dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)),
+    )
 
 
 def tiny_components(seed: int = 0) -> Dict[str, Any]:

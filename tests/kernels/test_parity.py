@@ -211,6 +211,19 @@ def test_length_4096(spec, make_case, formula, lowp_bound):
         check_tight(case, formula, fg_gain=1 / 0.7)
 
 
+@pytest.mark.parametrize("spec", [
+    dict(B=1, H=2, Lq=1024, Lf=1024, Lb=1024, D=64, dtype=torch.float32),
+    dict(B=2, H=1, Lq=256, Lf=4096, Lb=4096, D=64, dtype=torch.float32, Bf=1, Bb=1),
+    dict(B=2, H=1, Lq=64, Lf=9216, Lb=9216, D=64, dtype=torch.float64, Bf=1, Bb=1),
+], ids=["sd2-sdxl32-1024", "sd2-sdxl64-4096-shared", "sd21-768-9216-shared"])
+def test_sd2_and_sdxl_layers(spec, make_case, formula):
+    """Head dim 64 at SD 2.x's and SDXL's token counts: 1024 (SD 2.x at 512 px; SDXL's 32x32
+    level), 4096 (SD 2.x's 64x64; SDXL's 64x64) and 9216 (SD 2.1 at 768 px, 96x96). Few heads and
+    queries keep the interpreter's time small; the keys are the full layer's."""
+    case = make_case(seed=spec["Lf"], q_density=0.05, fg_density=0.05, bg_density=0.95, **spec)
+    check_tight(case, formula, fg_gain=1 / 0.7)
+
+
 @pytest.mark.parametrize(
     "Bf,Bb,qmb,fmb,bmb", list(itertools.product([1, 3], [1, 3], [1, 3], [1, 3], [1, 3])),
     ids=lambda v: str(v))

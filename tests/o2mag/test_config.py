@@ -104,3 +104,77 @@ def test_bad_step_arguments():
         cfg.plan(0, 0)
     with pytest.raises(ValueError, match="num_steps"):
         cfg.step_range((0.1, 0.2), 2.5)
+
+
+def _tokens_per_layer(unet, added=None):
+    """Each self-attention's token count, by execution-order index, from one forward pass."""
+    import torch
+
+    seen = {}
+    hooks = [unet.get_submodule(info.self_name[: -len(".processor")]).register_forward_hook(
+        lambda m, args, kw, out, i=info.index: seen.setdefault(i, args[0].shape[1]), with_kwargs=True)
+        for info in transformer_layers(unet)]
+    try:
+        size = unet.config.sample_size
+        with torch.no_grad():
+            unet(torch.zeros(1, 4, size, size), 1,
+                 encoder_hidden_states=torch.zeros(1, 3, unet.config.cross_attention_dim),
+                 added_cond_kwargs=added)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, size
+
+
+def test_positional_rule_on_an_sd15_unet_gives_the_papers_layers():
+    from o2mag.method.levels import attention_levels
+
+    unet = tiny_unet()
+    cfg = GraftConfig.for_unet(unet)
+    assert cfg == GraftConfig.paper()
+    assert cfg.describe_layers() == "TriAG 9-15; Q graft 0-15; DAE 0-15"
+    assert GraftConfig.for_unet(unet, fg_gain=2.0) == GraftConfig.paper(fg_gain=2.0)
+    # the levels' factors are the resolutions the blocks really run at
+    tokens, size = _tokens_per_layer(unet)
+    for level in attention_levels(unet):
+        for i in level.layers:
+            assert tokens[i] == (size // level.factor) ** 2, (level, i)
+
+
+def test_positional_rule_on_sd2_and_sdxl_layouts():
+    import torch
+
+    from o2mag.method.levels import attention_levels
+    from o2mag.sources.tiny import tiny_sdxl_unet_config
+
+    sd2 = tiny_unet(seed=1, block_out_channels=(64, 128, 128, 128), attention_head_dim=(1, 2, 2, 2),
+                    use_linear_projection=True)
+    assert GraftConfig.for_unet(sd2) == GraftConfig.paper()
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    xl = UNet2DConditionModel(**tiny_sdxl_unet_config()).eval()
+    layers = transformer_layers(xl)
+    assert len(layers) == 70
+    cfg = GraftConfig.for_unet(xl)
+    assert cfg.graft_layers == tuple(range(54, 70))
+    assert cfg.qgraft_layers == cfg.dae_layers == tuple(range(70))
+    assert cfg.describe_layers() == "TriAG 54-69; Q graft 0-69; DAE 0-69"
+    levels = attention_levels(xl)
+    assert [(lv.part, lv.factor, len(lv.layers)) for lv in levels] == [
+        ("down", 2, 4), ("down", 4, 20), ("mid", 4, 10), ("up", 4, 30), ("up", 2, 6)]
+    tokens, size = _tokens_per_layer(xl, added=dict(
+        text_embeds=torch.zeros(1, xl.config.projection_class_embeddings_input_dim - 48),
+        time_ids=torch.zeros(1, 6)))
+    for level in levels:
+        assert all(tokens[i] == (size // level.factor) ** 2 for i in level.layers), level
+
+
+def test_positional_rule_refuses_a_unet_without_attention():
+    from diffusers import UNet2DConditionModel
+
+    plain = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                 mid_block_type=None, cross_attention_dim=8)
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        GraftConfig.for_unet(plain)

@@ -1,4 +1,5 @@
 """Model loading: the dtype argument's name, accelerate's absence, quiet libraries, path errors."""
+import re
 import warnings
 
 import pytest
@@ -120,3 +121,81 @@ def test_quiet_hides_diffusers_error_lines(tmp_path, model_dir):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("o2mag: error: could not load"), r.stderr
     assert "An error occurred" not in r.stderr
+
+
+def _edited_copy(model_dir, dest, index=None, unet=None, scheduler=None, drop=()):
+    """A copy of the saved tiny folder with model_index.json / unet / scheduler configs edited
+    (``None`` values delete a key) and component folders dropped."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    for rel, changes in (("model_index.json", index), ("unet/config.json", unet),
+                         ("scheduler/scheduler_config.json", scheduler)):
+        if changes:
+            path = dest / rel
+            cfg = json.loads(path.read_text())
+            for k, v in changes.items():
+                if v is None:
+                    cfg.pop(k, None)
+                else:
+                    cfg[k] = v
+            path.write_text(json.dumps(cfg))
+    for sub in drop:
+        shutil.rmtree(dest / sub)
+    return dest
+
+
+_XL = dict(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+           tokenizer_2=["transformers", "CLIPTokenizer"])
+UNSUPPORTED = {
+    "inpainting": (dict(unet=dict(in_channels=9)), "9 input channels (an inpainting UNet)"),
+    "sd3": (dict(index=dict(_class_name="StableDiffusion3Pipeline", unet=None,
+                            transformer=["diffusers", "SD3Transformer2DModel"])), "transformer-based"),
+    "flux": (dict(index=dict(_class_name="FluxPipeline", unet=None, text_encoder=None,
+                             transformer=["diffusers", "FluxTransformer2DModel"])), "transformer-based"),
+    "refiner": (dict(index=dict(_XL, _class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None],
+                                tokenizer=[None, None]), unet=dict(addition_embed_type="text_time")),
+                "SDXL refiner alone"),
+    "unconditional": (dict(index=dict(_class_name="DDPMPipeline", text_encoder=None, tokenizer=None, vae=None),
+                           unet=dict(_class_name="UNet2DModel")), "not a text-conditioned"),
+    "no text encoder": (dict(index=dict(text_encoder=None)), "no text_encoder/tokenizer"),
+    "sdxl": (dict(index=_XL, unet=dict(addition_embed_type="text_time")), "SDXL is not supported yet"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSUPPORTED))
+def test_an_unsupported_family_is_one_line_and_exit_2(tmp_path, model_dir, capsys, kind):
+    from o2mag.cli import main
+
+    edits, needle = UNSUPPORTED[kind]
+    d = _edited_copy(model_dir, tmp_path / kind, **edits)
+    with pytest.raises(InputError, match=re.escape(needle)):
+        O2MAGPipeline.from_pretrained(d)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(d), "--out", str(out), "--num", "1", "--steps", "2",
+                 "--ago-steps", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def test_families_and_their_default_sizes(tmp_path, model_dir):
+    from o2mag.pipeline.loading import FAMILY_SIZES, detect_family
+
+    sd1 = detect_family(str(model_dir))
+    assert (sd1.name, sd1.label, sd1.prediction_type, sd1.default_size) == ("sd1", "SD 1.x", "epsilon", 128)
+    pipe = O2MAGPipeline.from_pretrained(model_dir)
+    assert pipe.family == sd1 and pipe.default_size == sd1.default_size
+    # SD 2.x: linear projections; its size follows the UNet config like diffusers' pipelines
+    v = _edited_copy(model_dir, tmp_path / "v", unet=dict(use_linear_projection=True, sample_size=96),
+                     scheduler=dict(prediction_type="v_prediction"))
+    assert detect_family(str(v)) == type(sd1)("sd2", "v_prediction", 768)
+    base = _edited_copy(model_dir, tmp_path / "base", unet=dict(cross_attention_dim=1024, sample_size=64))
+    assert detect_family(str(base)) == type(sd1)("sd2", "epsilon", 512)
+    # without sample_size the family's published size: 768 for v-prediction 2.x, 512 otherwise
+    nosize = _edited_copy(model_dir, tmp_path / "nosize", unet=dict(use_linear_projection=True, sample_size=None),
+                          scheduler=dict(prediction_type="v_prediction"))
+    assert detect_family(str(nosize)).default_size == FAMILY_SIZES["sd2-v"] == 768
+    nosize1 = _edited_copy(model_dir, tmp_path / "nosize1", unet=dict(sample_size=None))
+    assert detect_family(str(nosize1)).default_size == FAMILY_SIZES["sd1"] == 512
