@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ClaimLostError
-from .claims import Holder, Leases
+from .claims import Holder, Leases, describe
 from .plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
 from .processes import ProcessState
 from .store import OutputStore
@@ -108,7 +108,8 @@ class RunOptions:
 class GroupResult:
     """What happened to one group: ``wanted`` samples, ``present`` before the run (of 0..num-1),
     ``todo`` in the plan, ``made`` (all processes), generation ``seconds`` (summed over
-    processes), ``complete`` after the run (filled in on process 0)."""
+    processes), ``complete`` after the run and ``held`` (missing samples claimed by another live
+    run: who holds them) (filled in on process 0)."""
 
     key: str
     category: str
@@ -121,6 +122,7 @@ class GroupResult:
     seconds: float = 0.0
     complete: Optional[int] = None
     dir: str = ""
+    held: Dict[int, str] = field(default_factory=dict)  # missing samples claimed by another live run
 
 
 @dataclass
@@ -317,6 +319,10 @@ class Runner:
             for gi, (res, st) in enumerate(zip(self.results, self.stores)):
                 st.refresh(check=False)
                 res.complete = sum(1 for i in range(self.groups[gi].num) if st.is_complete(i))
+                if res.complete < res.wanted:
+                    res.held = {int(name): describe(rec) for name, rec in st.leases.live().items()
+                                if name.isdigit() and rec.get("run") != st.holder.run
+                                and not st.is_complete(int(name)) and int(name) < res.wanted}
         return RunReport(groups=self.results, stats=stats, processes=self.state.count,
                          wall=time.perf_counter() - t_start, per_process=[sum(e["made"]) for e in everyone])
 
