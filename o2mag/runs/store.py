@@ -42,7 +42,8 @@ from .._version import __version__
 from ..checks import is_int
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
 from ..files import TMP_PREFIX, TMP_SUFFIX, atomic_write, fsync_dir, named_os_error
-from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
+from ..errors import (ClaimLostError, ConcurrentRunError, DataWarning, InputError, SampleExistsError,
+                      SettingsConflictError)
 from ..masks import to_mask
 
 __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
@@ -168,7 +169,7 @@ def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, An
                     or not isinstance(rec.get("index"), int):
                 raise ValueError("not an object with an integer 'index'")
         except (ValueError, UnicodeDecodeError) as exc:
-            warnings.warn(f"{p}: line {no} ignored ({exc})", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{p}: line {no} ignored ({exc}); its sample counts as missing", DataWarning, stacklevel=2)
             continue
         out.append(rec)
     return out
