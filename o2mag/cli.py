@@ -8,8 +8,8 @@ Exit codes (the README's table):
   option, model folder that is not a diffusers pipeline) or an OS error about one of the user's
   paths (read-only or full folder, a path through a file, no permission); one line naming it,
   never a traceback.
-- 3: the run ended with samples still missing (held by another live run, or a write that failed
-  for a sample); rerunning the same command finishes them.
+- 3: the run ended with samples still missing (a sample whose claim was taken over after a stall,
+  or one another run claimed as this one ended); rerunning the same command finishes them.
 - 130: interrupted (Ctrl-C); complete samples are kept.
 
 A damaged file that o2mag reads back and does not use (a cache entry, a manifest line) is reported
@@ -82,8 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         if e.filename is None:  # not about a path: a bug or the system's, shown as itself
             raise
-        print(f"{who}: error: {_os_error(e)} (complete samples are kept; fix the folder and rerun the same "
-              "command to resume)", file=sys.stderr)
+        print(f"{who}: error: {_os_error(e)} (what was complete is kept: fix this and rerun the same command)",
+              file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"{who}: interrupted; complete samples are kept, rerun the same command to resume",

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pickle
+import time
 import warnings
 import zipfile
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import DataWarning
-from ..files import DamagedFileError, read_checked, write_checked
+from ..files import TMP_PREFIX, TMP_SUFFIX, DamagedFileError, read_checked, write_checked
 
 __all__ = ["ResultCache", "CacheLock", "content_key", "model_fingerprint", "scheduler_settings"]
 
@@ -168,3 +169,21 @@ class ResultCache:
         buf = io.BytesIO()
         torch.save(record, buf)
         write_checked(path, buf.getbuffer())
+        _remove_leftovers(os.path.dirname(path))
+
+
+def _remove_leftovers(folder: str, max_age: float = 600.0) -> None:
+    """Remove the temporary files that killed writers left in a cache folder (those older than
+    ``max_age`` seconds: a younger one may be another process's write in progress)."""
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and n.endswith(TMP_SUFFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if now - os.stat(path).st_mtime > max_age:
+                os.unlink(path)
+        except OSError:
+            pass

@@ -142,6 +142,17 @@ def test_a_run_over_damaged_caches_warns_recomputes_and_matches_a_clean_run(clea
     _complete(d, clean[1])  # the new sample 3 is the clean run's: nothing damaged was used
 
 
+def test_a_killed_writer_s_temporary_cache_file_is_removed_once_old(tmp_path):
+    folder = tmp_path / "inversions"
+    folder.mkdir()
+    old, young = folder / ".o2mag-a.pt.0.tmp", folder / ".o2mag-b.pt.1.tmp"
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")
+    os.utime(old, (1_000_000, 1_000_000))
+    ResultCache("inversions").save(str(tmp_path), "k", {"v": torch.ones(1)})
+    assert not old.exists() and young.exists()  # a young one may be a live writer's
+
+
 def test_checked_files_refuse_every_damage(tmp_path):
     p = write_checked(tmp_path / "f", b"payload" * 100)
     assert read_checked(p) == b"payload" * 100
@@ -441,16 +452,33 @@ def test_a_broken_lease_does_not_hold_a_sample(clean, tmp_path, capsys, sleeper,
     _complete(d, clean[1])
 
 
-def test_a_live_lease_of_another_run_ends_with_exit_3_and_says_how_to_finish(clean, tmp_path, capsys):
+def test_a_live_lease_of_another_run_is_waited_for_then_taken_over(clean, tmp_path, capsys):
     out, d = _copy(clean, tmp_path)
     (d / "image" / "001.png").unlink()
     (d / ".o2mag").mkdir(exist_ok=True)
-    (d / ".o2mag" / "000001.lease").write_bytes(_lease_record(d))  # this pid, renewed now: live
+    (d / ".o2mag" / "000001.lease").write_bytes(_lease_record(d))  # this pid, written now: live
+    assert _generate(out, "--claim-lease", "1") == 0  # not renewed: stale after a second, taken over
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert "waiting for 1 sample(s) that another live o2mag run is making" in err and f"pid {os.getpid()}" in err
+    _complete(d, clean[1])
+
+
+def test_a_run_that_ends_with_samples_missing_exits_3_and_says_how_to_finish(clean, tmp_path, capsys,
+                                                                              monkeypatch):
+    from o2mag.runs.runner import Runner
+
+    out, d = _copy(clean, tmp_path)
+    (d / "image" / "001.png").unlink()
+    (d / ".o2mag").mkdir(exist_ok=True)
+    (d / ".o2mag" / "000001.lease").write_bytes(_lease_record(d))  # live: this pid, written now
+    monkeypatch.setattr(Runner, "_wait_for_others", lambda self, order: False)  # as if it came too late
     assert _generate(out) == 3
     err = capsys.readouterr().err
     _no_traceback(err)
     assert "1 of 4 sample(s) still missing" in err and "rerun the same command" in err
     assert f"pid {os.getpid()}" in err and "exit code 3" in err
+    monkeypatch.undo()
     (d / ".o2mag" / "000001.lease").unlink()  # that run ended
     assert _generate(out) == 0
     _complete(d, clean[1])
