@@ -169,7 +169,7 @@ def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, An
                     or not isinstance(rec.get("index"), int):
                 raise ValueError("not an object with an integer 'index'")
         except (ValueError, UnicodeDecodeError) as exc:
-            warnings.warn(f"{p}: line {no} ignored ({exc}); its sample counts as missing", DataWarning, stacklevel=2)
+            warnings.warn(f"{p}: line {no} ignored ({exc})", DataWarning, stacklevel=2)
             continue
         out.append(rec)
     return out
