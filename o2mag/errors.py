@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["InputError", "MissingInputError", "UsageError", "SettingsConflictError", "SampleExistsError",
-           "ConcurrentRunError", "ClaimLostError", "existing_path"]
+           "ConcurrentRunError", "ClaimLostError", "DataWarning", "existing_path"]
 
 
 class InputError(ValueError):
@@ -40,6 +40,11 @@ class ConcurrentRunError(SettingsConflictError):
 
 class ClaimLostError(RuntimeError):
     """This process's claim on a sample was broken (it stalled past the lease); it must not write."""
+
+
+class DataWarning(RuntimeWarning):
+    """A file o2mag reads back was damaged (a cache entry, a manifest line) and was not used: what
+    it held is computed again (the command prints it as one ``o2mag: warning:`` line)."""
 
 
 def existing_path(path: Any, what: str, *, folder: bool = False) -> Path:

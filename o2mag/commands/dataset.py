@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..curation.decisions import review_counts
 from ..errors import InputError, UsageError
+from ..files import atomic_write
 from ..masks import load_image, load_mask, read_mask, resize_image
 from ..runs.contact_sheet import write_contact_sheet
 from ..runs.runner import Group, Reference, run_groups
@@ -127,10 +128,7 @@ def _write_dataset_file(out: Path, specs: List[GroupSpec], groups) -> None:
             return
     except OSError:
         pass
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{DATASET_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"), make_parents=True)
 
 
 def _image_shape(path) -> tuple:
@@ -214,6 +212,7 @@ def run(args) -> int:
     else:
         specs = job_groups(args.job, args.num, args.num_normals, args.category, args.defect)
     embedded = args.model is None
+    o.check_output_folders(args)
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)
     steps, ago_steps = o.default_steps(args, embedded)
@@ -238,8 +237,7 @@ def run(args) -> int:
                         progress=not args.quiet, per_category=True, announce=announce)
     if state.is_main:
         for g in report.groups:
-            if g.made:
-                write_contact_sheet(g.dir)  # what a person looks at first, one per defect folder
+            write_contact_sheet(g.dir)  # what a person looks at first: it follows each folder's content
         reviews = {g.key: review_counts(g.dir) for g in report.groups}  # what o2mag curate/review decided
         print(summary_table(report, reviews), file=sys.stderr)
         complete = sum(g.complete or 0 for g in report.groups)
@@ -248,7 +246,5 @@ def run(args) -> int:
               f"{time.perf_counter() - t0:.1f} s on {report.processes} process(es) "
               f"({o.stats_line(report.stats)})",
               file=sys.stderr)
-        if complete < wanted:
-            print(f"o2mag: {wanted - complete} sample(s) still missing (held by another run, or claimed by a "
-                  "process that died: rerun the same command to finish)", file=sys.stderr)
-    return 0
+        return o.report_missing(report.groups)
+    return o.EXIT_OK

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, existing_path
+from ..files import check_writable
 from ..evaluation.demo import make_demo_data
 from ..masks import image_files
 from ..runs.store import package_versions
@@ -155,6 +156,7 @@ def _out_dir(out: Path, overwrite: bool, marker: str) -> Path:
     if (out / marker).exists() and not overwrite:
         raise InputError(f"{out / marker} already exists (an earlier run); use --overwrite to replace its "
                          "results or choose another --out")
+    check_writable(out, "--out")
     _CREATED[:] = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     return out

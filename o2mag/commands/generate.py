@@ -164,6 +164,7 @@ def run(args) -> int:
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)
     inputs = _inputs(args)
+    o.check_output_folders(args)
     steps, ago_steps = o.default_steps(args, embedded)
     o.generation_settings(args, steps, ago_steps, None)  # the settings' rules, before the model loads
 
@@ -205,9 +206,9 @@ def run(args) -> int:
                  if state.distributed else "")
         print(f"o2mag: wrote {res.made} samples to {res.dir}{split} in {dt:.1f} s "
               f"({o.stats_line(report.stats)}{per})", file=sys.stderr)
-        if res.complete is not None and res.complete < res.wanted:
-            print(f"o2mag: {res.wanted - res.complete} sample(s) still missing (held by another run, or "
-                  "claimed by a process that died: rerun the same command to finish)", file=sys.stderr)
-    if state.is_main and res.made:
-        print(f"o2mag: contact sheet {write_contact_sheet(res.dir)}", file=sys.stderr)
-    return 0
+    if not state.is_main:
+        return o.EXIT_OK
+    sheet = write_contact_sheet(res.dir)  # follows the folder's content, whatever this run made
+    if sheet is not None and res.todo:
+        print(f"o2mag: contact sheet {sheet}", file=sys.stderr)
+    return o.report_missing(report.groups)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingInputError, UsageError
+from ..files import check_writable
 from ..masks import folder_masks, read_mask, resolve_foreground, target_masks
 from ..runs.processes import process_state
 from ..runs.runner import RunOptions
@@ -30,8 +31,16 @@ __all__ = [
     "device_dtype", "default_steps", "load_pipeline", "working_size", "prompt_and_word",
     "check_mask_options", "target_masks_for", "load_mask_array", "generation_settings", "manifest_settings",
     "integer", "number", "SETTING_OPTIONS",
-    "run_options", "stats_line",
+    "run_options", "stats_line", "check_output_folders", "report_missing", "EXIT_OK", "EXIT_FAILED",
+    "EXIT_INPUT", "EXIT_INCOMPLETE", "EXIT_INTERRUPTED",
 ]
+
+# The command's exit codes (documented in o2mag.cli and the README).
+EXIT_OK = 0  # every sample asked for is there
+EXIT_FAILED = 1  # the run failed for a reason the user can act on (AGO overflow, out of GPU memory)
+EXIT_INPUT = 2  # what the user gave is wrong, or an OS error about one of the user's paths
+EXIT_INCOMPLETE = 3  # the run ended with samples missing: rerun the same command to finish them
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EMBEDDED_STEPS = 10
 EMBEDDED_AGO_STEPS = 20
@@ -382,6 +391,28 @@ def run_options(args, mode: str, settings):
         return target_masks_for(args, mode, ref_mask, np.asarray(normal_image), indices, settings.size)
 
     return RunOptions(settings=settings, make_masks=make_masks, overwrite=args.overwrite, lease=args.claim_lease)
+
+
+def check_output_folders(args) -> None:
+    """``--out`` and the cache folder (``--cache-dir``, default ``<out>/.o2mag-cache``) can be written:
+    checked before the model is loaded, so a read-only or impossible folder is one line (exit 2)."""
+    check_writable(args.out, "--out")
+    check_writable(args.cache_dir or os.path.join(args.out, ".o2mag-cache"), "--cache-dir")
+
+
+def report_missing(results) -> int:
+    """Say which groups of a finished run still miss samples, who holds them and how to finish them;
+    ``EXIT_INCOMPLETE`` when any does, else ``EXIT_OK``."""
+    code = EXIT_OK
+    for r in results:
+        if r.complete is None or r.complete >= r.wanted:
+            continue
+        code = EXIT_INCOMPLETE
+        held = (f"; {len(r.held)} claimed by another live o2mag run ({'; '.join(sorted(set(r.held.values())))}): "
+                "rerun the same command when it has finished, or let it finish them" if r.held else "")
+        print(f"o2mag: {r.wanted - r.complete} of {r.wanted} sample(s) still missing in {r.dir}{held}; rerun the "
+              "same command to finish them (exit code 3)", file=sys.stderr)
+    return code
 
 
 def stats_line(stats) -> str:

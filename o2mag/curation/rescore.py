@@ -8,7 +8,6 @@ dataset``, or the built-in sample).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np

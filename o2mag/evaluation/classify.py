@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..files import atomic_write
 from .data import load_images, mvtec_split, synthetic_samples
 
 __all__ = ["ClassifyOptions", "classify_category", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -116,7 +117,8 @@ def classify_category(category: str, opts: ClassifyOptions) -> dict:
     per_class = [float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None for i in range(k)]
     ckpt = opts.out / category / "classifier_final.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "classes": classes, "size": opts.size}, ckpt)
+    state = {"state_dict": model.state_dict(), "classes": classes, "size": opts.size}
+    atomic_write(ckpt, lambda f: torch.save(state, f))
     return {"accuracy": float((pred == y_test).mean()), "classes": classes, "confusion": confusion.tolist(),
             "per_class_accuracy": per_class, "n_train": {d: len(synth.pairs[d]) for d in classes},
             "synthetic_rejected": dict(synth.rejected),

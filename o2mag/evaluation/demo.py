@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from ..sources.sample import brushed_metal
 from ..runs.store import OutputStore
+from ..files import atomic_write
 
 __all__ = ["make_demo_data", "DEMO_CATEGORIES", "DEMO_SIZE"]
 
@@ -85,7 +86,7 @@ DEMO_CATEGORIES = ("fabric", "plate")
 
 def _save(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 def make_demo_data(folder: str | os.PathLike, size: int = DEMO_SIZE) -> Tuple[Path, Path]:

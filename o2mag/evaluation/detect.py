@@ -23,6 +23,7 @@ import torch
 
 from .data import load_images, load_pairs, mvtec_split, synthetic_samples
 from ..errors import InputError
+from ..files import atomic_write
 from .metrics import detection_metrics, image_scores_from_maps, precision_recall
 from .segmentation import TrainConfig, predict_maps, train_segmentation
 
@@ -126,8 +127,9 @@ def evaluate_category(category: str, opts: DetectOptions) -> dict:
         ckpt = cat_dir / "model_best_on_test_LEAKY.pt"
     else:
         ckpt = cat_dir / "model_final.pt"
-    torch.save({"state_dict": model.state_dict(), "config": cfg.as_dict(), "size": opts.size,
-                "category": category, "leaky": opts.leaky}, ckpt)
+    state = {"state_dict": model.state_dict(), "config": cfg.as_dict(), "size": opts.size, "category": category,
+             "leaky": opts.leaky}
+    atomic_write(ckpt, lambda f: torch.save(state, f))
     metrics, maps, scores = measure(model)
     pixel_scores = maps.numpy().ravel()
     pixel_labels = test_masks.numpy().ravel()

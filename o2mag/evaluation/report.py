@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import atomic_write
 from .metrics import METRIC_KEYS
 
 __all__ = ["write_json", "write_detect_report", "write_classify_report", "METRIC_LABELS"]
@@ -34,18 +33,6 @@ LEAKY_BANNER = ("> **LEAKY PROTOCOL.** Run with `--leaky-paper-protocol`: the ch
                 "trained on this data achieves on unseen images.")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _public(obj):
     """Drop keys starting with '_' (in-memory extras such as example images) before JSON."""
     if isinstance(obj, dict):
@@ -58,7 +45,7 @@ def _public(obj):
 
 
 def write_json(path: Path, results: dict) -> None:
-    _atomic_write(path, (json.dumps(_public(results), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+    atomic_write(path, (json.dumps(_public(results), indent=2, sort_keys=False, allow_nan=False) + "\n").encode(), make_parents=True)
 
 
 def _pct(v: Optional[float]) -> str:
@@ -99,7 +86,7 @@ def _bar_plot(path: Path, rows: Dict[str, Dict[str, float]], title: str) -> None
     ax.set_title(title)
     ax.legend(ncol=len(METRIC_KEYS), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -117,7 +104,7 @@ def _pr_plot(path: Path, curves: Dict[str, dict], title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -146,7 +133,7 @@ def _examples_panel(path: Path, examples: List[dict]) -> None:
         for c, arr in enumerate((ex["image"], gt, _heat(ex["map"]))):
             im = Image.fromarray(np.ascontiguousarray(arr)).resize((tile, tile), Image.NEAREST)
             sheet.paste(im, (pad + c * (tile + pad), y + label_h))
-    sheet.save(path)
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
 def write_detect_report(out: Path, results: dict) -> Path:
@@ -204,7 +191,7 @@ def write_detect_report(out: Path, results: dict) -> Path:
         for c, name in example_files:
             lines += [f"### {c}", "", f"![{c} examples]({name})", ""]
     path = out / "report.md"
-    _atomic_write(path, ("\n".join(lines).rstrip() + "\n").encode())
+    atomic_write(path, ("\n".join(lines).rstrip() + "\n").encode(), make_parents=True)
     return path
 
 
@@ -226,5 +213,5 @@ def write_classify_report(out: Path, results: dict) -> Path:
         for name, row, acc in zip(r["classes"], r["confusion"], r["per_class_accuracy"]):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {_pct(acc)} |")
     path = out / "report.md"
-    _atomic_write(path, ("\n".join(lines).rstrip() + "\n").encode())
+    atomic_write(path, ("\n".join(lines).rstrip() + "\n").encode(), make_parents=True)
     return path

@@ -6,6 +6,11 @@ prompt, settings, model identity and the scheduler's configuration. Results stay
 life of the pipeline object and, when a folder is given, are written to
 ``<folder>/<kind>/<key>.pt`` so that a later run, in another process, reuses them.
 
+Each file is written atomically with a checksum of its content (:func:`o2mag.files.write_checked`)
+and verified when read: an entry that is empty, cut short, altered, or unreadable is a *miss* -- a
+:class:`~o2mag.errors.DataWarning` names the file, the result is computed again and the file is
+replaced (atomically) -- never a result used silently or a crash on every rerun.
+
 Processes that share a folder compute each result once when the cache is given a *lock*
 (:data:`CacheLock`): a result missing from memory is looked up on disk, and computed and written,
 while the lock for its key is held, so a process that needed the same result meanwhile finds it
@@ -16,13 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
-import secrets
+import pickle
+import time
+import warnings
+import zipfile
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..errors import DataWarning
+from ..files import TMP_PREFIX, TMP_SUFFIX, DamagedFileError, read_checked, write_checked
 
 __all__ = ["ResultCache", "CacheLock", "content_key", "model_fingerprint", "scheduler_settings"]
 
@@ -104,11 +116,24 @@ class ResultCache:
         return None if not folder else os.path.join(folder, self.kind, f"{key}.pt")
 
     def load(self, folder: Optional[str], key: str) -> Optional[dict]:
-        """The record stored on disk for ``key`` (tensors on the CPU), or None."""
+        """The record stored on disk for ``key`` (tensors on the CPU), or None when there is none or
+        it is damaged (then a :class:`~o2mag.errors.DataWarning` names the file)."""
         path = self.path(folder, key)
         if not path or not os.path.isfile(path):
             return None
-        return torch.load(path, map_location="cpu")
+        try:
+            record = torch.load(io.BytesIO(read_checked(path)), map_location="cpu")
+            if not isinstance(record, dict):
+                raise DamagedFileError(f"it holds a {type(record).__name__}, not a record")
+        except (DamagedFileError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            self._damaged(path, e)
+            return None
+        return record
+
+    @staticmethod
+    def _damaged(path: str, why: BaseException) -> None:
+        warnings.warn(f"cache file {path} is damaged ({why}); computing it again and replacing it",
+                      DataWarning, stacklevel=3)
 
     def fetch(self, key: str, folder: Optional[str], compute: Callable[[], Any], *, pack: Callable[[Any], dict],
               unpack: Callable[[dict], Any], lock: Optional[CacheLock] = None,
@@ -123,8 +148,12 @@ class ResultCache:
         with lock(self.kind, key) if locked else contextlib.nullcontext():
             record = self.load(folder, key) if reuse else None
             if record is not None:
-                value, computed = unpack(record), False
-            else:
+                try:
+                    value, computed = unpack(record), False
+                except (KeyError, TypeError, ValueError, AttributeError) as e:  # intact, but not this record
+                    self._damaged(self.path(folder, key), e)
+                    record = None
+            if record is None:
                 value, computed = compute(), True
                 self.save(folder, key, pack(value))
         if reuse:
@@ -132,17 +161,29 @@ class ResultCache:
         return value, computed
 
     def save(self, folder: Optional[str], key: str, record: dict) -> None:
-        """Write ``record`` for ``key`` atomically (a unique temporary name, then a rename), so a
-        reader never sees half a file and two processes never write to the same temporary file."""
+        """Write ``record`` for ``key`` atomically and with a checksum (:func:`o2mag.files.write_checked`),
+        so a reader never sees half a file and a damaged one is never used."""
         path = self.path(folder, key)
         if not path:
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        buf = io.BytesIO()
+        torch.save(record, buf)
+        write_checked(path, buf.getbuffer())
+        _remove_leftovers(os.path.dirname(path))
+
+
+def _remove_leftovers(folder: str, max_age: float = 600.0) -> None:
+    """Remove the temporary files that killed writers left in a cache folder (those older than
+    ``max_age`` seconds: a younger one may be another process's write in progress)."""
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and n.endswith(TMP_SUFFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
         try:
-            torch.save(record, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            if now - os.stat(path).st_mtime > max_age:
+                os.unlink(path)
+        except OSError:
+            pass

@@ -10,8 +10,12 @@ the fallback where hard links are not supported.
 
 A holder renews its leases by touching them from a background thread (every ``lease / 6``
 seconds) and checks that each file still carries its token. A lease is *stale*, and may be broken
-by anyone, when its process is gone (same machine: its pid no longer exists) or it was not renewed
-for ``lease`` seconds (any machine). Ages are measured against the filesystem's own clock (the
+by anyone, when its process is gone (same machine: its pid no longer exists, or now belongs to
+another process -- the process's start time, recorded in the lease, differs; a lease without one,
+from an older o2mag, is held by a process that is not an o2mag run), when it was not renewed for
+``lease`` seconds (any machine), or when it is not a complete lease at all (empty, cut short, no
+token: a crash while it was written; the ``O_EXCL`` fallback writes the content after creating the
+file, and a holder displaced in that instant finds out before it writes, as below). Ages are measured against the filesystem's own clock (the
 modification time of a file this process has just touched in the same folder), so machines
 whose clocks disagree can share a folder. A process that lost a lease (it stalled for longer than
 the lease) notices before it writes and does not write.
@@ -67,6 +71,28 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc/<pid>/stat``), or None
+    where that cannot be read (no ``/proc``, the process is gone). A pid reused by a new process
+    gets a new start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[19].decode("ascii")  # field 22, starttime
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _runs_o2mag(pid: int) -> bool:
+    """Whether process ``pid`` looks like an o2mag run (its command line names o2mag); True where
+    that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"o2mag" in f.read()
+    except OSError:
+        return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -83,7 +109,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists; True when this call created it.
 
     The content is complete before the name appears (a reader never sees half a lease). Not
-    fsynced: a lease that a machine crash leaves empty is judged by its age alone.
+    fsynced: a lease that a machine crash leaves empty is stale.
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
@@ -128,13 +154,14 @@ class Holder:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     host: str = field(default_factory=host_id)
     pid: int = field(default_factory=os.getpid)
+    pid_start: Optional[str] = field(default_factory=lambda: process_start(os.getpid()))
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def record(self, what: str) -> Dict[str, Any]:
         return {"what": what, "token": self.token, "run": self.run, "rank": self.rank, "host": self.host,
-                "pid": self.pid, "started": self.started, "overwrite": self.overwrite,
-                "fingerprint": fingerprint(self.settings), "settings": self.settings,
-                **({"annotator": True} if self.annotator else {})}
+                "pid": self.pid, "pid_start": self.pid_start, "started": self.started,
+                "overwrite": self.overwrite, "fingerprint": fingerprint(self.settings),
+                "settings": self.settings, **({"annotator": True} if self.annotator else {})}
 
     def compatible(self, other: Dict[str, Any]) -> bool:
         """May a process holding ``other`` work in the same folder as this one at the same time?"""
@@ -224,7 +251,7 @@ def _read(path: str):
         if not isinstance(rec, dict):
             rec = {}
     except (ValueError, UnicodeDecodeError):
-        rec = {}  # an O_EXCL lease being written: judged by its age alone
+        rec = {}  # cut short, or an O_EXCL lease being written: not a lease (stale)
     return rec, mtime
 
 
@@ -276,10 +303,21 @@ class Leases:
                 pass
 
     def stale(self, rec: Dict[str, Any], mtime: float, now: Optional[float] = None) -> bool:
-        """Its process is gone (same machine) or it was not renewed for ``lease`` seconds."""
-        if rec.get("host") == self.holder.host and isinstance(rec.get("pid"), int) \
-                and rec.get("pid") != self.holder.pid and not _pid_alive(rec["pid"]):
+        """Not a complete lease (empty, cut short, no token), its process is gone or is another
+        process now (same machine), or it was not renewed for ``lease`` seconds (module docstring)."""
+        if not isinstance(rec.get("token"), str):
             return True
+        pid = rec.get("pid")
+        if rec.get("host") == self.holder.host and isinstance(pid, int) and pid != self.holder.pid:
+            if not _pid_alive(pid):
+                return True
+            if "pid_start" not in rec:  # written by an older o2mag: judge the process by its name
+                if not _runs_o2mag(pid):
+                    return True
+            elif rec["pid_start"] is not None:
+                start = process_start(pid)
+                if start is not None and start != rec["pid_start"]:  # the pid was reused
+                    return True
         now = self.fs_now() if now is None else now
         return now - mtime > self.lease
 

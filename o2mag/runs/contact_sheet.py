@@ -1,16 +1,16 @@
 """A contact sheet of a defect folder: every generated image at a glance, mask outlined in red.
 
 The first thing to look at after ``o2mag generate``: whether the defects sit where the masks say,
-whether they look like the reference, whether any sample is broken. ``o2mag generate`` rewrites
-``<out>/<category>/<defect>/contact_sheet.png`` after each run (it is derived from the samples,
-never an input).
+whether they look like the reference, whether any sample is broken. ``o2mag generate`` and ``o2mag dataset``
+rewrite ``<out>/<category>/<defect>/contact_sheet.png`` at the end of every run, whatever the run
+made (a group finished before a crash gets its sheet on the rerun; a deleted sheet comes back): it
+is derived from the samples, never an input.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..checks import is_int
+from ..files import atomic_write
 from .store import complete_samples
 
 __all__ = ["write_contact_sheet", "contact_sheet", "CONTACT_SHEET_NAME"]
@@ -88,12 +89,4 @@ def write_contact_sheet(defect_dir: str | os.PathLike, path: str | os.PathLike |
     if sheet is None:
         return None
     dest = Path(path) if path is not None else Path(defect_dir) / CONTACT_SHEET_NAME
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write(dest, lambda f: sheet.save(f, format="PNG"))

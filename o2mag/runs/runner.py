@@ -17,7 +17,8 @@ How the work is split (``o2mag generate`` and ``o2mag dataset`` both run a :clas
   with the pair's following batches in the same ``generate_iter`` call for as long as it can
   claim each one whole just before computing it. A lone process thus makes a pair in one call,
   as a one-process run does (the K/V cache is recorded once), and it helps with other groups
-  until nothing is left to claim. Claims are per sample on the filesystem
+  until nothing is left to claim; then it waits while other writers still hold samples of the plan
+  (they finish them, or their claims go stale and it takes them over). Claims are per sample on the filesystem
   (:meth:`o2mag.runs.store.OutputStore.claim`), so the processes of one launch, and independent runs
   with the same settings, never make a sample twice; a batch is claimed whole or not at all.
 - The pipeline computes each AGO embedding and inversion it does not find in its cache under a
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..curation.quality import sample_quality
 from ..errors import ClaimLostError, InputError
-from .claims import Holder, Leases
+from .claims import Holder, Leases, describe
 from .plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments
 from .processes import ProcessState
 from .store import OutputStore
@@ -112,7 +113,8 @@ class RunOptions:
 class GroupResult:
     """What happened to one group: ``wanted`` samples, ``present`` before the run (of 0..num-1),
     ``todo`` in the plan, ``made`` (all processes), generation ``seconds`` (summed over
-    processes), ``complete`` after the run (filled in on process 0)."""
+    processes), ``complete`` after the run and ``held`` (missing samples claimed by another live
+    run: who holds them) (filled in on process 0)."""
 
     key: str
     category: str
@@ -125,6 +127,7 @@ class GroupResult:
     seconds: float = 0.0
     complete: Optional[int] = None
     dir: str = ""
+    held: Dict[int, str] = field(default_factory=dict)  # missing samples claimed by another live run
 
 
 @dataclass
@@ -256,6 +259,7 @@ class Runner:
         self.status_text = ""  # what the bars show between AGO/inversion phases
         self.made = [0] * len(groups)
         self.seconds = [0.0] * len(groups)
+        self.said_waiting = False
 
     # ------------------------------------------------------------------------------- the run
     def run(self) -> RunReport:
@@ -271,8 +275,8 @@ class Runner:
                 self.prep = Leases(Path(cache_dir) / "locks", Holder(run=run, rank=state.index), self.opts.lease)
                 self.pipe.cache_lock = CacheLeases(self.prep, self._status)
             order = [gi for gi in rotation(len(self.groups), state.index, state.count) if self.plans[gi]]
-            while order:  # until a whole pass finds nothing to claim (claims of dead processes expire)
-                if not any([self._work_on(gi) for gi in order]):
+            while order:  # until a whole pass finds nothing to claim and no live writer holds a sample
+                if not any([self._work_on(gi) for gi in order]) and not self._wait_for_others(order):
                     break
             self.bars.update(force=True)
             return self._report(t_start)
@@ -344,8 +348,38 @@ class Runner:
             for gi, (res, st) in enumerate(zip(self.results, self.stores)):
                 st.refresh(check=False)
                 res.complete = sum(1 for i in range(self.groups[gi].num) if st.is_complete(i))
+                if res.complete < res.wanted:
+                    res.held = {int(name): describe(rec) for name, rec in st.leases.live().items()
+                                if name.isdigit() and rec.get("run") != st.holder.run
+                                and not st.is_complete(int(name)) and int(name) < res.wanted}
         return RunReport(groups=self.results, stats=stats, processes=self.state.count,
                          wall=time.perf_counter() - t_start, per_process=[sum(e["made"]) for e in everyone])
+
+    def _wait_for_others(self, order: List[int]) -> bool:
+        """Nothing left to claim: if live writers (this run's other processes, or another run with
+        the same settings) still hold samples of the plan, wait a moment and return True (the
+        caller looks again: their samples get done, or their claims go stale and are taken over);
+        False when none does, so a run ends only with its samples done or not claimable at all."""
+        waiting, holders = 0, set()
+        for gi in order:
+            st = self.stores[gi]
+            st.refresh()
+            planned = {i for b in self.plans[gi] for i in b.indices if not st.done(i)}
+            held = {n: rec for n, rec in st.leases.check_live().items()
+                    if n.isdigit() and int(n) in planned and rec.get("token") != st.holder.token}
+            waiting += len(held)
+            holders |= {describe(rec) for rec in held.values() if rec.get("run") != st.holder.run}
+        if not waiting:
+            return False
+        if holders and not self.said_waiting:  # another run's: say so once (this run's ranks: silent)
+            self.said_waiting = True
+            print(f"o2mag: waiting for {waiting} sample(s) that another live o2mag run is making "
+                  f"({'; '.join(sorted(holders))}); Ctrl-C stops this run, rerunning later finishes them",
+                  file=sys.stderr)
+        self.status_text = f"waiting for {waiting} sample(s) another process is making"
+        self.bars.status(self.status_text)
+        time.sleep(min(1.0, self.opts.lease / 6))
+        return True
 
     # ------------------------------------------------------------------------------- a group
     def _status(self, text: Optional[str]) -> None:

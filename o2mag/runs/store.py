@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -42,14 +41,16 @@ from PIL import Image
 from .._version import __version__
 from ..checks import is_int
 from .claims import DEFAULT_LEASE, Holder, Leases, describe
-from ..errors import ClaimLostError, ConcurrentRunError, InputError, SampleExistsError, SettingsConflictError
+from ..files import TMP_PREFIX, TMP_SUFFIX, atomic_write, fsync_dir, named_os_error
+from ..errors import (ClaimLostError, ConcurrentRunError, DataWarning, InputError, SampleExistsError,
+                      SettingsConflictError)
 from ..masks import to_mask
 
 __all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.jsonl"
-_TMP_PREFIX = ".o2mag-"
-_TMP_SUFFIX = ".tmp"
+_TMP_PREFIX = TMP_PREFIX  # temporary files of atomic writes (o2mag.files), cleaned after a crash
+_TMP_SUFFIX = TMP_SUFFIX
 _RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp", "run")
 COORD_DIR = ".o2mag"  # claims and the manifest lease, inside each defect folder
 _TEMP_MAX_AGE = 600.0  # seconds: an older temporary file is a crash leftover even while others write
@@ -168,7 +169,7 @@ def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, An
                     or not isinstance(rec.get("index"), int):
                 raise ValueError("not an object with an integer 'index'")
         except (ValueError, UnicodeDecodeError) as exc:
-            warnings.warn(f"{p}: line {no} ignored ({exc})", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{p}: line {no} ignored ({exc})", DataWarning, stacklevel=2)
             continue
         out.append(rec)
     return out
@@ -187,50 +188,8 @@ def _last_line(raw: bytes) -> dict[str, Any] | None:
     return rec if is_int(index) else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _new_temp_file(dest: Path) -> tuple[int, str]:
-    """Create a fresh temporary file beside ``dest``: ``(fd, path)``.
-
-    Opened with mode 0o666 so the process umask decides the final permissions, as for any other
-    file the user writes (``tempfile.mkstemp`` would force 0600 and make a shared dataset
-    unreadable to the rest of a team); ``O_EXCL`` keeps two writers from sharing one name.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = str(dest.parent / f"{_TMP_PREFIX}{dest.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # pragma: no cover - 48 random bits collided
-            continue
-
-
 def _atomic_png(img: Image.Image, dest: Path) -> None:
-    fd, tmp = _new_temp_file(dest)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dest.parent)
+    atomic_write(dest, lambda f: img.save(f, format="PNG"))
 
 
 def _as_image(image: Any) -> Image.Image:
@@ -491,17 +450,25 @@ class OutputStore:
     def _append_locked(self, rec: dict[str, Any]) -> None:
         line = json.dumps(rec, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
         new = not self.manifest_path.exists()
-        with open(self.manifest_path, "ab") as f:
-            if f.tell() > 0:
-                with open(self.manifest_path, "rb") as r:
-                    r.seek(-1, os.SEEK_END)
-                    if r.read(1) != b"\n":  # a crash cut the last line short: keep ours separate
-                        line = b"\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.manifest_path, "ab") as f:
+                start = f.tell()
+                if start > 0:
+                    with open(self.manifest_path, "rb") as r:
+                        r.seek(-1, os.SEEK_END)
+                        if r.read(1) != b"\n":  # a crash cut the last line short: keep ours separate
+                            line = b"\n" + line
+                try:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:  # a full disk: take back what part of the line got in
+                    f.truncate(start)
+                    raise
+        except OSError as e:
+            raise named_os_error(e, self.manifest_path) from None
         if new:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def annotate(self, changes: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Add facts to complete samples' manifest lines (review decisions, quality records):

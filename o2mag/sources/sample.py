@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..checks import is_int
+from ..files import atomic_write
 
 __all__ = ["Sample", "embedded_sample", "brushed_metal"]
 
@@ -41,9 +42,9 @@ class Sample:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"normal": folder / "normal.png", "reference": folder / "reference.png",
                  "ref_mask": folder / "reference_mask.png"}
-        self.normal.save(paths["normal"])
-        self.reference.save(paths["reference"])
-        Image.fromarray(self.ref_mask.astype(np.uint8) * 255).save(paths["ref_mask"])
+        mask = Image.fromarray(self.ref_mask.astype(np.uint8) * 255)
+        for name, im in (("normal", self.normal), ("reference", self.reference), ("ref_mask", mask)):
+            atomic_write(paths[name], lambda f, im=im: im.save(f, format="PNG"))
         return paths
 
 

@@ -190,7 +190,8 @@ def test_two_independent_runs_never_make_a_sample_twice(tmp_path):
     assert sum(runs.values()) == 10 and set(runs.values()) == set(made) - {0}
 
 
-def test_a_second_run_with_other_settings_stops_at_once(tmp_path, capsys):
+def test_a_second_run_with_other_settings_stops_at_once(tmp_path, capsys, monkeypatch):
+    from o2mag.runs.runner import Runner
     from o2mag.runs.store import OutputStore
 
     assert main(["generate", "--out", str(tmp_path / "a"), "--num", "1", *FAST]) == 0
@@ -213,9 +214,23 @@ def test_a_second_run_with_other_settings_stops_at_once(tmp_path, capsys):
         assert time.perf_counter() - t0 < 60  # at once: before any generation
         assert read_manifest(d / "manifest.jsonl") == []  # nothing was written
         # the same settings cooperate: all but the batch of the live run's sample 5 is made (a batch
-        # another writer holds part of is left whole to it)
+        # another writer holds part of is left whole to it); then the run waits for that run, and
+        # takes the batch over once its claim goes (here: the other run stops when the wait begins)
+        made = []
+        real_wait = Runner._wait_for_others
+
+        def wait(self, order):
+            made.append(sorted(r["index"] for r in _ok_lines(d / "manifest.jsonl")))
+            waiting = real_wait(self, order)
+            if waiting:
+                live.release(5)
+            return waiting
+
+        monkeypatch.setattr(Runner, "_wait_for_others", wait)
         assert main(["generate", "--out", str(out), "--num", "8", "--batch-size", "2", *FAST]) == 0
-        assert sorted(r["index"] for r in _ok_lines(d / "manifest.jsonl")) == [0, 1, 2, 3, 6, 7]
-        assert "2 sample(s) still missing" in capsys.readouterr().err
+        assert made[0] == [0, 1, 2, 3, 6, 7]
+        assert sorted(r["index"] for r in _ok_lines(d / "manifest.jsonl")) == list(range(8))
+        err = capsys.readouterr().err
+        assert "waiting for 1 sample(s) that another live o2mag run is making" in err and "still missing" not in err
     finally:
         live.close()
