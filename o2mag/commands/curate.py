@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..curation.decisions import Sample, decide, defect_folders, keep_top, reject_below, samples
-from ..curation.quality import QUALITY_VERSION
+from ..sample_quality import QUALITY_VERSION
 from ..curation.rescore import rescore
 from ..errors import InputError, UsageError
 from ..runs.contact_sheet import write_contact_sheet

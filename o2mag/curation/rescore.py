@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..masks import load_image, load_mask, resize_image, resize_mask
 from ..sources.sample import embedded_sample
 from .decisions import Sample
-from .quality import sample_quality
+from ..sample_quality import sample_quality
 
 __all__ = ["rescore_sample", "inputs_of"]
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..curation.quality import sample_quality
+from ..sample_quality import sample_quality
 from ..errors import ClaimLostError, InputError
 from .claims import Holder, Leases, describe
 from .plan import Batch, available, chunk_size, claim_batch, plan_batches, rotation, segments

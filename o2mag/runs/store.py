@@ -15,6 +15,11 @@ The manifest is append-only: the last line for an index is the one that counts. 
 complete sample first appends a ``"replacing"`` line, so a crash half-way through a replacement
 cannot leave an old manifest line describing a new image.
 
+Every line carries ``"check"``, the CRC-32 of the line's other fields (as sorted JSON): a line
+whose bytes were changed and still parse as JSON (a digit of a seed, an index) fails it and is
+ignored with a warning, like a line that does not parse, so its sample counts as missing and is
+made again. Lines without ``"check"`` (older o2mag) are read as they are.
+
 Several writers may share a defect folder (processes of one multi-GPU run, or independent runs
 with the same settings): appends to the manifest hold a short lease on it, and a writer that
 generates sample ``i`` first *claims* it (:meth:`OutputStore.claim`), so no sample is made twice.
@@ -30,6 +35,7 @@ import json
 import os
 import uuid
 import warnings
+import zlib
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -156,6 +162,26 @@ def complete_samples(defect_dir: str | os.PathLike) -> list[tuple[int, Path, Pat
     return out
 
 
+CHECK_KEY = "check"
+
+
+def _line_check(rec: dict[str, Any]) -> str:
+    """The check a manifest line carries: CRC-32 of its other fields as sorted JSON."""
+    body = json.dumps({k: v for k, v in rec.items() if k != CHECK_KEY}, sort_keys=True, allow_nan=False)
+    return f"crc32:{zlib.crc32(body.encode('utf-8')):08x}"
+
+
+def _verified(rec: Any) -> dict[str, Any]:
+    """``rec`` without its check, or ValueError when it is not a manifest record or fails it."""
+    if not isinstance(rec, dict) or isinstance(rec.get("index"), bool) or not isinstance(rec.get("index"), int):
+        raise ValueError("not an object with an integer 'index'")
+    if CHECK_KEY in rec:
+        if rec[CHECK_KEY] != _line_check(rec):
+            raise ValueError("its check does not match its content: the line was changed after it was written")
+        rec = {k: v for k, v in rec.items() if k != CHECK_KEY}
+    return rec
+
+
 def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, Any]]:
     out = []
     for no, raw in enumerate(data.split(b"\n"), first_line):
@@ -164,10 +190,7 @@ def _parse_lines(data: bytes, p: Path, first_line: int = 1) -> list[dict[str, An
         if not raw.rstrip().endswith(b"}"):  # a crash cut this line short: no data in it
             continue
         try:
-            rec = json.loads(raw.decode("utf-8"))
-            if not isinstance(rec, dict) or isinstance(rec.get("index"), bool) \
-                    or not isinstance(rec.get("index"), int):
-                raise ValueError("not an object with an integer 'index'")
+            rec = _verified(json.loads(raw.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
             warnings.warn(f"{p}: line {no} ignored ({exc})", DataWarning, stacklevel=2)
             continue
@@ -181,11 +204,9 @@ def _last_line(raw: bytes) -> dict[str, Any] | None:
     if not raw.rstrip().endswith(b"}"):
         return None
     try:
-        rec = json.loads(raw.decode("utf-8"))
+        return _verified(json.loads(raw.decode("utf-8")))
     except (ValueError, UnicodeDecodeError):
         return None
-    index = rec.get("index") if isinstance(rec, dict) else None
-    return rec if is_int(index) else None
 
 
 def _atomic_png(img: Image.Image, dest: Path) -> None:
@@ -448,6 +469,8 @@ class OutputStore:
             self.leases.release("manifest")
 
     def _append_locked(self, rec: dict[str, Any]) -> None:
+        rec = {k: v for k, v in rec.items() if k != CHECK_KEY}
+        rec[CHECK_KEY] = _line_check(rec)
         line = json.dumps(rec, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
         new = not self.manifest_path.exists()
         try:

@@ -1,11 +1,11 @@
-"""The quality record's properties (o2mag.curation.quality) on images the tests draw: an unchanged
+"""The quality record's properties (o2mag.sample_quality) on images the tests draw: an unchanged
 target has presence 0, pasting the reference defect gives high presence and likeness, a change
 outside the mask raises leakage, and every score lies in [0, 1]."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from o2mag.curation.quality import combine, sample_quality
+from o2mag.sample_quality import combine, sample_quality
 
 SIDE = 64
 

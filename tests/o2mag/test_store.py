@@ -45,6 +45,7 @@ def test_write_layout_files_and_manifest(tmp_path):
     arr = np.asarray(mask_png)
     assert set(np.unique(arr).tolist()) == {0, 255} and np.array_equal(arr == 255, _mask())
     (rec,) = _lines(st)
+    assert rec.pop("check") == S._line_check(rec)  # the line's own check, not part of the record
     assert rec == line
     assert rec["index"] == 0 and rec["status"] == "ok" and rec["seed"] == 5
     assert rec["image"] == "bottle/scratch/image/000.png" and rec["mask"] == "bottle/scratch/mask/000.png"
@@ -303,3 +304,34 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     want = 0o666 & ~umask
     for path in (st.image_path(0), st.mask_path(0), st.manifest_path):
         assert stat.S_IMODE(path.stat().st_mode) == want, (path.name, oct(path.stat().st_mode))
+
+
+def test_a_manifest_line_changed_after_it_was_written_is_not_believed(tmp_path):
+    """A changed byte that leaves valid JSON (a digit of the seed) fails the line's check: the line is
+    ignored with a warning, so its sample counts as missing; the other lines, and lines an older
+    o2mag wrote without a check, are read as they are."""
+    st = OutputStore(tmp_path, "bottle", "scratch", settings=SETTINGS)
+    for i in range(3):
+        st.write(i, _img(10 * i), _mask(), {"seed": 40 + i})
+    path = st.manifest_path
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines[1].count(b'"seed": 41') == 1
+    lines[1] = lines[1].replace(b'"seed": 41', b'"seed": 47')
+    old = json.loads(lines[2])
+    del old["check"]
+    lines[2] = json.dumps(old, sort_keys=True).encode() + b"\n"  # as o2mag wrote lines before checks
+    path.write_bytes(b"".join(lines))
+    json.loads(lines[1])  # still valid JSON: only the check can tell
+    with pytest.warns(S.DataWarning, match=r"line 2 ignored .*check does not match"):
+        recs = read_manifest(path)
+    assert [r["index"] for r in recs] == [0, 2] and all("check" not in r for r in recs)
+    assert recs[1]["seed"] == 42
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.DataWarning)
+        again = OutputStore(tmp_path, "bottle", "scratch", settings=SETTINGS)
+        assert again.missing_indices(3) == [1]
+        line = again.write(1, _img(10), _mask(), {"seed": 41})  # made again, believed again
+    assert "check" not in line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.DataWarning)
+        assert [r["seed"] for r in read_manifest(path) if r["index"] == 1] == [41]
