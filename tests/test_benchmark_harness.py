@@ -124,3 +124,18 @@ def test_sweep_table_renders_the_committed_sweeps_verdicts():
         assert cells[-1] == ("triton" if want else "torch"), ln
     stale = sweep_table(dict(sweep, kernel_hash="0" * 16))
     assert "Stale" in stale and "| triton |" not in stale
+
+
+def test_the_unet_call_rows_run_the_grafted_call_on_the_tiny_model():
+    """What the e2e suite and the deciding GPU call time: one grafted UNet call and the stock one
+    (timings not asserted, only that both ran on the batch the layout asks for)."""
+    from o2mag import O2MAGPipeline
+    from benchmarks.o2mag.e2e import grafted_call_inputs, unet_call_rows
+
+    pipe = O2MAGPipeline.tiny(0)
+    layout, lat, emb, t, graft = grafted_call_inputs(pipe, torch.device("cpu"), 2, backend="torch")
+    assert lat.shape[0] == emb.shape[0] == layout.batch_size == 2 * (2 + 2)
+    assert graft.config.backend == "torch" and graft.token_indices == (5,)
+    (row,) = unet_call_rows(pipe, torch.device("cpu"), (2,), compiled=False, repeats=3, backend="torch")
+    assert row["rows"] == layout.batch_size and row["backend"] == "torch"
+    assert row["stock_ms"] > 0 and row["grafted_ms"] > 0

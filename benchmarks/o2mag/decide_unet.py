@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from o2mag import AttentionGraft, BranchLayout, GraftConfig
 from o2mag.method.ago import optimize_embedding
 
-from .e2e import sd15_shaped_pipeline, unet_call_rows
+from .e2e import grafted_call_inputs, sd15_shaped_pipeline, unet_call_rows
 
 AGO_PAPER_STEPS = 500
 
@@ -43,22 +42,11 @@ def unet_rows(rec, num: int = 8) -> None:
 
 def profile_grafted_call(pipe, device, num: int) -> dict:
     """Top device kernels and top host operators of one grafted call (TriAG + DAE step)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile  # deferred: only on a GPU
 
     unet = pipe.unet
     lat_hw = pipe.default_size // pipe.vae_scale_factor
-    layout = BranchLayout(num)
-    g = torch.Generator().manual_seed(num)
-    lat = torch.randn(layout.batch_size, 4, lat_hw, lat_hw, generator=g).to(device, unet.dtype)
-    emb = torch.randn(layout.batch_size, 77, unet.config.cross_attention_dim, generator=g).to(
-        device, unet.dtype)
-    m = torch.zeros(pipe.default_size, pipe.default_size)
-    c = pipe.default_size // 2
-    m[c - c // 4:c + c // 4, c - c // 6:c + c // 6] = 1
-    graft = AttentionGraft(GraftConfig.paper(), layout)
-    graft.set_masks(m, torch.stack([torch.roll(m, (k * 7) % c, dims=1) for k in range(num)]))
-    graft.set_token_indices([5])
-    t = torch.tensor(500, device=device)
+    _, lat, emb, t, graft = grafted_call_inputs(pipe, device, num)
     with torch.no_grad(), graft.installed(unet):
         graft.prepare((lat_hw, lat_hw), device, dtype=unet.dtype)
         graft.set_step(25, 50)

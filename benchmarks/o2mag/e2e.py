@@ -89,34 +89,43 @@ def _txt2img(pipe, n: int, steps: int, batch: int, device) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def grafted_call_inputs(pipe, device, n: int, backend: str = "auto"):
+    """(layout, latents, text states, timestep, graft) of one UNet call with N = ``n`` targets at
+    the pipeline's default size: seeded random latents and states, a central box as ``M_R`` and
+    shifted copies of it as the targets, the paper's config, DAE on token 5."""
+    from o2mag import AttentionGraft, BranchLayout
+
+    unet = pipe.unet
+    lat_hw = pipe.default_size // pipe.vae_scale_factor
+    layout = BranchLayout(n)
+    g = torch.Generator().manual_seed(n)
+    lat = torch.randn(layout.batch_size, 4, lat_hw, lat_hw, generator=g).to(device, unet.dtype)
+    emb = torch.randn(layout.batch_size, 77, unet.config.cross_attention_dim, generator=g).to(
+        device, unet.dtype)
+    m = torch.zeros(pipe.default_size, pipe.default_size)
+    c = pipe.default_size // 2
+    m[c - c // 4:c + c // 4, c - c // 6:c + c // 6] = 1
+    targets = torch.stack([torch.roll(m, shifts=(k * 7) % c, dims=1) for k in range(n)])
+    graft = AttentionGraft(GraftConfig.paper(backend=backend), layout)
+    graft.set_masks(m, targets)
+    graft.set_token_indices([5])
+    return layout, lat, emb, torch.tensor(500, device=device), graft
+
+
 def unet_call_rows(pipe, device, sizes, *, compiled: bool, repeats: int = 10, mode=None,
                    backend: str = "auto"):
     """One UNet call at a TriAG + DAE step (step 25 of 50, paper preset) against the stock UNet
     on the same batch: rows = 2 x (2 + N). ``compiled``: through ``torch.compile(unet, mode=mode)``
     (``mode="reduce-overhead"``: CUDA graphs); ``backend``: the op's backend while grafting.
     Returns rows of median ms per call."""
-    from o2mag import AttentionGraft, BranchLayout
-
     from ..measure import median_seconds
 
     unet = pipe.unet
     lat_hw = pipe.default_size // pipe.vae_scale_factor
     out = []
     for n in sizes:
-        layout = BranchLayout(n)
-        g = torch.Generator().manual_seed(n)
-        lat = torch.randn(layout.batch_size, 4, lat_hw, lat_hw, generator=g).to(device, unet.dtype)
-        emb = torch.randn(layout.batch_size, 77, unet.config.cross_attention_dim, generator=g).to(
-            device, unet.dtype)
-        m = torch.zeros(pipe.default_size, pipe.default_size)
-        c = pipe.default_size // 2
-        m[c - c // 4:c + c // 4, c - c // 6:c + c // 6] = 1
-        targets = torch.stack([torch.roll(m, shifts=(k * 7) % c, dims=1) for k in range(n)])
-        graft = AttentionGraft(GraftConfig.paper(backend=backend), layout)
-        graft.set_masks(m, targets)
-        graft.set_token_indices([5])
+        layout, lat, emb, t, graft = grafted_call_inputs(pipe, device, n, backend)
         fn = torch.compile(unet, mode=mode) if compiled else unet
-        t = torch.tensor(500, device=device)
         with torch.no_grad():
             stock = median_seconds(lambda: fn(lat, t, encoder_hidden_states=emb), device,
                                    repeats=repeats, warmup=2)

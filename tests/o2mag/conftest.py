@@ -1,4 +1,4 @@
-"""Shared tiny models for the o2mag tests (built once per session: they are read-only in tests)."""
+"""Shared tiny models and inputs for the o2mag tests (built once per session: read-only in tests)."""
 import pytest
 
 from o2mag.sources import tiny
@@ -24,3 +24,21 @@ def pipe():
     p = O2MAGPipeline.tiny(0)
     p.progress = False
     return p
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """The embedded sample at the tiny model's size (read-only in tests)."""
+    from o2mag.sources.sample import embedded_sample
+
+    from .calls import SIZE
+
+    return embedded_sample(SIZE)
+
+
+@pytest.fixture(scope="session")
+def masks(sample):
+    """Three affine copies of the sample's defect mask (seed 1)."""
+    from o2mag.masks.targets import affine_masks
+
+    return [t.mask for t in affine_masks(sample.ref_mask, 3, seed=1)]

@@ -9,31 +9,11 @@ from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 
 from o2mag import O2MAGPipeline
-from o2mag.masks.targets import affine_masks
-from o2mag.sources.sample import embedded_sample
 from o2mag.sources.tiny import tiny_components
 
-STEPS = 3
-SIZE = 128
+from .calls import SIZE, STEPS, call
+
 NAMES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return embedded_sample(SIZE)
-
-
-@pytest.fixture(scope="module")
-def masks(sample):
-    return [t.mask for t in affine_masks(sample.ref_mask, 3, seed=1)]
-
-
-def _call(pipe, sample, masks, **kw):
-    kw.setdefault("num_inference_steps", STEPS)
-    kw.setdefault("ago_steps", 1)
-    kw.setdefault("batch_size", 2)
-    return pipe(sample.reference, sample.ref_mask, sample.normal, masks, prompt=sample.prompt,
-                anomaly_word=sample.anomaly_word, **kw)
 
 
 def _sd(**overrides):
@@ -58,8 +38,8 @@ def test_from_pipe_shares_the_components_and_makes_the_same_images(sample, masks
         assert getattr(pipe, name) is getattr(sd, name), name
     # one built directly on the same components computes the same thing, bit for bit
     direct = _quiet(O2MAGPipeline(**{name: getattr(sd, name) for name in NAMES}))
-    a = _call(pipe, sample, masks[:2], output_type="np").images
-    b = _call(direct, sample, masks[:2], output_type="np").images
+    a = call(pipe, sample, masks[:2], output_type="np").images
+    b = call(direct, sample, masks[:2], output_type="np").images
     assert np.array_equal(a, b)
 
 
@@ -122,12 +102,12 @@ def test_callbacks_read_the_step_count_and_the_guidance(pipe, sample, masks):
             kwargs["latents"] = torch.zeros_like(kwargs["latents"])
         return kwargs
 
-    out = _call(pipe, sample, masks, guidance_scale=6.0, batch_size=2, output_type="latent",
+    out = call(pipe, sample, masks, guidance_scale=6.0, batch_size=2, output_type="latent",
                 callback_on_step_end=record).images
     assert seen == [(i, STEPS, 6.0, True, False) for i in range(STEPS)] * 2  # two batches
     assert torch.equal(out, torch.zeros_like(out))
     seen.clear()
-    _call(pipe, sample, masks[:1], guidance_scale=1.0, callback_on_step_end=record)
+    call(pipe, sample, masks[:1], guidance_scale=1.0, callback_on_step_end=record)
     assert [s[3] for s in seen] == [False] * STEPS
 
 
@@ -136,7 +116,7 @@ def test_guidance_at_or_below_one_runs_only_the_conditional_half(pipe, sample, m
     rows = {}
     for g in (0.0, 0.5, 1.0, 1.5):
         pipe.stats.reset()
-        _call(pipe, sample, masks[:1], guidance_scale=g)
+        call(pipe, sample, masks[:1], guidance_scale=g)
         rows[g] = pipe.stats.generation_unet_rows
     one_half = STEPS * (1 + 2)  # a target, the reference and the normal image, per step
     assert rows == {0.0: one_half, 0.5: one_half, 1.0: one_half, 1.5: 2 * one_half}
@@ -151,7 +131,7 @@ def test_a_callback_changes_the_guidance_of_the_steps_after_it(pipe, sample, mas
         p._guidance_scale += 1.0
         return kwargs
 
-    _call(pipe, sample, masks, guidance_scale=2.0, batch_size=2, callback_on_step_end=increase)
+    call(pipe, sample, masks, guidance_scale=2.0, batch_size=2, callback_on_step_end=increase)
     assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
     assert starts == [2.0, 2.0]  # every batch starts from the call's value: batching changes nothing
 
@@ -162,14 +142,14 @@ def test_a_callback_changes_the_guidance_of_the_steps_after_it(pipe, sample, mas
             return kwargs
         return callback
 
-    plain = _call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np").images
+    plain = call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np").images
     # 0 and 1 both turn guidance off (diffusers' SDCFGCutoffCallback sets 0): the conditional
     # prediction alone from step 1 on -- not the unconditional one that a scale of 0 would give
-    to_zero = _call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
+    to_zero = call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
                     callback_on_step_end=set_to(0.0))
-    to_one = _call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
+    to_one = call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
                    callback_on_step_end=set_to(1.0))
-    cutoff = _call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
+    cutoff = call(pipe, sample, masks[:1], guidance_scale=7.5, output_type="np",
                    callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
     assert np.array_equal(to_zero.images, to_one.images) and np.array_equal(cutoff.images, to_one.images)
     assert np.abs(to_one.images - plain).max() > 1e-3  # the change took effect
@@ -181,7 +161,7 @@ def test_a_callback_cannot_turn_guidance_on_mid_run(pipe, sample, masks):
         return kwargs
 
     with pytest.raises(RuntimeError, match="unconditional half was never run"):
-        _call(pipe, sample, masks[:1], guidance_scale=1.0, callback_on_step_end=turn_on)
+        call(pipe, sample, masks[:1], guidance_scale=1.0, callback_on_step_end=turn_on)
 
 
 def test_interrupt_stops_the_denoising(pipe, sample, masks):
@@ -194,7 +174,7 @@ def test_interrupt_stops_the_denoising(pipe, sample, masks):
         return kwargs
 
     pipe.stats.reset()
-    out = _call(pipe, sample, masks, num_inference_steps=4, batch_size=2, output_type="latent",
+    out = call(pipe, sample, masks, num_inference_steps=4, batch_size=2, output_type="latent",
                 callback_on_step_end=stop_after_two).images
     assert steps == [0, 1]  # no later step of this batch, no step of the next one
     assert pipe.stats.generation_unet_calls == 2
@@ -203,7 +183,7 @@ def test_interrupt_stops_the_denoising(pipe, sample, masks):
     # normal image's inverted latent (the same computation again, so equal bit for bit)
     noise = pipe.invert(np.asarray(sample.normal.convert("RGB")), 4).noise
     assert torch.equal(out[2:], noise.cpu().expand(1, -1, -1, -1))
-    full = _call(pipe, sample, masks, num_inference_steps=4, batch_size=2, output_type="latent").images
+    full = call(pipe, sample, masks, num_inference_steps=4, batch_size=2, output_type="latent").images
     assert pipe.interrupt is False and not torch.equal(full[2:], out[2:])  # the next call starts afresh
     pipe.stats.reset()
     streamed = list(pipe.generate_iter(sample.reference, sample.ref_mask, sample.normal, masks, sample.prompt,

@@ -15,15 +15,10 @@ from o2mag.masks.targets import affine_masks
 from o2mag.pipeline import O2MAGPipeline, token_indices
 from o2mag.sources.sample import embedded_sample
 
+from .calls import SIZE  # the size of the shared sample fixture
 from .numerics import float_order_bound
 
 STEPS = 5
-SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return embedded_sample(SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -7,36 +7,15 @@ from PIL import Image
 
 from o2mag import O2MAGPipeline
 from o2mag.pipeline import O2MAGPipelineOutput
-from o2mag.sources.sample import embedded_sample
-from o2mag.masks.targets import affine_masks
 
+from .calls import SIZE, STEPS, call
 from .numerics import float_order_bound
 
-STEPS = 3
-SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return embedded_sample(SIZE)
-
-
-@pytest.fixture(scope="module")
-def masks(sample):
-    return [t.mask for t in affine_masks(sample.ref_mask, 3, seed=1)]
-
-
-def _call(pipe, sample, masks, **kw):
-    kw.setdefault("num_inference_steps", STEPS)
-    kw.setdefault("ago_steps", 1)
-    kw.setdefault("batch_size", 2)
-    return pipe(sample.reference, sample.ref_mask, sample.normal, masks, prompt=sample.prompt,
-                anomaly_word=sample.anomaly_word, **kw)
 
 
 def test_every_output_type(pipe, sample, masks):
     n = len(masks)
-    outs = {t: _call(pipe, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
+    outs = {t: call(pipe, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
     for out in outs.values():
         assert isinstance(out, O2MAGPipelineOutput)
     pil = outs["pil"]
@@ -65,8 +44,8 @@ def test_every_output_type(pipe, sample, masks):
 
 
 def test_return_dict_false_gives_the_tuple(pipe, sample, masks):
-    out = _call(pipe, sample, masks, output_type="np")
-    images, ms = _call(pipe, sample, masks, output_type="np", return_dict=False)
+    out = call(pipe, sample, masks, output_type="np")
+    images, ms = call(pipe, sample, masks, output_type="np", return_dict=False)
     assert np.array_equal(images, out.images) and np.array_equal(ms, out.masks)
     assert out.to_tuple()[0] is out.images  # a diffusers BaseOutput
 
@@ -83,13 +62,13 @@ def test_callback_once_per_step_with_the_named_tensors(pipe, sample, masks):
         return {}
 
     names = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    _call(pipe, sample, masks[:2], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names)
+    call(pipe, sample, masks[:2], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names)
     pipe.scheduler.set_timesteps(STEPS)
     assert [(c[0], c[1]) for c in calls] == list(enumerate(pipe.scheduler.timesteps.tolist()))
     assert all(c[2] == sorted(names) and c[3] == (2, 4, SIZE // 8, SIZE // 8) for c in calls)
     # several batches: once per step of each batch, only the names asked for
     calls.clear()
-    _call(pipe, sample, masks, batch_size=2, callback_on_step_end=callback,
+    call(pipe, sample, masks, batch_size=2, callback_on_step_end=callback,
           callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
     assert [c[0] for c in calls] == list(range(STEPS)) * 2
     assert [c[3][0] for c in calls] == [2] * STEPS + [1] * STEPS
@@ -101,14 +80,14 @@ def test_callback_can_replace_the_latents(pipe, sample, masks):
             return {"latents": torch.zeros_like(kwargs["latents"])}
         return {}
 
-    plain = _call(pipe, sample, masks[:1], output_type="latent").images
-    out = _call(pipe, sample, masks[:1], output_type="latent", callback_on_step_end=zero_last).images
+    plain = call(pipe, sample, masks[:1], output_type="latent").images
+    out = call(pipe, sample, masks[:1], output_type="latent", callback_on_step_end=zero_last).images
     assert plain.abs().max() > 0 and torch.equal(out, torch.zeros_like(out))
 
 
 def test_same_generator_same_images(pipe, sample, masks):
     def run(seed, **kw):
-        return _call(pipe, sample, masks, output_type="np", eta=1.0,
+        return call(pipe, sample, masks, output_type="np", eta=1.0,
                      generator=torch.Generator().manual_seed(seed), **kw).images
 
     a, b, c = run(0), run(0), run(1)
@@ -118,7 +97,7 @@ def test_same_generator_same_images(pipe, sample, masks):
     # one generator per target: target k depends on its own generator only, whatever the batching
     def per_target(batch_size, base=100):
         gens = [torch.Generator().manual_seed(base + k) for k in range(len(masks))]
-        return _call(pipe, sample, masks, output_type="np", eta=1.0, generator=gens,
+        return call(pipe, sample, masks, output_type="np", eta=1.0, generator=gens,
                      batch_size=batch_size).images
 
     together, alone = per_target(3), per_target(1)
@@ -126,15 +105,15 @@ def test_same_generator_same_images(pipe, sample, masks):
     # from this computation's own rounding error, tests/o2mag/numerics.py), far below what
     # another generator changes
     gens = [torch.Generator().manual_seed(100 + k) for k in range(len(masks))]
-    exact = _call(_float64(pipe), sample, masks, output_type="np", eta=1.0, generator=gens,
+    exact = call(_float64(pipe), sample, masks, output_type="np", eta=1.0, generator=gens,
                   batch_size=3).images
     tol = float_order_bound(together, exact)
     assert np.abs(together - alone).max() <= tol, (np.abs(together - alone).max(), tol)
     assert tol < 4e-3
     assert np.abs(per_target(3, base=200) - together).max() > 1e-2
     # eta = 0 (the paper) is deterministic and ignores the generator
-    d0 = _call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    d1 = _call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    d0 = call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    d1 = call(pipe, sample, masks, output_type="np", generator=torch.Generator().manual_seed(1)).images
     assert np.array_equal(d0, d1)
 
 
@@ -158,7 +137,7 @@ def _settings(config) -> dict:
 
 
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, pipe, sample, masks):
-    before = _call(pipe, sample, masks[:1], output_type="np").images
+    before = call(pipe, sample, masks[:1], output_type="np").images
     pipe.save_pretrained(tmp_path / "saved")
     loaded = O2MAGPipeline.from_pretrained(tmp_path / "saved")
     loaded.set_progress_bar_config(disable=True)
@@ -176,8 +155,8 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, pipe, sample, mask
     # the images: equal weights at other memory offsets may take another float order (seen on an
     # AMD EPYC: 1.25e-6 in a UNet output, 7.5e-5 in the images after inversion and AGO), so the
     # bound is this computation's own rounding error (tests/o2mag/numerics.py)
-    after = _call(loaded, sample, masks[:1], output_type="np").images
-    exact = _call(_float64(pipe), sample, masks[:1], output_type="np").images
+    after = call(loaded, sample, masks[:1], output_type="np").images
+    exact = call(_float64(pipe), sample, masks[:1], output_type="np").images
     tol = float_order_bound(before, exact)
     assert np.abs(after - before).max() <= tol, (np.abs(after - before).max(), tol)
     assert tol < 4e-3  # below one 8-bit grey level: the bound itself is not vacuous
@@ -192,7 +171,7 @@ def test_to_moves_every_component(sample, masks):
     for name in ("unet", "vae", "text_encoder"):
         module = getattr(p, name)
         assert module.dtype == torch.bfloat16 and module.device.type == "cpu", name
-    out = _call(p, sample, masks[:1], output_type="pt", num_inference_steps=2)
+    out = call(p, sample, masks[:1], output_type="pt", num_inference_steps=2)
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
 
 
@@ -211,13 +190,13 @@ def test_offloading_gives_the_same_images(offload, sample, masks):
     # with one AGO step differed by 2.9e-2, and by 0 without AGO -- as offloaded vs not did
     ref = O2MAGPipeline.tiny(0).to("cuda")
     ref.set_progress_bar_config(disable=True)
-    want = _call(ref, sample, masks[:2], output_type="np", ago_steps=0).images
+    want = call(ref, sample, masks[:2], output_type="np", ago_steps=0).images
     del ref
     p = O2MAGPipeline.tiny(0)
     p.set_progress_bar_config(disable=True)
     getattr(p, offload)()
     assert p._execution_device.type == "cuda"
-    got = _call(p, sample, masks[:2], output_type="np", ago_steps=0).images
+    got = call(p, sample, masks[:2], output_type="np", ago_steps=0).images
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
     assert p.unet.device.type in ("cpu", "meta")  # handed back to the CPU after the call
 
@@ -245,9 +224,9 @@ def test_custom_processors_keep_running_during_generation(pipe, sample, masks):
     unet.set_attn_processor({name: Recording(name) for name in before})
     try:
         run = dict(num_inference_steps=10, ago_steps=0, batch_size=1)
-        _call(pipe, sample, masks[:1], **run)  # fills the inversion cache
+        call(pipe, sample, masks[:1], **run)  # fills the inversion cache
         calls.clear()
-        _call(pipe, sample, masks[:1], **run)  # denoising only
+        call(pipe, sample, masks[:1], **run)  # denoising only
         for info in transformer_layers(unet):
             # Q graft: every self-attention at step 0; TriAG: layers 9-15 at steps 1-9 -- so the
             # custom processor ran on layers 0-8 (steps 1-9) and never on 9-15; DAE (steps 4-7)

@@ -17,18 +17,12 @@ from o2mag.method.inversion import ddim_invert, ddim_step, to_epsilon
 from o2mag.pipeline import O2MAGPipelineOutput
 from o2mag.pipeline.loading import detect_family
 from o2mag.sources import tiny
-from o2mag.sources.sample import embedded_sample
 
-from .numerics import FLOOR, float_order_bound
+from .calls import SIZE  # the size of the shared sample fixture
+from .numerics import float_order_bound
 
 PREDICTIONS = ("epsilon", "v_prediction")
 STEPS = 2
-SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return embedded_sample(SIZE)
 
 
 @pytest.fixture(scope="module")
