@@ -197,7 +197,9 @@ def test_offloading_gives_the_same_images(offload, sample, masks):
     getattr(p, offload)()
     assert p._execution_device.type == "cuda"
     got = call(p, sample, masks[:2], output_type="np", ago_steps=0).images
-    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+    # offloading moves weights, not arithmetic: the same kernels on the same values, so without
+    # AGO's backward the images are equal bit for bit (an H200 showed 0), not within a tolerance
+    assert np.array_equal(got, want), float(np.abs(got - want).max())
     assert p.unet.device.type in ("cpu", "meta")  # handed back to the CPU after the call
 
 
