@@ -8,16 +8,18 @@ generate`` on the same folder. Order of work: ``--rescore``, then ``--reject-bel
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..curation.decisions import Sample, decide, defect_folders, keep_top, reject_below, samples
 from ..sample_quality import QUALITY_VERSION
-from ..curation.rescore import rescore
-from ..errors import InputError, UsageError
+from ..curation.rescore import line_cwd, rescore
+from ..errors import InputError, MissingInputError, UsageError
 from ..runs.contact_sheet import write_contact_sheet
 from ..runs.store import OutputStore
+from ..sources.mvtec import mvtec_test_images
 from . import generate
 from . import options as o
 
@@ -64,9 +66,22 @@ def add_parser(sub) -> None:
 ROUNDS = 5  # --regenerate-rejected: at most this many generate runs
 
 
+def _input_paths(settings: dict) -> List[str]:
+    """The paths among a folder's settings that o2mag generate opened (relative to its directory)."""
+    paths = []
+    if settings.get("source") in ("files", "mvtec"):
+        paths += [settings.get("reference"), settings.get("ref_mask"), *(settings.get("normals") or [])]
+    if settings.get("foreground") not in (None, "otsu", "all"):
+        paths.append(settings["foreground"])
+    if settings.get("masks"):
+        paths.append(settings["masks"])
+    return [p for p in paths if isinstance(p, str)]
+
+
 def generate_argv(settings: dict, out: str, category: str, defect: str, num: int) -> List[str]:
     """The ``o2mag generate`` arguments that reproduce a folder's manifest ``settings`` (the store
-    refuses to resume if any of them differs, so a wrong guess cannot mix two setups)."""
+    refuses to resume if any of them differs, so a wrong guess cannot mix two setups). The paths
+    are the settings' own, as typed: run it from the directory the folder was made in."""
     def need(key):
         if settings.get(key) is None:
             raise InputError(f"--regenerate-rejected: the manifest's settings lack {key!r}")
@@ -83,9 +98,13 @@ def generate_argv(settings: dict, out: str, category: str, defect: str, num: int
                              "o2mag generate with --num to add samples")
         argv += ["--ref", need("reference"), "--ref-mask", need("ref_mask"), "--normal", normals[0]]
     elif source == "mvtec":
-        ref = Path(need("reference"))
-        refs = sorted(ref.parent.iterdir())
-        argv += ["--mvtec-root", str(ref.parents[3]), "--ref-index", str(refs.index(ref)),
+        ref = Path(need("reference"))  # <root>/<category>/test/<defect>/<name>
+        root, tests = ref.parents[3], mvtec_test_images(ref.parents[3], ref.parents[2].name, ref.parent.name)
+        names = [p.name for p in tests]  # counted as o2mag generate counts --ref-index
+        if ref.name not in names:
+            raise InputError(f"--regenerate-rejected: the reference {ref} is no longer among the images of "
+                             f"{ref.parent}")
+        argv += ["--mvtec-root", str(root), "--ref-index", str(names.index(ref.name)),
                  "--num-normals", str(len(normals))]
     elif source != "embedded":
         raise UsageError(f"--regenerate-rejected: folders made by o2mag {source} are not supported; rerun that "
@@ -103,10 +122,31 @@ def generate_argv(settings: dict, out: str, category: str, defect: str, num: int
     return argv
 
 
-def _regenerate(args, changed: set) -> None:
+def _workdir(record: dict, key: str) -> Path:
+    """The directory o2mag generate ran in for this line, where its relative input paths point;
+    the current one only when every input path is absolute."""
+    cwd = line_cwd(record)
+    relative = [p for p in _input_paths(record.get("settings") or {}) if not Path(p).is_absolute()]
+    if cwd is None:
+        if relative:
+            raise InputError(f"--regenerate-rejected: {key}: the manifest names the relative path {relative[0]!r} "
+                             "but not the directory it is relative to (written by an older o2mag); rerun o2mag "
+                             "generate from the directory it first ran in, with the same inputs and a larger --num")
+        return Path.cwd()
+    if not cwd.is_dir():
+        raise MissingInputError(f"--regenerate-rejected: {key}: the directory o2mag generate ran in, {cwd}, "
+                                "is gone (the manifest's input paths are relative to it)")
+    return cwd
+
+
+def _regenerate(args, changed: set) -> int:
+    """Top up each selected folder; the exit code (the worst of the generate runs', or
+    EXIT_INCOMPLETE when a folder still has too few kept samples)."""
     folders = sorted({(s.category, s.defect) for s in samples(args.out, args.category, args.defect)})
     parser = o.Parser(prog="o2mag")
     generate.add_parser(parser.add_subparsers(dest="command", parser_class=o.Parser))
+    out = Path(args.out).resolve()  # generate runs in the folder's own working directory
+    code = o.EXIT_OK
     for cat, dfc in folders:
         for _ in range(ROUNDS):
             items = samples(args.out, cat, dfc)
@@ -114,21 +154,29 @@ def _regenerate(args, changed: set) -> None:
             if len(kept) >= args.num:
                 break
             slots = max(s.index for s in items) + 1
-            argv = generate_argv(items[-1].record.get("settings") or {}, args.out, cat, dfc,
-                                 slots + args.num - len(kept))
-            gen_args = parser.parse_args(argv + ["--device", args.device, "--batch-size", str(args.batch_size)])
-            print(f"o2mag: curate: {cat}/{dfc}: {len(kept)} of {args.num} samples kept, generating "
-                  f"{args.num - len(kept)} more", file=sys.stderr)
-            generate.run(gen_args)
+            record = items[-1].record
+            with contextlib.chdir(_workdir(record, f"{cat}/{dfc}")):  # the settings' paths as typed
+                argv = generate_argv(record.get("settings") or {}, str(out), cat, dfc, slots + args.num - len(kept))
+                gen_args = parser.parse_args(argv + ["--device", args.device, "--batch-size",
+                                                     str(args.batch_size)])
+                print(f"o2mag: curate: {cat}/{dfc}: {len(kept)} of {args.num} samples kept, generating "
+                      f"{args.num - len(kept)} more", file=sys.stderr)
+                rc = generate.run(gen_args)
             changed.add((cat, dfc))
             if args.reject_below is not None:
                 new = [s for s in samples(args.out, cat, dfc) if s.index >= slots]
                 _apply(args.out, reject_below(new, args.reject_below), f"new samples below {args.reject_below:g}",
                        changed)
+            if rc != o.EXIT_OK:
+                code = rc if code == o.EXIT_OK else code
+                break
         kept = sum(1 for s in samples(args.out, cat, dfc) if s.review != "rejected")
         if kept < args.num:
-            print(f"o2mag: curate: {cat}/{dfc}: only {kept} of {args.num} samples kept after {ROUNDS} rounds",
-                  file=sys.stderr)
+            print(f"o2mag: curate: {cat}/{dfc}: only {kept} of {args.num} samples kept"
+                  + (f" after {ROUNDS} rounds" if code == o.EXIT_OK else "")
+                  + f" (exit code {code or o.EXIT_INCOMPLETE})", file=sys.stderr)
+            code = code or o.EXIT_INCOMPLETE
+    return code
 
 
 def parse_indices(text: str, option: str) -> List[int]:
@@ -230,11 +278,12 @@ def run(args) -> int:
         _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}", changed)
     if by_index:
         _apply(args.out, by_index, "by index", changed)
+    code = o.EXIT_OK
     if args.regenerate_rejected:
-        _regenerate(args, changed)
+        code = _regenerate(args, changed)
     if changed:
         for cat, dfc in sorted(changed):  # the sheets show the decisions (rejected ones crossed out)
             write_contact_sheet(Path(args.out) / cat / dfc)
     if args.list:
         print(table(samples(args.out, args.category, args.defect)))
-    return 0
+    return code

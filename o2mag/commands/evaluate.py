@@ -25,7 +25,8 @@ from ..errors import InputError, existing_path
 from ..files import check_writable
 from ..evaluation.demo import make_demo_data
 from ..masks import image_files
-from ..runs.store import package_versions
+from ..curation.decisions import is_rejected
+from ..runs.store import MANIFEST_NAME, complete_samples, package_versions
 from ..sources.mvtec import mvtec_categories
 from .options import HelpFormatter, Parser, fraction, int_at_least, positive_float, resolve_device
 
@@ -337,7 +338,22 @@ def _classify(args) -> int:
 
 
 def _image_folder(path: str, what: str) -> list:
+    """The images of ``path``: a folder of images, or a generated defect folder, where only the
+    manifest's complete samples a reviewer did not reject count (as for detect and classify)."""
     p = existing_path(path, what, folder=True)
+    if (p / MANIFEST_NAME).is_file():
+        done = complete_samples(p)
+        files = [img for _, img, _, rec in done if not is_rejected(rec)]
+        on_disk = len(image_files(p / "image")) if (p / "image").is_dir() else 0
+        rejected = len(done) - len(files)
+        others = max(on_disk - len(done), 0)
+        if rejected or others:
+            print(f"o2mag: evaluate: {what} {p}: {len(files)} sample(s) used; left out: {rejected} rejected by a "
+                  f"reviewer, {others} other file(s) in image/ that the manifest does not list as complete",
+                  file=sys.stderr)
+        if not files:
+            raise InputError(f"{what} folder {p} holds no complete, non-rejected samples")
+        return files
     if (p / "image").is_dir():
         p = p / "image"
     files = image_files(p)

@@ -4,10 +4,12 @@ No model is loaded: the baseline is the normal image the manifest names (resized
 size), not the normal branch's replay, so the VAE's reconstruction error counts as change
 (``"baseline": "normal"`` in the record). Reference and normal come from the manifest's settings
 (``reference``/``ref_mask`` of ``o2mag generate``, ``references``/``ref_masks`` of ``o2mag
-dataset``, or the built-in sample).
+dataset``, or the built-in sample). A relative path there is relative to the directory the
+generating command ran in, the line's ``"cwd"`` (:func:`input_path`), never to today's.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -19,7 +21,29 @@ from ..sources.sample import embedded_sample
 from .decisions import Sample
 from ..sample_quality import sample_quality
 
-__all__ = ["rescore_sample", "inputs_of"]
+__all__ = ["rescore_sample", "inputs_of", "input_path", "line_cwd"]
+
+
+def line_cwd(record: Dict[str, Any]) -> Optional[Path]:
+    """The directory the generating command ran in (the line's ``"cwd"``), or None for lines of an
+    o2mag that did not record it."""
+    cwd = record.get("cwd")
+    return Path(cwd) if isinstance(cwd, str) and Path(cwd).is_absolute() else None
+
+
+def input_path(record: Dict[str, Any], path: str) -> Path:
+    """An input path a manifest line names, resolved against the directory the line was written
+    from. A relative path in a line without ``"cwd"`` (an older o2mag) could name any file of that
+    name: an InputError naming it, rather than a guess from today's directory."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    cwd = line_cwd(record)
+    if cwd is None:
+        raise InputError(f"the manifest names the relative path {path!r} but not the directory it is relative to "
+                         "(written by an older o2mag); rerun o2mag generate/dataset from the directory it first "
+                         "ran in, with the same inputs, so that new lines record it")
+    return cwd / p
 
 
 def inputs_of(record: Dict[str, Any], size: int) -> Tuple[Image.Image, np.ndarray, Image.Image]:
@@ -41,9 +65,9 @@ def inputs_of(record: Dict[str, Any], size: int) -> Tuple[Image.Image, np.ndarra
             mask_path = masks[refs.index(ref)]
         if mask_path is None:
             raise InputError(f"the manifest names no mask for reference {ref}")
-        reference = load_image(ref)
-        m_r = load_mask(mask_path, (reference.height, reference.width), resize=False)
-    normal_img = s.normal if str(normal).startswith("embedded") else load_image(normal)
+        reference = load_image(input_path(record, ref))
+        m_r = load_mask(input_path(record, mask_path), (reference.height, reference.width), resize=False)
+    normal_img = s.normal if str(normal).startswith("embedded") else load_image(input_path(record, normal))
     return (resize_image(reference, size), resize_mask(m_r, (size, size)), resize_image(normal_img, size))
 
 

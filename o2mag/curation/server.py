@@ -12,12 +12,14 @@ Endpoints:
 - ``GET /api/samples``: ``{"out", "folders": [{category, defect, counts}], "samples": [{category,
   defect, index, image, mask, reference, quality, review}]}``; URLs are this server's.
 - ``POST /api/samples/<category>/<defect>/<index>`` with ``{"review": "accepted" | "rejected" |
-  null}``: records the decision in the manifest (:func:`o2mag.curation.decisions.decide`) and
-  returns the sample. A malformed body is 400, an unknown folder or sample 404.
+  null}``: records the decision in the manifest (:func:`o2mag.curation.decisions.decide`),
+  rewrites the folder's ``contact_sheet.png`` and returns the sample. A malformed body is 400,
+  an unknown folder or sample 404.
 - ``GET /files/<category>/<defect>/<image|mask>/<NNN.png>``: a sample's files, only from
   ``OUT/<category>/<defect>/`` of a folder with a manifest.
 - ``GET /api/samples/<category>/<defect>/<index>/reference.png``: the reference defect the
-  manifest names for the sample, with ``M_R`` outlined, drawn in memory (the client names no path).
+  manifest names for the sample (relative paths: against the line's ``cwd``), with ``M_R``
+  outlined, drawn in memory (the client names no path).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from werkzeug.serving import make_server
 from PIL import Image, ImageFilter
 
 from ..errors import InputError
+from ..runs.contact_sheet import write_contact_sheet
 from .decisions import REVIEWS, Sample, decide, defect_folders, review_counts, samples
 from .rescore import inputs_of
 
@@ -117,6 +120,10 @@ def create_app(out: str | Path) -> Flask:
         lines = decide(root, category, defect, {index: body["review"]})
         if index not in lines:  # replaced by a writer between the look and the decision
             abort(404, description=f"{category}/{defect} sample {index} is being replaced; reload")
+        try:  # the folder's contact sheet shows the decisions too, as after o2mag curate
+            write_contact_sheet(folders()[(category, defect)])
+        except OSError as e:  # the decision is saved; an old sheet is no reason to refuse it
+            app.logger.warning("contact sheet of %s/%s not rewritten: %s", category, defect, e)
         s = find(category, defect, index)
         return jsonify(sample=as_json(s), counts=review_counts(folders()[(category, defect)]))
 
@@ -132,7 +139,7 @@ def create_app(out: str | Path) -> Flask:
         s = find(category, defect, index)
         settings = s.record.get("settings") or {}
         name = str(s.record.get("reference") or settings.get("reference"))
-        key = (f"{category}/{defect}/{name}", int(settings.get("size") or 0))
+        key = (f"{category}/{defect}/{name}", str(s.record.get("cwd")), int(settings.get("size") or 0))
         with lock:
             png = references.get(key)
         if png is None:

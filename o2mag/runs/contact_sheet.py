@@ -4,13 +4,15 @@ The first thing to look at after ``o2mag generate``: whether the defects sit whe
 whether they look like the reference, whether any sample is broken. ``o2mag generate`` and ``o2mag dataset``
 rewrite ``<out>/<category>/<defect>/contact_sheet.png`` at the end of every run, whatever the run
 made (a group finished before a crash gets its sheet on the rerun; a deleted sheet comes back): it
-is derived from the samples, never an input.
+is derived from the samples, never an input. A sample whose image or mask cannot be read is a
+grey tile with a red X and one warning line naming the file.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +31,33 @@ _REJECTED_GREY = 200
 _CROSS = (0, 0, 0)
 
 
+def _unreadable(size: int) -> Image.Image:
+    """The tile of a sample whose image or mask cannot be read: grey, crossed out in red."""
+    tile = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(tile)
+    draw.line((0, 0, size - 1, size - 1), fill=_OUTLINE, width=3)
+    draw.line((0, size - 1, size - 1, 0), fill=_OUTLINE, width=3)
+    return tile
+
+
+def _read(path: Path, mode: str) -> Optional[Image.Image]:
+    """The image at ``path`` in ``mode``, or None (and one warning line naming it) when it cannot be
+    read: truncated or damaged (a disk that filled up, a copy cut short) is shown, not fatal."""
+    try:
+        with Image.open(path) as f:
+            return f.convert(mode)
+    except OSError as e:
+        print(f"o2mag: warning: contact sheet: cannot read {path} ({e}); drawn as a grey tile with a red X",
+              file=sys.stderr)
+        return None
+
+
 def _tile(img_path: Path, mask_path: Path, size: int, rejected: bool = False) -> Image.Image:
-    img = Image.open(img_path).convert("RGB").resize((size, size), Image.BICUBIC)
-    m = Image.open(mask_path).convert("L").resize((size, size), Image.NEAREST).point(lambda v: 255 if v > 127 else 0)
+    img, m = _read(img_path, "RGB"), _read(mask_path, "L")
+    if img is None or m is None:
+        return _unreadable(size)
+    img = img.resize((size, size), Image.BICUBIC)
+    m = m.resize((size, size), Image.NEAREST).point(lambda v: 255 if v > 127 else 0)
     inner = m.filter(ImageFilter.MinFilter(3))
     edge = (np.asarray(m) > 0) & ~(np.asarray(inner) > 0)
     arr = np.asarray(img).copy()

@@ -481,6 +481,9 @@ class Runner:
                                                     baseline_kind=replay[1])}
                 if g.record_reference:
                     record["reference"] = g.ref_names[r]
+                # what the settings' relative input paths are relative to (outside the settings,
+                # so folders written before it still resume): o2mag curate and review read it
+                record["cwd"] = os.getcwd()
                 try:
                     st.write(i, image, np.asarray(mask) > 127, record)
                     self.made[gi] += 1

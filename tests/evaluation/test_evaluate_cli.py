@@ -328,3 +328,22 @@ def test_detect_trains_without_rejected_samples_and_says_how_many(copy, tmp_path
     assert rec["synthetic"] == {"dent": 22, "scratch": 23}
     assert rec["synthetic_rejected"] == {"dent": 2, "scratch": 1}
     assert "dent 22 (2 rejected left out)" in (out / "report.md").read_text()
+
+
+def test_quality_uses_only_the_manifests_kept_samples(copy, tmp_path, capsys):
+    """As detect and classify do: rejected samples and files the manifest does not list as
+    complete (leftovers of an interrupted run) are left out, and the count says so."""
+    from o2mag.curation.decisions import decide
+
+    mvtec, synth = copy
+    folder = synth / "plate" / "dent"
+    decide(synth, "plate", "dent", {0: "rejected", 1: "rejected"})
+    shutil.copy(folder / "image" / "002.png", folder / "image" / "900.png")  # no manifest line
+    out = tmp_path / "q"
+    assert main(["evaluate", "quality", "--generated", str(folder), "--reference",
+                 str(mvtec / "plate" / "test" / "dent"), "--kid-features", "tiny", "--lpips-net", "tiny",
+                 "--size", "32", "--kid-subsets", "5", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "22 sample(s) used" in err and "2 rejected" in err and "1 other file(s)" in err
+    res = json.loads((out / "quality.json").read_text())
+    assert res["kid"]["n_fake"] == 22 and sum(res["ic_lpips"]["cluster_sizes"]) == 22

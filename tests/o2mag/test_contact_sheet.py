@@ -58,3 +58,17 @@ def test_rejected_samples_are_crossed_out_or_left_out(tmp_path):
     assert (tile0[28:36, 2:10] == 0).all()
     omitted = contact_sheet(store.dir, tile=64, omit_rejected=True)
     assert omitted.size[0] == 2 * (64 + 4) + 4  # 4 samples: 2 columns
+
+
+def test_an_unreadable_sample_is_a_placeholder_tile_and_one_warning(tmp_path, capsys):
+    store = _store(tmp_path, 3)
+    img = store.image_path(1)
+    img.write_bytes(img.read_bytes()[:60])  # truncated, as by a full disk or a cut copy
+    path = write_contact_sheet(store.dir, tile=64)
+    assert path is not None and Image.open(path).size[0] == 2 * (64 + 4) + 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(img) in err and "Traceback" not in err
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    tile1 = sheet[18:18 + 64, 4 + 68:4 + 68 + 64]
+    assert (tile1 == 128).all(-1).mean() > 0.8  # grey
+    assert ((tile1[..., 0] == 255) & (tile1[..., 1] == 40)).any()  # with a red X

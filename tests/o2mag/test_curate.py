@@ -94,6 +94,7 @@ def test_rescore_gives_old_folders_records_against_the_normal_image(out, capsys)
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     for rec in lines:
         rec.pop("quality")
+        rec.pop("check")  # a folder from before line checks too (a changed line fails its check)
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))  # a folder from before quality records
     assert main(["curate", str(out), "--reject-below", "0.5"]) == 0
     assert "no quality record" in capsys.readouterr().err and "review" not in _last(out)[0]
@@ -187,3 +188,108 @@ def test_regenerate_rejected_adds_new_samples_with_the_folders_own_settings(out,
     assert main(["curate", str(out), "--regenerate-rejected", "--num", "5"]) == 0  # enough: nothing made
     assert sorted(_last(out)) == list(range(7))
     assert main(["curate", str(out), "--num", "5"]) == 2
+
+
+def _rand_png(path, seed, shape=(80, 80, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.RandomState(seed).rand(*shape) * 255).astype(np.uint8)).save(path)
+
+
+def _mask_png(path, top=20):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros((80, 80), np.uint8)
+    m[top:top + 20, 30:50] = 255
+    Image.fromarray(m).save(path)
+
+
+def _rewrite(manifest, drop):
+    """The manifest as an older o2mag would have written it: without ``drop`` (and the line check)."""
+    lines = [json.loads(l) for l in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in {"check", *drop}}) + "\n"
+                                for r in lines))
+
+
+@pytest.fixture
+def two_dirs(tmp_path, monkeypatch):
+    """A folder made by o2mag generate from relative --ref/--ref-mask/--normal in dir A, then the
+    current directory moved to dir B, which holds other files of the same names (not images)."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    _rand_png(a / "ref.png", 1)
+    _mask_png(a / "mask.png")
+    _rand_png(a / "normal.png", 2)
+    b.mkdir()
+    for name in ("ref.png", "mask.png", "normal.png"):
+        (b / name).write_bytes(b"not the file generate read")
+    monkeypatch.chdir(a)
+    assert main(["generate", "--ref", "ref.png", "--ref-mask", "mask.png", "--normal", "normal.png",
+                 "--foreground", "all", "--num", "3", "--out", str(out), *FAST]) == 0
+    monkeypatch.chdir(b)
+    return a, b, out
+
+
+def test_regenerate_and_rescore_read_the_inputs_where_generate_ran(two_dirs, capsys):
+    a, _, out = two_dirs
+    folder = out / "custom" / "defect"
+    assert all(r["cwd"] == str(a) for _, _, _, r in complete_samples(folder))
+    assert main(["curate", str(out), "--reject", "0", "--category", "custom", "--defect", "defect"]) == 0
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "3", "--device", "cpu"]) == 0
+    recs = {i: rec for i, _, _, rec in complete_samples(folder)}
+    assert sorted(recs) == [0, 1, 2, 3] and recs[3]["settings"] == recs[0]["settings"]
+    assert recs[3]["cwd"] == str(a)  # made from A's files, run from A again
+    _rewrite(folder / "manifest.jsonl", ["quality"])
+    capsys.readouterr()
+    assert main(["curate", str(out), "--rescore"]) == 0
+    assert "not scored" not in capsys.readouterr().err
+    assert all(r["quality"]["baseline"] == "normal" for _, _, _, r in complete_samples(folder))
+
+
+def test_lines_without_a_working_directory_refuse_relative_paths(two_dirs, capsys):
+    _, _, out = two_dirs
+    folder = out / "custom" / "defect"
+    _rewrite(folder / "manifest.jsonl", ["cwd", "quality"])  # an older o2mag's folder
+    assert main(["curate", str(out), "--reject", "0", "--category", "custom", "--defect", "defect"]) == 0
+    before = (folder / "manifest.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'ref.png'" in err and "directory" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert (folder / "manifest.jsonl").read_bytes() == before  # refused before anything was made
+    assert main(["curate", str(out), "--rescore"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("not scored") == 3 and "'ref.png'" in err
+    assert all("quality" not in r for _, _, _, r in complete_samples(folder))
+
+
+def test_regenerate_counts_mvtec_references_as_generate_does(tmp_path):
+    root, out = tmp_path / "mvtec", tmp_path / "out"
+    for i in range(3):
+        _rand_png(root / f"bottle/test/broken_large/{i:03d}.png", 10 + i)
+        _mask_png(root / f"bottle/ground_truth/broken_large/{i:03d}_mask.png", 10 + 10 * i)
+    _rand_png(root / "bottle/train/good/000.png", 20)
+    (root / "bottle/test/broken_large/.DS_Store").write_bytes(b"\0\0\0\1Bud1")  # what Finder leaves
+    assert main(["generate", "--mvtec-root", str(root), "--category", "bottle", "--defect", "broken_large",
+                 "--ref-index", "1", "--foreground", "all", "--num", "2", "--out", str(out), *FAST]) == 0
+    assert main(["curate", str(out), "--reject", "0"]) == 0
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "2", "--device", "cpu"]) == 0
+    recs = {i: rec for i, _, _, rec in complete_samples(out / "bottle" / "broken_large")}
+    assert sorted(recs) == [0, 1, 2] and recs[2]["settings"] == recs[0]["settings"]
+    assert recs[2]["settings"]["reference"].endswith("001.png")
+
+
+@pytest.mark.parametrize("rc", [1, 3])
+def test_regenerate_passes_on_the_exit_code_of_generate(out, capsys, monkeypatch, rc):
+    from o2mag.commands import curate
+    calls = []
+    monkeypatch.setattr(curate.generate, "run", lambda args: calls.append(args) or rc)  # made nothing
+    assert main(["curate", str(out), "--reject", "1,3"]) == 0
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5", "--device", "cpu"]) == rc
+    assert len(calls) == 1  # no more rounds after a failed one
+    assert "only 3 of 5 samples kept" in capsys.readouterr().err
+
+
+def test_regenerate_that_keeps_too_few_is_incomplete(out, capsys, monkeypatch):
+    from o2mag.commands import curate
+    monkeypatch.setattr(curate.generate, "run", lambda args: 0)  # "done", but nothing new is kept
+    assert main(["curate", str(out), "--reject", "1,3"]) == 0
+    assert main(["curate", str(out), "--regenerate-rejected", "--num", "5", "--device", "cpu"]) == 3
+    assert f"after {curate.ROUNDS} rounds" in capsys.readouterr().err

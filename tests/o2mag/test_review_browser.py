@@ -136,3 +136,17 @@ def test_the_page_reviews_by_click_and_key_and_the_manifest_keeps_it(out, browse
         assert scores == sorted(scores, reverse=True) and len(scores) == N
     finally:
         server.stop()
+
+
+def test_the_reference_shown_is_the_focused_samples_own(out, browser):
+    """o2mag dataset folders use reference i mod R: the panel follows the focused sample."""
+    server = Server(out)
+    try:
+        _open(browser, server.url)
+        src = lambda d: d.find_element(By.CSS_SELECTOR, ".reference img").get_attribute("src")  # noqa: E731
+        assert src(browser).endswith(f"/api/samples/{CAT}/{DEF}/0/reference.png")
+        _card(browser, 3).click()
+        WebDriverWait(browser, 30).until(lambda d: src(d).endswith(f"/api/samples/{CAT}/{DEF}/3/reference.png"))
+        assert browser.find_element(By.CSS_SELECTOR, ".reference .caption").text == "reference of #003"
+    finally:
+        server.stop()

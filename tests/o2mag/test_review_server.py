@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("flask", reason="the review page needs Flask (the test extra installs it)")
 
 from o2mag.cli import main  # noqa: E402
 from o2mag.curation.server import create_app, serve  # noqa: E402
+from o2mag.runs.contact_sheet import contact_sheet  # noqa: E402
 from o2mag.runs.store import OutputStore, complete_samples  # noqa: E402
 
 CAT, DEF = "synthetic_surface", "scratch"
@@ -183,3 +185,38 @@ def test_the_command_refuses_a_folder_without_samples(tmp_path, capsys):
     assert main(["review", str(tmp_path)]) == 2
     assert "no generated samples" in capsys.readouterr().err
     assert main(["review", str(tmp_path / "missing")]) == 2
+
+
+def test_a_decision_rewrites_the_contact_sheet(client, out):
+    sheet = out / CAT / DEF / "contact_sheet.png"
+    before = sheet.read_bytes()
+    r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected"})
+    assert r.status_code == 200
+    after = np.asarray(Image.open(sheet).convert("RGB"))
+    assert sheet.read_bytes() != before
+    assert np.array_equal(after, np.asarray(contact_sheet(out / CAT / DEF).convert("RGB")))  # the decision shown
+
+
+def test_the_reference_is_read_where_generate_ran(tmp_path, monkeypatch):
+    """Relative --ref/--ref-mask/--normal: the reference image comes from generate's directory,
+    not from same-named files where the server runs; each sample names its own reference URL."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    a.mkdir()
+    b.mkdir()
+    rng = np.random.RandomState(3)
+    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(a / "ref.png")
+    m = np.zeros((64, 64), np.uint8)
+    m[20:40, 20:40] = 255
+    Image.fromarray(m).save(a / "mask.png")
+    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(a / "normal.png")
+    for name in ("ref.png", "mask.png", "normal.png"):
+        (b / name).write_bytes(b"other file, same name")
+    monkeypatch.chdir(a)
+    assert main(["generate", "--ref", "ref.png", "--ref-mask", "mask.png", "--normal", "normal.png",
+                 "--foreground", "all", "--num", "2", "--out", str(out), *FAST]) == 0
+    monkeypatch.chdir(b)
+    client = create_app(out).test_client()
+    listed = client.get("/api/samples").get_json()["samples"]
+    assert [s["reference"] for s in listed] == [f"/api/samples/custom/defect/{i}/reference.png" for i in (0, 1)]
+    r = client.get(listed[1]["reference"])
+    assert r.status_code == 200 and r.mimetype == "image/png"
