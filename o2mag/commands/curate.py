@@ -4,7 +4,12 @@ Decisions go into each sample's manifest line as ``review`` (``"accepted"``, ``"
 absent = unreviewed) through :mod:`o2mag.curation.decisions`, safe beside a running ``o2mag
 generate`` on the same folder. Order of work: ``--rescore``, then ``--reject-below`` and
 ``--keep-top``, then ``--accept``/``--reject``/``--clear`` by index, then
-``--regenerate-rejected``, then ``--list``.
+``--regenerate-rejected``, then ``--list``. ``--keep-top`` never overturns a decision: samples
+already accepted or rejected (``--reject-below`` of the same command included) keep it.
+
+Every decision is made on the samples as curate read them, and recorded only on those very samples
+(:attr:`o2mag.curation.decisions.Sample.id`): a sample that ``generate --overwrite`` replaced in
+between is skipped, and curate names it.
 """
 from __future__ import annotations
 
@@ -45,7 +50,9 @@ def add_parser(sub) -> None:
     c.add_argument("--reject-below", type=o.fraction("--reject-below"), metavar="SCORE",
                    help="reject every scored sample whose score is below SCORE (0..1)")
     c.add_argument("--keep-top", type=o.int_at_least("--keep-top", 0), metavar="K",
-                   help="per defect type, accept the K best scored samples and reject the other scored ones")
+                   help="per defect type, accept the best scored samples until K are accepted and reject the "
+                        "other scored ones; samples already accepted or rejected (--reject-below included) "
+                        "keep their decision, and accepted ones count toward K")
     for name, what in (("accept", "accept"), ("reject", "reject"), ("clear", "forget the decision on")):
         c.add_argument(f"--{name}", metavar="INDICES", action="append", default=[],
                        help=f"{what} these samples of the one selected defect folder: e.g. 3,5,10-12 "
@@ -166,7 +173,7 @@ def _regenerate(args, changed: set) -> int:
             if args.reject_below is not None:
                 new = [s for s in samples(args.out, cat, dfc) if s.index >= slots]
                 _apply(args.out, reject_below(new, args.reject_below), f"new samples below {args.reject_below:g}",
-                       changed)
+                       changed, new)
             if rc != o.EXIT_OK:
                 code = rc if code == o.EXIT_OK else code
                 break
@@ -211,11 +218,33 @@ def table(items: List[Sample]) -> str:
                      for r in rows)
 
 
-def _apply(out: str, plan: Dict[Tuple[str, str], Dict[int, Optional[str]]], what: str, changed: set) -> int:
+def _ids(items: List[Sample]) -> Dict[Tuple[str, str], Dict[int, Optional[str]]]:
+    """The identity of every sample as read, so a decision never lands on a replacement."""
+    ids: Dict[Tuple[str, str], Dict[int, Optional[str]]] = {}
+    for s in items:
+        ids.setdefault((s.category, s.defect), {})[s.index] = s.id
+    return ids
+
+
+def _skipped(cat: str, dfc: str, wanted, got) -> int:
+    gone = sorted(set(wanted) - set(got))
+    if gone:
+        print(f"o2mag: curate: {cat}/{dfc}: skipped sample(s) {', '.join(map(str, gone))}: replaced or being "
+              "replaced since curate read them (run curate again to judge the new ones)", file=sys.stderr)
+    return len(gone)
+
+
+def _apply(out: str, plan: Dict[Tuple[str, str], Dict[int, Optional[str]]], what: str, changed: set,
+           items: List[Sample]) -> int:
+    """Record ``plan``, each decision only on the very sample of ``items`` it was made on."""
+    ids = _ids(items)
     n = 0
     for (cat, dfc), reviews in plan.items():
         if reviews:
-            n += len(decide(out, cat, dfc, reviews))
+            known = ids.get((cat, dfc), {})
+            lines = decide(out, cat, dfc, reviews, {i: known.get(i) for i in reviews})
+            _skipped(cat, dfc, reviews, lines)
+            n += len(lines)
             changed.add((cat, dfc))
     print(f"o2mag: curate: {what}: {n} sample(s) marked", file=sys.stderr)
     return n
@@ -260,10 +289,14 @@ def run(args) -> int:
         n = 0
         for (cat, dfc), records in scores.items():
             store = OutputStore(args.out, cat, dfc, annotator=True)
+            ids = _ids(stale).get((cat, dfc), {})
             try:
-                n += len(store.annotate({i: {"quality": q} for i, q in records.items()}))
+                lines = store.annotate({i: {"quality": q} for i, q in records.items()},
+                                       {i: ids.get(i) for i in records})
             finally:
                 store.close()
+            _skipped(cat, dfc, records, lines)
+            n += len(lines)
         print(f"o2mag: curate: rescored {n} sample(s) ({len(items) - len(stale)} already had a record)",
               file=sys.stderr)
         items = samples(args.out, args.category, args.defect)
@@ -272,12 +305,14 @@ def run(args) -> int:
     if (args.reject_below is not None or args.keep_top is not None) and unscored:
         print(f"o2mag: curate: {unscored} sample(s) have no quality record and are left as they are "
               "(run with --rescore to score them)", file=sys.stderr)
+    below: Dict[Tuple[str, str], Dict[int, Optional[str]]] = {}
     if args.reject_below is not None:
-        _apply(args.out, reject_below(items, args.reject_below), f"score below {args.reject_below:g}", changed)
-    if args.keep_top is not None:
-        _apply(args.out, keep_top(items, args.keep_top), f"keep top {args.keep_top}", changed)
+        below = reject_below(items, args.reject_below)
+        _apply(args.out, below, f"score below {args.reject_below:g}", changed, items)
+    if args.keep_top is not None:  # never overturns a decision, this command's rejections included
+        _apply(args.out, keep_top(items, args.keep_top, below), f"keep top {args.keep_top}", changed, items)
     if by_index:
-        _apply(args.out, by_index, "by index", changed)
+        _apply(args.out, by_index, "by index", changed, items)
     code = o.EXIT_OK
     if args.regenerate_rejected:
         code = _regenerate(args, changed)

@@ -44,7 +44,7 @@ def run(args) -> int:
     except ImportError as e:
         raise InputError(f"o2mag review needs Flask ({e}); install it with: pip install 'o2mag[review]'") from None
     try:
-        server = serve(create_app(Path(args.out)), args.host, args.port)
+        server = serve(create_app(Path(args.out), args.host), args.host, args.port)
     except OSError as e:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host = f"[{args.host}]" if ":" in args.host else args.host

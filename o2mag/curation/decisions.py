@@ -5,6 +5,10 @@ manifest line, written through :meth:`o2mag.runs.store.OutputStore.annotate` (a 
 manifest lease), so decisions are safe beside a running ``o2mag generate`` and survive restarts.
 ``status`` stays the store's own write state. Readers (evaluation, contact sheets, the dataset
 summary) ask :func:`is_rejected` and :func:`review_counts`.
+
+A decision names the sample it judges by :attr:`Sample.id` (the store's
+:func:`~o2mag.runs.store.sample_id`): when the sample at that index was replaced since it was read,
+the decision is not recorded (:func:`decide` leaves it out of its answer).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import InputError
-from ..runs.store import MANIFEST_NAME, OutputStore, complete_samples
+from ..runs.store import MANIFEST_NAME, OutputStore, complete_samples, sample_id
 
 __all__ = ["REVIEWS", "Sample", "defect_folders", "samples", "decide", "is_rejected", "review_counts",
            "reject_below", "keep_top", "check_review"]
@@ -42,6 +46,11 @@ class Sample:
         q = self.record.get("quality")
         s = q.get("score") if isinstance(q, dict) else None
         return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else None
+
+    @property
+    def id(self) -> Optional[str]:
+        """The identity of this very sample (a replacement at the same index has another)."""
+        return sample_id(self.record)
 
     @property
     def review(self) -> Optional[str]:
@@ -93,17 +102,20 @@ def review_counts(defect_dir: str | os.PathLike) -> Dict[str, int]:
     return counts
 
 
-def decide(out: str | os.PathLike, category: str, defect: str,
-           reviews: Dict[int, Optional[str]]) -> Dict[int, Dict[str, Any]]:
+def decide(out: str | os.PathLike, category: str, defect: str, reviews: Dict[int, Optional[str]],
+           expect: Optional[Dict[int, Optional[str]]] = None) -> Dict[int, Dict[str, Any]]:
     """Record ``{index: "accepted" | "rejected" | None}`` for one defect folder; returns the new
-    manifest line of each sample changed (samples not complete are left out)."""
+    manifest line of each sample changed (samples not complete are left out). ``expect``:
+    ``{index: Sample.id}`` of the samples judged; one replaced since is left out too."""
     changes = {int(i): {"review": check_review(v)} for i, v in reviews.items()}
+    if expect is not None:
+        expect = {int(i): v for i, v in expect.items()}
     folder = Path(out) / category / defect
     if not (folder / MANIFEST_NAME).is_file():
         raise InputError(f"no generated samples in {folder} (no {MANIFEST_NAME})")
     store = OutputStore(out, category, defect, annotator=True)
     try:
-        return store.annotate(changes)
+        return store.annotate(changes, expect)
     finally:
         store.close()
 
@@ -121,11 +133,21 @@ def reject_below(items: Iterable[Sample], threshold: float) -> Dict[Tuple[str, s
             for k, v in _by_folder(items).items()}
 
 
-def keep_top(items: Iterable[Sample], k: int) -> Dict[Tuple[str, str], Dict[int, str]]:
-    """Per defect type: accept the ``k`` best scored samples and reject the other scored ones
-    (ties broken by index, lower first)."""
+def keep_top(items: Iterable[Sample], k: int,
+             earlier: Optional[Dict[Tuple[str, str], Dict[int, Optional[str]]]] = None
+             ) -> Dict[Tuple[str, str], Dict[int, str]]:
+    """Per defect type, decisions keeping the ``k`` best scored samples, never overturning one:
+    a sample already accepted or rejected (in its manifest line, or by ``earlier``, the decisions
+    of the same command made before, e.g. :func:`reject_below`'s) keeps its review and accepted
+    ones count toward ``k``; the best of the other scored samples are accepted until ``k`` are
+    accepted, and the rest of them rejected (ties broken by index, lower first)."""
+    earlier = earlier or {}
     out = {}
     for key, v in _by_folder(items).items():
-        scored = sorted((s for s in v if s.score is not None), key=lambda s: (-s.score, s.index))
-        out[key] = {s.index: ("accepted" if rank < k else "rejected") for rank, s in enumerate(scored)}
+        before = earlier.get(key, {})
+        review = {s.index: before.get(s.index, s.review) for s in v}
+        room = max(0, k - sum(1 for r in review.values() if r == "accepted"))
+        open_ = sorted((s for s in v if s.score is not None and review[s.index] is None),
+                       key=lambda s: (-s.score, s.index))
+        out[key] = {s.index: ("accepted" if rank < room else "rejected") for rank, s in enumerate(open_)}
     return out

@@ -10,11 +10,21 @@ Endpoints:
 
 - ``GET /``: the page.
 - ``GET /api/samples``: ``{"out", "folders": [{category, defect, counts}], "samples": [{category,
-  defect, index, image, mask, reference, quality, review}]}``; URLs are this server's.
+  defect, index, id, image, mask, reference, quality, review}]}``; URLs are this server's, ``id``
+  is the sample's identity (:attr:`o2mag.curation.decisions.Sample.id`).
 - ``POST /api/samples/<category>/<defect>/<index>`` with ``{"review": "accepted" | "rejected" |
-  null}``: records the decision in the manifest (:func:`o2mag.curation.decisions.decide`),
-  rewrites the folder's ``contact_sheet.png`` and returns the sample. A malformed body is 400,
-  an unknown folder or sample 404.
+  null, "id": "<the sample's id as listed>"}``: records the decision in the manifest
+  (:func:`o2mag.curation.decisions.decide`), rewrites the folder's ``contact_sheet.png`` and returns
+  the sample. A malformed body (``id`` missing included) is 400, an unknown folder or sample 404;
+  409 when the sample at that index is no longer the one with that ``id`` (``generate
+  --overwrite`` replaced it since the page loaded): nothing is recorded and the answer carries the
+  sample now there, for the page to show instead.
+
+Only this machine's browsers may talk to it: a request whose ``Host`` is not ``localhost``,
+``127.0.0.1``, ``[::1]`` or the address the server was bound to (any IP address when bound to all,
+``0.0.0.0`` / ``::``), with the server's port, is refused (403), so a web page cannot reach it by
+DNS rebinding; a POST whose ``Origin`` is another site's is refused (403) too (a client that sends
+no ``Origin``, like curl, is fine).
 - ``GET /files/<category>/<defect>/<image|mask>/<NNN.png>``: a sample's files, only from
   ``OUT/<category>/<defect>/`` of a folder with a manifest.
 - ``GET /api/samples/<category>/<defect>/<index>/reference.png``: the reference defect the
@@ -24,6 +34,7 @@ Endpoints:
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
 import threading
 from importlib import resources
@@ -44,6 +55,34 @@ from .rescore import inputs_of
 __all__ = ["create_app", "serve"]
 
 _FILE = re.compile(r"^\d{3,}\.png$")
+_LOCAL = ("localhost", "127.0.0.1", "::1")
+_ANY = ("0.0.0.0", "::", "")
+
+
+def _split_host(host: str) -> Tuple[str, str]:
+    """``"[::1]:8080"`` -> ("::1", "8080"); ``"localhost"`` -> ("localhost", "")."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+    return name, port
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host: str, bound: str, port: str) -> bool:
+    """``host`` (a ``Host`` header) names this server: a loopback name or ``bound`` (any IP
+    address when ``bound`` is a wildcard), and ``port`` (80 when the header gives none)."""
+    name, given = _split_host(host.strip().lower())
+    if (given or "80") != port:
+        return False
+    return name in _LOCAL or name == bound.strip("[]").lower() or (bound in _ANY and _is_ip(name))
 
 
 def _page() -> str:
@@ -60,8 +99,9 @@ def _outlined(image: Image.Image, mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def create_app(out: str | Path) -> Flask:
-    """The Flask app serving the review page of the output tree ``out``.
+def create_app(out: str | Path, host: str = "127.0.0.1") -> Flask:
+    """The Flask app serving the review page of the output tree ``out``, on a server bound to
+    ``host`` (the ``Host`` headers it accepts, see the module's docstring).
 
     Long on purpose: the routes are closures over the folder and the reference cache; split up,
     each would take them all as arguments."""
@@ -79,7 +119,7 @@ def create_app(out: str | Path) -> Flask:
     def as_json(s: Sample) -> Dict[str, Any]:
         cat, dfc = quote(s.category, safe=""), quote(s.defect, safe="")
         base = f"/files/{cat}/{dfc}"
-        return {"category": s.category, "defect": s.defect, "index": s.index,
+        return {"category": s.category, "defect": s.defect, "index": s.index, "id": s.id,
                 "image": f"{base}/image/{s.image.name}", "mask": f"{base}/mask/{s.mask.name}",
                 "reference": f"/api/samples/{cat}/{dfc}/{s.index}/reference.png",
                 "quality": s.record.get("quality"), "review": s.review}
@@ -92,9 +132,21 @@ def create_app(out: str | Path) -> Flask:
                 return s
         abort(404, description=f"{category}/{defect} has no complete sample {index}")
 
+    @app.before_request
+    def only_this_machine():
+        port = str(request.environ.get("SERVER_PORT") or "80")
+        if not host_allowed(request.host, host, port):
+            abort(403, description=f"refused: Host {request.host!r} is not this review server "
+                                   "(open the URL o2mag review printed)")
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin is not None and origin != f"{request.scheme}://{request.host}":
+            abort(403, description=f"refused: a request from another site ({origin})")
+
     @app.errorhandler(400)
+    @app.errorhandler(403)
     @app.errorhandler(404)
     @app.errorhandler(405)
+    @app.errorhandler(409)
     def error(e):
         return jsonify(error=e.description), e.code
 
@@ -113,13 +165,17 @@ def create_app(out: str | Path) -> Flask:
     @app.post("/api/samples/<category>/<defect>/<int:index>")
     def set_review(category: str, defect: str, index: int):
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or set(body) != {"review"} \
+        if not isinstance(body, dict) or set(body) != {"review", "id"} or not isinstance(body["id"], str) \
                 or not (body["review"] is None or body["review"] in REVIEWS):
-            abort(400, description='the body must be {"review": "accepted" | "rejected" | null}')
+            abort(400, description='the body must be {"review": "accepted" | "rejected" | null, '
+                                   '"id": "<the sample\'s id from /api/samples>"}')
         find(category, defect, index)
-        lines = decide(root, category, defect, {index: body["review"]})
-        if index not in lines:  # replaced by a writer between the look and the decision
-            abort(404, description=f"{category}/{defect} sample {index} is being replaced; reload")
+        lines = decide(root, category, defect, {index: body["review"]}, {index: body["id"]})
+        if index not in lines:  # another sample than the one judged, or being replaced
+            current = [as_json(s) for s in samples(root, category, defect) if s.index == index]
+            return jsonify(error=f"{category}/{defect} sample {index} was replaced since the page loaded; "
+                                 "nothing was recorded: reload it and judge the new one",
+                           sample=current[0] if current else None), 409
         try:  # the folder's contact sheet shows the decisions too, as after o2mag curate
             write_contact_sheet(folders()[(category, defect)])
         except OSError as e:  # the decision is saved; an old sheet is no reason to refuse it

@@ -28,7 +28,8 @@ class DenoisingMixin:
 
         After a callback sets ``pipe._interrupt``, no denoising step runs: the batches left are
         yielded undenoised (``pipe(...)`` returns every target, as diffusers' pipelines do), or,
-        with ``stop_on_interrupt`` (streaming), not at all."""
+        with ``stop_on_interrupt`` (streaming), not at all: neither is the batch being denoised when
+        the interrupt came (its latents are half-denoised, no finished samples)."""
         s = job.settings
         self._interrupt = False
         emb_u = self.encode_prompt("")
@@ -62,6 +63,8 @@ class DenoisingMixin:
                                     eta=s.eta, generator=job.generator_for(idx), callback=job.callback,
                                     callback_inputs=job.callback_inputs,
                                     desc=f"denoising batch {b + 1}/{len(batches)}")
+            if self.interrupt and stop_on_interrupt:
+                return  # interrupted while denoising it: these latents are no finished samples
             self.stats.samples += len(idx)
             yield idx, latents
 

@@ -185,7 +185,8 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     def interrupt(self) -> bool:
         """Set ``pipe._interrupt = True`` (in a callback) to stop denoising: no later step runs;
         ``pipe(...)`` still returns every target, denoised as far as it got (targets of later
-        batches not at all), and ``generate_iter`` stops after the batch it was denoising."""
+        batches not at all), and ``generate_iter`` stops: it yields no target of the batch it was
+        denoising (half-denoised, no finished sample) nor of any later one."""
         return self._interrupt
 
     # ------------------------------------------------------------------ checking
@@ -267,6 +268,9 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     def generate_iter(self, *args, **kwargs) -> Iterator[Tuple[int, PIL.Image.Image, PIL.Image.Image]]:
         """Yield ``(k, image, mask)`` (PIL RGB, PIL "L" 0/255) for every target mask ``k`` as soon as
         its batch is decoded: streaming, for long runs that write samples as they come.
+
+        When a step-end callback sets ``pipe._interrupt``, the stream ends without the batch being
+        denoised then: every target yielded is fully denoised.
 
         Takes the arguments of :meth:`__call__` except the output options; ``num_steps`` is the
         older name of ``num_inference_steps`` (default 50). Arguments are checked, and inputs read,

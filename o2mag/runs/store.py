@@ -13,7 +13,10 @@ incomplete sample, which counts as missing and is generated again by the next ru
 
 The manifest is append-only: the last line for an index is the one that counts. Replacing a
 complete sample first appends a ``"replacing"`` line, so a crash half-way through a replacement
-cannot leave an old manifest line describing a new image.
+cannot leave an old manifest line describing a new image. Each written sample gets a random id,
+``"sample"`` (:func:`sample_id`), that annotations keep and a replacement does not: a judgement
+made on what a reader saw is recorded only if the sample is still that one
+(:meth:`OutputStore.annotate` with ``expect``).
 
 Every line carries ``"check"``, the CRC-32 of the line's other fields (as sorted JSON): a line
 whose bytes were changed and still parse as JSON (a digit of a seed, an index) fails it and is
@@ -52,12 +55,13 @@ from ..errors import (ClaimLostError, ConcurrentRunError, DataWarning, InputErro
                       SettingsConflictError)
 from ..masks import to_mask
 
-__all__ = ["OutputStore", "read_manifest", "package_versions", "MANIFEST_NAME"]
+__all__ = ["OutputStore", "read_manifest", "package_versions", "sample_id", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.jsonl"
 _TMP_PREFIX = TMP_PREFIX  # temporary files of atomic writes (o2mag.files), cleaned after a crash
 _TMP_SUFFIX = TMP_SUFFIX
-_RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp", "run")
+_RESERVED = ("index", "status", "image", "mask", "settings", "versions", "timestamp", "run", "sample")
+SAMPLE_KEY = "sample"  # a random id given to each sample when it is written, kept by annotations
 COORD_DIR = ".o2mag"  # claims and the manifest lease, inside each defect folder
 _TEMP_MAX_AGE = 600.0  # seconds: an older temporary file is a crash leftover even while others write
 
@@ -160,6 +164,18 @@ def complete_samples(defect_dir: str | os.PathLike) -> list[tuple[int, Path, Pat
         if img.is_file() and mask.is_file():
             out.append((i, img, mask, rec))
     return out
+
+
+def sample_id(rec: dict[str, Any]) -> str | None:
+    """The identity of the sample a manifest line describes: the random ``"sample"`` id that
+    :meth:`OutputStore.write` gives each written sample (annotations keep it, a replacement gets a
+    new one). Lines from before it existed are identified by their ``timestamp`` and ``run``.
+    None for a line that describes no complete sample (``"replacing"``)."""
+    if rec.get("status") != "ok":
+        return None
+    if isinstance(rec.get(SAMPLE_KEY), str):
+        return rec[SAMPLE_KEY]
+    return f"{rec.get('timestamp')}/{rec.get('run') or ''}"
 
 
 CHECK_KEY = "check"
@@ -493,10 +509,16 @@ class OutputStore:
         if new:
             fsync_dir(self.dir)
 
-    def annotate(self, changes: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    def annotate(self, changes: dict[int, dict[str, Any]],
+                 expect: dict[int, str | None] | None = None) -> dict[int, dict[str, Any]]:
         """Add facts to complete samples' manifest lines (review decisions, quality records):
         ``{index: {key: value}}``; a value of ``None`` removes the key. Returns the new line of
         each sample changed; samples not complete (missing, or being replaced) are left out.
+
+        ``expect``: ``{index: id}``, the :func:`sample_id` of the sample the caller judged (one for
+        every index of ``changes``). An index whose sample is now another one (a ``generate
+        --overwrite`` replaced it since the caller read it) is left out too, so a judgement never
+        lands on a picture nobody saw. Without ``expect`` the change goes to whatever sample is there.
 
         Each change is a new line: a copy of the sample's last ``"ok"`` line with the keys
         changed, appended under the manifest lease after reading what other writers appended, so
@@ -511,6 +533,12 @@ class OutputStore:
             clash = sorted(set(c) & set(_RESERVED))
             if clash:
                 raise ValueError(f"changes may not set {clash}: the store fills these in")
+        if expect is not None:
+            if not isinstance(expect, dict):
+                raise TypeError(f"expect must be a dict {{index: sample id}} or None, got {type(expect).__name__}")
+            lacking = sorted(set(changes) - set(expect))
+            if lacking:
+                raise ValueError(f"expect lacks the sample id of index(es) {lacking}")
         out: dict[int, dict[str, Any]] = {}
         if not changes:
             return out
@@ -520,6 +548,8 @@ class OutputStore:
             for i in sorted(changes):
                 if not self.is_complete(int(i)):
                     continue
+                if expect is not None and sample_id(self._last[int(i)]) != expect[i]:
+                    continue  # another sample than the one judged
                 line = dict(self._last[int(i)])
                 for k, v in _normalise(changes[i], "changes").items():
                     if v is None:
@@ -539,8 +569,8 @@ class OutputStore:
 
         ``record``: the sample's own facts, e.g. ``{"seed": 7, "mask_params": {...}}``; it must be
         JSON-serialisable and may not use the keys the store fills in (index, status, image,
-        mask, settings, versions, timestamp). Raises ``SampleExistsError`` when the sample is
-        already complete and the store was not opened with ``overwrite=True``.
+        mask, settings, versions, timestamp, run, sample). Raises ``SampleExistsError`` when the
+        sample is already complete and the store was not opened with ``overwrite=True``.
         """
         if not is_int(index):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
@@ -563,6 +593,7 @@ class OutputStore:
             "image": self._rel(self.image_path(index)), "mask": self._rel(self.mask_path(index)),
             "settings": self.settings, "versions": package_versions(),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            SAMPLE_KEY: uuid.uuid4().hex[:16],
         })
         claimed = self._claim_name(index) in self.leases.held()
         if claimed and not self.holds(index):

@@ -11,7 +11,8 @@ from PIL import Image
 
 from o2mag.cli import main
 from o2mag.curation.decisions import decide, review_counts, samples
-from o2mag.runs.store import OutputStore, complete_samples
+from o2mag.commands import curate
+from o2mag.runs.store import OutputStore, complete_samples, sample_id
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
 CAT, DEF = "synthetic_surface", "scratch"
@@ -72,6 +73,78 @@ def test_keep_top_accepts_k_and_rejects_the_rest(out):
     recs = _last(out)
     ranked = sorted(recs, key=lambda i: (-recs[i]["quality"]["score"], i))
     assert [recs[i]["review"] for i in ranked] == ["accepted"] * 2 + ["rejected"] * 3
+
+
+def _ranked(out):
+    recs = _last(out)
+    return sorted(recs, key=lambda i: (-recs[i]["quality"]["score"], i))
+
+
+def test_keep_top_never_flips_the_same_commands_rejections(out):
+    scores = {i: r["quality"]["score"] for i, r in _last(out).items()}
+    cut = sorted(scores.values())[2]
+    assert main(["curate", str(out), "--reject-below", repr(cut), "--keep-top", "5"]) == 0
+    assert {i: r["review"] for i, r in _last(out).items()} == \
+        {i: "rejected" if s < cut else "accepted" for i, s in scores.items()}
+
+
+def test_keep_top_never_overturns_a_reviewers_decision(out):
+    best, second, third, fourth, worst = _ranked(out)
+    assert main(["curate", str(out), "--reject", str(best), "--accept", str(worst)]) == 0
+    assert main(["curate", str(out), "--keep-top", "2"]) == 0  # worst counts as one of the 2 kept
+    assert {i: r["review"] for i, r in _last(out).items()} == \
+        {best: "rejected", worst: "accepted", second: "accepted", third: "rejected", fourth: "rejected"}
+    before = (out / CAT / DEF / "manifest.jsonl").read_bytes()
+    assert main(["curate", str(out), "--keep-top", "4"]) == 0  # everything decided: nothing changes
+    assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before
+
+
+def _replace(out, index):
+    """What ``generate --overwrite`` does to one sample."""
+    settings = _last(out)[index]["settings"]
+    store = OutputStore(out, CAT, DEF, settings=settings, overwrite=True)
+    mask = np.zeros((128, 128), bool)
+    mask[10:30, 10:30] = True
+    try:
+        store.write(index, np.full((128, 128, 3), 200, np.uint8), mask, {"seed": [0, index]})
+    finally:
+        store.close()
+
+
+def test_a_decision_never_lands_on_a_sample_replaced_since_it_was_read(out):
+    old = {i: sample_id(r) for i, r in _last(out).items()}
+    assert decide(out, CAT, DEF, {0: "accepted"}, {0: old[0]}).keys() == {0}
+    assert sample_id(_last(out)[0]) == old[0]  # a decision keeps the sample's id
+    _replace(out, 1)
+    new = sample_id(_last(out)[1])
+    assert new != old[1]
+    assert decide(out, CAT, DEF, {1: "rejected", 2: "rejected"}, {1: old[1], 2: old[2]}).keys() == {2}
+    assert _last(out)[1].get("review") is None  # the new picture was judged by no one
+    assert decide(out, CAT, DEF, {1: "rejected"}, {1: new}).keys() == {1}
+    store = OutputStore(out, CAT, DEF, annotator=True)
+    try:
+        with pytest.raises(ValueError, match="expect"):
+            store.annotate({3: {"review": "accepted"}}, {4: old[4]})
+    finally:
+        store.close()
+
+
+def test_curate_skips_and_names_a_sample_replaced_after_it_read_them(out, capsys, monkeypatch):
+    lowest = _ranked(out)[-1]
+    real = curate.reject_below
+
+    def then_replaced(items, threshold):  # generate --overwrite runs while curate decides
+        plan = real(items, threshold)
+        _replace(out, lowest)
+        return plan
+
+    monkeypatch.setattr(curate, "reject_below", then_replaced)
+    assert main(["curate", str(out), "--reject-below", "1.0", "--keep-top", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped sample(s) {lowest}: replaced" in err
+    recs = _last(out)
+    assert "review" not in recs[lowest]
+    assert all(r["review"] == "rejected" for i, r in recs.items() if i != lowest)
 
 
 def test_accept_reject_clear_by_index_and_bad_indices(out, capsys):

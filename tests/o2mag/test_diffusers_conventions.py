@@ -189,5 +189,23 @@ def test_interrupt_stops_the_denoising(pipe, sample, masks):
     streamed = list(pipe.generate_iter(sample.reference, sample.ref_mask, sample.normal, masks, sample.prompt,
                                        sample.anomaly_word, num_inference_steps=4, ago_steps=1, batch_size=2,
                                        callback_on_step_end=stop_after_two))
-    assert [k for k, _, _ in streamed] == [0, 1]  # streaming stops after the interrupted batch
+    assert streamed == []  # the interrupted batch is half-denoised: streaming yields none of it
     assert pipe.stats.generation_unet_calls == 2
+
+
+def test_an_interrupt_at_step_0_streams_nothing_of_that_batch(pipe, sample, masks):
+    """A batch interrupted at its first step is no finished sample: generate_iter ends without it,
+    while the batch before it, finished, was streamed."""
+    calls = []
+
+    def stop_in_second_batch(p, i, t, kwargs):
+        calls.append(i)
+        if len(calls) == 3:  # step 0 of the second batch (2 steps per batch)
+            p._interrupt = True
+        return kwargs
+
+    streamed = list(pipe.generate_iter(sample.reference, sample.ref_mask, sample.normal, masks, sample.prompt,
+                                       sample.anomaly_word, num_inference_steps=2, ago_steps=1, batch_size=2,
+                                       callback_on_step_end=stop_in_second_batch))
+    assert calls == [0, 1, 0]
+    assert [k for k, _, _ in streamed] == [0, 1]

@@ -19,7 +19,7 @@ from o2mag.runs.plan import Batch, available, chunk_size, claim_batch, plan_batc
 from o2mag.runs.store import read_manifest
 
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
-_VARYING = ("timestamp", "run")  # what two runs of the same job may differ in
+_VARYING = ("timestamp", "run", "sample")  # what two runs of the same job may differ in
 
 
 def _env():

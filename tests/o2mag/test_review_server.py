@@ -1,6 +1,7 @@
 """``o2mag review``'s endpoints (o2mag.curation.server, Flask): listing, decisions saved in the
-manifest, 4xx for malformed requests and paths outside OUT, two clients deciding at once, a manifest
-appended by a running writer, and the command printing its URL on one line."""
+manifest, 4xx for malformed requests and paths outside OUT, 409 for a decision on a sample replaced
+since the page loaded, 403 for a foreign Host (DNS rebinding) or Origin, two clients deciding at
+once, a manifest appended by a running writer, and the command printing its URL on one line."""
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ pytest.importorskip("flask", reason="the review page needs Flask (the test extra
 from o2mag.cli import main  # noqa: E402
 from o2mag.curation.server import create_app, serve  # noqa: E402
 from o2mag.runs.contact_sheet import contact_sheet  # noqa: E402
-from o2mag.runs.store import OutputStore, complete_samples  # noqa: E402
+from o2mag.runs.store import OutputStore, complete_samples, sample_id  # noqa: E402
 
 CAT, DEF = "synthetic_surface", "scratch"
 FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
@@ -50,6 +51,26 @@ def _reviews(out):
     return {i: rec.get("review") for i, _, _, rec in complete_samples(out / CAT / DEF)}
 
 
+def _ids(out):
+    return {i: sample_id(rec) for i, _, _, rec in complete_samples(out / CAT / DEF)}
+
+
+def _decide(client, out, index, review, **kw):
+    return client.post(f"/api/samples/{CAT}/{DEF}/{index}", json={"review": review, "id": _ids(out)[index]}, **kw)
+
+
+def _replace(out, index):
+    """What ``generate --overwrite`` does to one sample."""
+    settings = complete_samples(out / CAT / DEF)[index][3]["settings"]
+    store = OutputStore(out, CAT, DEF, settings=settings, overwrite=True)
+    mask = np.zeros((128, 128), bool)
+    mask[10:30, 10:30] = True
+    try:
+        store.write(index, np.full((128, 128, 3), 200, np.uint8), mask, {"seed": [0, index]})
+    finally:
+        store.close()
+
+
 def test_list_gives_every_sample_with_urls_that_serve_its_files(client, out):
     body = client.get("/api/samples").get_json()
     assert [(s["category"], s["defect"], s["index"]) for s in body["samples"]] == [(CAT, DEF, i) for i in range(4)]
@@ -66,12 +87,12 @@ def test_list_gives_every_sample_with_urls_that_serve_its_files(client, out):
 
 
 def test_a_decision_is_saved_in_the_manifest_and_can_be_undone(client, out):
-    r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected"})
+    r = _decide(client, out, 1, "rejected")
     assert r.status_code == 200 and r.get_json()["sample"]["review"] == "rejected"
     assert r.get_json()["counts"] == {"accepted": 0, "rejected": 1, "unreviewed": 3}
     assert _reviews(out) == {0: None, 1: "rejected", 2: None, 3: None}
-    client.post(f"/api/samples/{CAT}/{DEF}/2", json={"review": "accepted"})
-    assert client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": None}).status_code == 200
+    assert _decide(client, out, 2, "accepted").status_code == 200
+    assert _decide(client, out, 1, None).status_code == 200
     assert _reviews(out) == {0: None, 1: None, 2: "accepted", 3: None}
     # a fresh server (a restart) reads the decisions back
     again = create_app(out).test_client().get("/api/samples").get_json()
@@ -79,7 +100,9 @@ def test_a_decision_is_saved_in_the_manifest_and_can_be_undone(client, out):
 
 
 @pytest.mark.parametrize("body, kwargs", [
-    ({"review": "bogus"}, {}), ({"review": 1}, {}), ({}, {}), ({"review": "rejected", "x": 1}, {}),
+    ({"review": "bogus", "id": "x"}, {}), ({"review": 1, "id": "x"}, {}), ({}, {}),
+    ({"review": "rejected", "id": "x", "x": 1}, {}), ({"review": "rejected"}, {}),
+    ({"review": "rejected", "id": 5}, {}),
     (None, {"data": "not json", "content_type": "application/json"}), (None, {"data": "[1]"}),
     (["rejected"], {}),
 ])
@@ -88,6 +111,49 @@ def test_malformed_decisions_are_400_and_change_nothing(client, out, body, kwarg
     r = client.post(f"/api/samples/{CAT}/{DEF}/0", **({"json": body} if body is not None else kwargs))
     assert r.status_code == 400 and "review" in r.get_json()["error"]
     assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before
+
+
+def test_a_decision_on_a_sample_replaced_since_the_page_loaded_is_409(client, out):
+    listed = {s["index"]: s for s in client.get("/api/samples").get_json()["samples"]}
+    assert listed[1]["id"] == _ids(out)[1]
+    _replace(out, 1)  # generate --overwrite, after the page loaded
+    before = (out / CAT / DEF / "manifest.jsonl").read_bytes()
+    r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected", "id": listed[1]["id"]})
+    assert r.status_code == 409 and "reload" in r.get_json()["error"]
+    assert r.get_json()["sample"]["id"] == _ids(out)[1] != listed[1]["id"]  # the sample there now
+    assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before and _reviews(out)[1] is None
+    r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected", "id": r.get_json()["sample"]["id"]})
+    assert r.status_code == 200 and _reviews(out)[1] == "rejected"  # judged again, as shown now
+    r = client.post(f"/api/samples/{CAT}/{DEF}/2", json={"review": "accepted", "id": listed[2]["id"]})
+    assert r.status_code == 200  # an untouched sample keeps its id through decisions
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost:8080",
+                                  "10.0.0.7", "[::2]"])
+def test_a_foreign_host_is_refused(client, out, host):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends its own Host."""
+    before = (out / CAT / DEF / "manifest.jsonl").read_bytes()
+    for r in (client.get("/api/samples", headers={"Host": host}), client.get("/", headers={"Host": host}),
+              client.get(f"/files/{CAT}/{DEF}/image/000.png", headers={"Host": host}),
+              _decide(client, out, 0, "rejected", headers={"Host": host})):
+        assert r.status_code == 403 and "Host" in r.get_json()["error"]
+    assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before
+
+
+def test_local_hosts_and_the_bound_address_are_served(out):
+    for bound, host in [("127.0.0.1", "localhost"), ("127.0.0.1", "127.0.0.1"), ("127.0.0.1", "[::1]"),
+                        ("127.0.0.1", "LocalHost:80"), ("192.168.1.5", "192.168.1.5"), ("0.0.0.0", "10.0.0.7"),
+                        ("::", "[fe80::1]:80")]:
+        assert create_app(out, bound).test_client().get("/api/samples", headers={"Host": host}).status_code == 200
+    assert create_app(out, "0.0.0.0").test_client().get("/", headers={"Host": "evil.example"}).status_code == 403
+
+
+def test_a_post_from_another_origin_is_refused(client, out):
+    r = _decide(client, out, 0, "rejected", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and _reviews(out)[0] is None
+    assert _decide(client, out, 0, "rejected", headers={"Origin": "null"}).status_code == 403
+    assert _decide(client, out, 0, "rejected", headers={"Origin": "http://localhost"}).status_code == 200
+    assert _reviews(out)[0] == "rejected"
 
 
 @pytest.mark.parametrize("method, url", [
@@ -118,7 +184,10 @@ def live(out):
 
 
 def _post(url, review):
-    req = urllib.request.Request(url, data=json.dumps({"review": review}).encode(), method="POST",
+    with urllib.request.urlopen(url.split("/api/")[0] + "/api/samples", timeout=30) as r:
+        index = int(url.rsplit("/", 1)[1])
+        sid = next(s["id"] for s in json.load(r)["samples"] if s["index"] == index)
+    req = urllib.request.Request(url, data=json.dumps({"review": review, "id": sid}).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.status
