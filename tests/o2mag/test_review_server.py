@@ -259,7 +259,7 @@ def test_the_command_refuses_a_folder_without_samples(tmp_path, capsys):
 def test_a_decision_rewrites_the_contact_sheet(client, out):
     sheet = out / CAT / DEF / "contact_sheet.png"
     before = sheet.read_bytes()
-    r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected"})
+    r = _decide(client, out, 1, "rejected")
     assert r.status_code == 200
     after = np.asarray(Image.open(sheet).convert("RGB"))
     assert sheet.read_bytes() != before
