@@ -42,15 +42,15 @@ def optimize_embedding(
     generator: Optional[torch.Generator] = None,
     progress=True,
     on_forward=None,
+    added_cond_kwargs: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Return the optimised embedding (float32, shape of ``init_embedding``).
-
-    ``latent0``: clean float32 VAE latent (1, C, h, w) of the reference image. ``weight``: optional
-    (h, w) loss weight (e.g. the dilated reference mask); None = plain MSE over the latent. The
-    UNet's parameters are never updated (their ``requires_grad`` flags are restored on exit).
-    ``on_forward(rows)`` is called after each UNet call (statistics). ``progress``: show a tqdm bar
-    (bool), or a callable ``progress(iterable, desc)`` that wraps the steps in the caller's bar.
-    """
+    """Return the optimised embedding (float32, shape of ``init_embedding``). ``latent0``: clean
+    float32 VAE latent (1, C, h, w) of the reference image. ``weight``: optional (h, w) loss weight
+    (e.g. the dilated reference mask); None = plain MSE over the latent. The UNet's parameters are
+    never updated (their ``requires_grad`` flags are restored on exit). ``added_cond_kwargs``: the
+    UNet's added conditioning for one row (SDXL: pooled text embedding, size ids), passed to every
+    call, not optimised. ``on_forward(rows)`` is called after each UNet call (statistics).
+    ``progress``: a tqdm bar (bool), or a callable ``progress(iterable, desc)`` wrapping the steps."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if lr <= 0:
@@ -83,7 +83,7 @@ def optimize_embedding(
                 noise = torch.randn(latent0.shape, generator=generator, dtype=torch.float32).to(device)
                 a = ac[t]
                 noisy = a.sqrt() * latent0 + (1 - a).sqrt() * noise
-                out = unet(noisy.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample.float()
+                out = unet(noisy.to(dtype), t, emb.to(dtype), added_cond_kwargs=added_cond_kwargs).sample.float()
                 if on_forward is not None:
                     on_forward(noisy.shape[0])
                 eps = to_epsilon(scheduler, out, noisy, float(a))

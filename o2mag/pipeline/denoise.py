@@ -33,6 +33,8 @@ class DenoisingMixin:
         s = job.settings
         self._interrupt = False
         emb_u = self.encode_prompt("")
+        # SDXL's pooled embeddings (None otherwise): the empty prompt's and the prompt's, never optimised
+        pooled = (self.encode_pooled(""), self.encode_pooled(job.prompt)) if self.is_xl else None
         emb_c = self.optimize_embedding(job.ref, job.prompt, steps=s.ago_steps, lr=s.ago_lr,
                                         mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
         n = len(job.masks)
@@ -58,7 +60,7 @@ class DenoisingMixin:
             if s.kv_cache and b == 0:
                 cache = SourceCache(device=s.kv_cache_device)
             latents = self._denoise(inv_r, inv_n, job.m_r, [job.masks[k] for k in idx], emb_u, emb_c,
-                                    job.tokens, config=config, guidance_scale=s.guidance_scale,
+                                    job.tokens, config=config, pooled=pooled, guidance_scale=s.guidance_scale,
                                     blend=s.blend_background, with_sources=with_sources, cache=cache,
                                     eta=s.eta, generator=job.generator_for(idx), callback=job.callback,
                                     callback_inputs=job.callback_inputs,
@@ -69,7 +71,7 @@ class DenoisingMixin:
             yield idx, latents
 
     def _denoise(self, inv_r: Inversion, inv_n: Inversion, m_r: np.ndarray, masks: List[np.ndarray],
-                 emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config,
+                 emb_u: torch.Tensor, emb_c: torch.Tensor, tokens: List[int], *, config, pooled=None,
                  guidance_scale: float, blend: bool, with_sources: bool = True, cache=None, eta: float = 0.0,
                  generator=None, callback=None, callback_inputs: Sequence[str] = (),
                  desc: str = "denoising") -> torch.Tensor:
@@ -77,7 +79,8 @@ class DenoisingMixin:
 
         The reference and normal rows (when ``with_sources``) feed the inverted latents of the
         current step (replay); their outputs are not used. Without sources, ``cache`` supplies
-        their K/V (recorded by the first batch).
+        their K/V (recorded by the first batch). ``pooled``: SDXL's (unconditional, conditional)
+        pooled embeddings, laid out per row exactly as the sequence embeddings (None: SD 1.x/2.x).
 
         diffusers' callback state: ``pipe.guidance_scale`` starts at ``guidance_scale`` and is read
         at every step (a callback may change it); the unconditional half runs when guidance is on
@@ -97,6 +100,10 @@ class DenoisingMixin:
             return torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
 
         emb = stack(emb_u, emb_c)
+        pooled_rows = None
+        if pooled is not None:  # one pooled row per UNet row, in the text states' order
+            halves = list(pooled) if cfg else [pooled[1]]
+            pooled_rows = torch.cat([p.to(dev).expand(layout.rows_per_half, -1) for p in halves])
         x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
         h, w = x.shape[-2:]
         m_t = graft.stitch_masks((h, w), dev)
@@ -119,7 +126,7 @@ class DenoisingMixin:
                                           normal=inv_n.before_step(i).to(dev), targets=x)
                 else:
                     inp = layout.assemble(targets=x)
-                out = self._unet(inp, t, emb, generation=True)
+                out = self._unet(inp, t, emb, generation=True, pooled=pooled_rows)
                 eps = out[layout.target_slice("cond")]
                 if self.do_classifier_free_guidance:
                     if not cfg:

@@ -50,7 +50,7 @@ FAMILY_SIZES: Dict[str, int] = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 10
 """The published checkpoints' working sizes (SD 1.x; SD 2.x base, epsilon; SD 2.x v-prediction;
 SDXL): the default when a UNet config gives no ``sample_size``."""
 
-SUPPORTED_FAMILIES = ("sd1", "sd2")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 """The families O2MAGPipeline runs; :func:`detect_family` refuses the others with one line."""
 
 _LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -102,16 +102,16 @@ def detect_family(name: str) -> ModelFamily:
     Raises :class:`~o2mag.errors.InputError` with one line for what o2mag cannot run: a
     transformer-based pipeline (SD3, Flux, PixArt: no UNet to graft), a pipeline without a UNet
     or text encoder (unconditional models, an SDXL refiner alone), a UNet that is not a
-    ``UNet2DConditionModel`` or takes other than 4 latent channels (inpainting: 9), and SDXL
-    (not supported yet)."""
+    ``UNet2DConditionModel`` or takes other than 4 latent channels (inpainting: 9), and an SDXL
+    UNet without its second text encoder."""
     index = _config(name)
     cls = index.get("_class_name", "?")
     if not _present(index, "unet"):
         if _present(index, "transformer"):
             raise InputError(f"{name} holds a {cls}, a transformer-based pipeline (SD3, Flux, ...): o2mag "
-                             "grafts a UNet's attention and runs SD 1.x and SD 2.x UNet pipelines only")
-        raise InputError(f"{name} holds a {cls} without a unet component: o2mag runs SD 1.x and SD 2.x "
-                         "text-to-image pipelines only")
+                             "grafts a UNet's attention and runs SD 1.x, SD 2.x and SDXL UNet pipelines only")
+        raise InputError(f"{name} holds a {cls} without a unet component: o2mag runs SD 1.x, SD 2.x and "
+                         "SDXL text-to-image pipelines only")
     unet = _config(name, "unet")
     if unet.get("_class_name") != "UNet2DConditionModel":
         raise InputError(f"{name}: its unet is a {unet.get('_class_name', '?')}, not a text-conditioned "
@@ -125,6 +125,11 @@ def detect_family(name: str) -> ModelFamily:
     if not _present(index, "text_encoder") or not _present(index, "tokenizer"):
         what = "an SDXL refiner alone (no first text encoder)" if xl else "no text_encoder/tokenizer"
         raise InputError(f"{name} holds a {cls} with {what}; o2mag needs a text-to-image base model")
+    if xl and (not _present(index, "text_encoder_2") or not _present(index, "tokenizer_2")
+               or unet.get("addition_embed_type") != "text_time"):
+        raise InputError(f"{name} holds a {cls} with an SDXL part but not SDXL's base layout (a UNet with "
+                         "'text_time' added conditioning and text_encoder_2/tokenizer_2); o2mag needs an SDXL "
+                         "base model")
     scheduler = _config(name, "scheduler") if _present(index, "scheduler") else {}
     prediction = scheduler.get("prediction_type", "epsilon")
     if xl:
@@ -141,11 +146,7 @@ def detect_family(name: str) -> ModelFamily:
         size = int(sample) * 2 ** (len(blocks) - 1)
     else:
         size = FAMILY_SIZES["sd2-v" if family == "sd2" and prediction == "v_prediction" else family]
-    found = ModelFamily(family, prediction, size)
-    if family not in SUPPORTED_FAMILIES:
-        raise InputError(f"{name} holds an {found.label} model ({cls}); SDXL is not supported yet: "
-                         "use an SD 1.x or SD 2.x folder")
-    return found
+    return ModelFamily(family, prediction, size)
 
 
 def dtype_keyword() -> str:

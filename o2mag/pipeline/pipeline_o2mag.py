@@ -26,11 +26,11 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..checks import check_int
 from ..errors import InputError
-from ..sources.tiny import tiny_components
+from ..sources.tiny import tiny_components, tiny_sdxl_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
@@ -57,27 +57,35 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     """Training-free one-to-more anomaly generation on a frozen Stable Diffusion (v1.5 by default).
 
     Components as in diffusers' Stable Diffusion: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
-    ``scheduler`` (any scheduler is converted to ``DDIMScheduler`` with the same config, because
+    ``scheduler``, and for SDXL also ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and
+    ``tokenizer_2``, as in diffusers' ``StableDiffusionXLPipeline`` (one class for every family: the
+    conditioning differs behind :class:`~.preparation.PreparationMixin`'s seam) (any scheduler is converted to ``DDIMScheduler`` with the same config, because
     inversion and replay need deterministic DDIM; sample clipping and thresholding are switched
     off, because the inversion is the exact mirror of an *unclipped* DDIM step -- with clipping,
     replayed and denoised trajectories would disagree, and ``DDIMScheduler()`` clips by default).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     # The annotations are diffusers' contract, not decoration: ``from_pipe`` hands a model
     # component over only when its class is among them (else it asks for it).
     def __init__(self, unet: UNet2DConditionModel, vae: Union[AutoencoderKL, AutoencoderTiny],
-                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: KarrasDiffusionSchedulers):
+                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: KarrasDiffusionSchedulers,
+                 text_encoder_2: Optional[CLIPTextModelWithProjection] = None,
+                 tokenizer_2: Optional[CLIPTokenizer] = None):
         super().__init__()
         if scheduler is not None:
             cfg = scheduler.config
             if not isinstance(scheduler, DDIMScheduler) or cfg.get("clip_sample", True) \
                     or cfg.get("thresholding", False):
                 scheduler = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False)
+        xl = unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if xl and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError("an SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2 and tokenizer_2")
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # a pipeline may hold only some components (e.g. the text ones, to encode prompts): the
         # VAE factor then takes SD's value, as diffusers' pipelines do
         vcfg = self.vae.config if self.vae is not None else None
@@ -108,12 +116,12 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         diffusers takes. A missing path, a folder that is not a diffusers pipeline, or a folder
         diffusers cannot read (broken JSON, missing or corrupt weights: diffusers' ``OSError`` and
         ``ValueError``) raises :class:`o2mag.errors.InputError`, and so does a folder of a family
-        o2mag does not run (:func:`o2mag.pipeline.loading.detect_family`: SD 1.x and SD 2.x run;
+        o2mag does not run (:func:`o2mag.pipeline.loading.detect_family`: SD 1.x, SD 2.x and SDXL run;
         ``pipe.family`` tells which); anything else -- running out of
         memory, a bug -- propagates as itself.
         """
         name = check_model_path(pretrained_model_name_or_path)
-        family = detect_family(name)  # one line for SD3/Flux, inpainting, refiners, SDXL (for now)
+        family = detect_family(name)  # one line for SD3/Flux, inpainting, refiners
         kwargs = loading_kwargs(kwargs)
         try:
             pipe = super().from_pretrained(name, **kwargs)
@@ -126,10 +134,13 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         return pipe
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "O2MAGPipeline":
-        """The tiny seeded random model of :mod:`o2mag.sources.tiny` (machinery demos and tests, not quality)."""
-        pipe = cls(**tiny_components(seed))
-        pipe.model_id = f"o2mag-tiny-seed{seed}"
+    def tiny(cls, seed: int = 0, family: str = "sd1") -> "O2MAGPipeline":
+        """The tiny seeded random model of :mod:`o2mag.sources.tiny` (machinery demos and tests, not
+        quality): SD 1.5-shaped (``family="sd1"``) or SDXL-shaped (``"sdxl"``)."""
+        if family not in ("sd1", "sdxl"):
+            raise ValueError(f"family must be 'sd1' or 'sdxl', got {family!r}")
+        pipe = cls(**(tiny_sdxl_components(seed) if family == "sdxl" else tiny_components(seed)))
+        pipe.model_id = f"o2mag-tiny-seed{seed}" + ("-sdxl" if family == "sdxl" else "")
         return pipe
 
     # ------------------------------------------------------------------ progress bars
@@ -200,6 +211,7 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     def _request(self, a: Dict[str, Any], output_type: str = "pil") -> Request:
         """Check every argument of a call and read every input now, before any model work."""
         return prepare_request(a, output_type, tokenizer=self.tokenizer, default_size=self.default_size,
+                               tokenizer_2=self.tokenizer_2 if self.is_xl else None,
                                vae_scale_factor=self.vae_scale_factor,
                                allowed_callback_inputs=self._callback_tensor_inputs)
 

@@ -1,11 +1,13 @@
 """What a request computes once per reference/normal pair, and the encoders around the UNet: the
 prompt and image encodings, the DDIM inversions and the AGO embedding, each cached by content key
 (:mod:`.caches`), plus decoding latents. A mixin of :class:`o2mag.O2MAGPipeline`, which provides
-the components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``), ``stats``,
+the components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``; SDXL's
+``text_encoder_2`` and ``tokenizer_2``), ``stats``,
 ``model_id``, ``cache_dir``, ``cache_lock`` and the two result caches."""
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+from typing import List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -19,31 +21,123 @@ __all__ = ["PreparationMixin"]
 
 
 class PreparationMixin:
-    """Encoding, DDIM inversion and AGO for :class:`o2mag.O2MAGPipeline` (see the module docstring)."""
+    """Encoding, DDIM inversion and AGO for :class:`o2mag.O2MAGPipeline` (see the module docstring).
+
+    The family seam: SD 1.x/2.x condition the UNet on one text encoder's last hidden states; SDXL
+    (a UNet with "text_time" added conditioning and a ``text_encoder_2``) on both encoders'
+    penultimate hidden states, concatenated (one (1, 77, D1 + D2) tensor, the "sequence
+    embedding"), plus the second encoder's pooled embedding and the size/crop ids, passed as
+    ``added_cond_kwargs`` to every UNet call (:meth:`_unet`, :meth:`_added_cond`). Everything else
+    -- the batch layout, grafting, DAE, the caches -- sees only the sequence embedding."""
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL conditioning: the UNet takes "text_time" added conditioning (pooled text + size ids)."""
+        return self.unet is not None and getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    def _family_key(self) -> str:
+        """The model family as a cache-key part (caches never mix families' results)."""
+        if getattr(self, "family", None) is not None:
+            return self.family.name
+        return "sdxl" if self.is_xl else "sd"
 
     def _identity(self) -> str:
+        encoders = (self.text_encoder,) + ((self.text_encoder_2,) if self._second_encoder() is not None else ())
         return model_fingerprint(self.model_id or getattr(self.config, "_name_or_path", ""),
-                                 (self.unet, self.vae, self.text_encoder))
+                                 (self.unet, self.vae) + encoders)
 
-    def _unet(self, latents: torch.Tensor, t, emb: torch.Tensor, generation: bool = False) -> torch.Tensor:
+    def _second_encoder(self):
+        return getattr(self, "text_encoder_2", None)
+
+    def _added_cond(self, pooled: Optional[torch.Tensor], latents: torch.Tensor) -> Optional[dict]:
+        """SDXL's ``added_cond_kwargs`` for a UNet call on ``latents`` (rows, C, h, w): the pooled
+        embedding of each row (``pooled``: (rows, P)) and the same six ids for every row,
+        (original size, crop top-left (0, 0), target size), both sizes the working image size
+        (h, w) x the VAE factor, as diffusers' SDXL pipeline sets them when not told otherwise.
+        None for SD 1.x/2.x (``pooled`` None)."""
+        if pooled is None:
+            return None
+        h, w = (int(n) * self.vae_scale_factor for n in latents.shape[-2:])
+        ids = [h, w, 0, 0, h, w]
+        cfg = self.unet.config
+        passed = cfg.addition_time_embed_dim * len(ids) + pooled.shape[-1]
+        expected = self.unet.add_embedding.linear_1.in_features
+        if passed != expected:
+            raise ValueError(f"the UNet's added embedding takes {expected} numbers but the pooled text "
+                             f"embedding ({pooled.shape[-1]}) and {len(ids)} size ids give {passed}: "
+                             "unet.config.addition_time_embed_dim or text_encoder_2's projection_dim is wrong")
+        dtype, dev = self.unet.dtype, latents.device
+        if pooled.shape[0] != latents.shape[0]:
+            raise RuntimeError(f"{pooled.shape[0]} pooled embeddings for {latents.shape[0]} latent rows")
+        time_ids = torch.tensor([ids], dtype=dtype, device=dev).expand(latents.shape[0], -1)
+        return {"text_embeds": pooled.to(device=dev, dtype=dtype), "time_ids": time_ids}
+
+    def _unet(self, latents: torch.Tensor, t, emb: torch.Tensor, generation: bool = False,
+              pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = latents.shape[0]
         self.stats.unet_calls += 1
         self.stats.unet_rows += rows
         if generation:
             self.stats.generation_unet_calls += 1
             self.stats.generation_unet_rows += rows
-        out = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=emb.to(self.unet.dtype)).sample
+        out = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=emb.to(self.unet.dtype),
+                        added_cond_kwargs=self._added_cond(pooled, latents)).sample
         return out.float()
 
     @torch.no_grad()
+    def _encode(self, prompt: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(sequence embedding (1, 77, D), pooled embedding (1, P) or None), float32.
+
+        SD 1.x/2.x: the text encoder's last hidden states, no pooled embedding. SDXL, as
+        diffusers' ``StableDiffusionXLPipeline.encode_prompt`` defines it (no clip skip): each
+        tokenizer pads ``prompt`` to its own length with its own pad token, each encoder's
+        penultimate hidden states, concatenated on the feature axis, and the pooled embedding of
+        the second encoder (``CLIPTextModelWithProjection``'s ``text_embeds``)."""
+        dev = self._execution_device
+        second = self._second_encoder()
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if second is not None:
+            pairs.append((self.tokenizer_2, second))
+        states, pooled = [], None
+        for tokenizer, encoder in pairs:
+            ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(dev)
+            if second is None:
+                states.append(encoder(ids)[0])
+                continue
+            out = encoder(ids, output_hidden_states=True)
+            if out[0].ndim == 2:  # the projected pooled output: only the second encoder has one
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        if second is not None and pooled is None:
+            raise ValueError("text_encoder_2 gives no pooled embedding: SDXL's second text encoder must be "
+                             "a CLIPTextModelWithProjection")
+        return torch.cat(states, dim=-1).float(), (None if pooled is None else pooled.float())
+
+    @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text-encoder hidden states (1, 77, D), float32, on the execution device."""
-        tok = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        )
-        out = self.text_encoder(tok.input_ids.to(self._execution_device))[0]
-        return out.float()
+        """The sequence embedding (1, 77, D), float32, on the execution device: the text encoder's
+        hidden states (SDXL: both encoders' penultimate ones, concatenated; see :meth:`_encode`)."""
+        return self._encode(prompt)[0]
+
+    @torch.no_grad()
+    def encode_pooled(self, prompt: str) -> Optional[torch.Tensor]:
+        """SDXL's pooled embedding of ``prompt`` (1, P), float32; None for SD 1.x/2.x."""
+        return self._encode(prompt)[1] if self.is_xl else None
+
+    @contextlib.contextmanager
+    def _vae_precision(self):
+        """Within the block the VAE runs in float32 where diffusers' SDXL pipelines upcast it: an SDXL
+        model whose float16 VAE sets ``force_upcast`` (SDXL's VAE overflows in float16); it goes
+        back to float16 afterwards. An fp16-fixed VAE (``force_upcast`` false) stays in float16."""
+        up = self.is_xl and self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        if up:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if up:
+                self.vae.to(dtype=torch.float16)
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
@@ -51,8 +145,9 @@ class PreparationMixin:
 
         Works with ``AutoencoderKL`` (SD) and ``AutoencoderTiny`` (TAESD, fast previews)."""
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        x = x.to(device=self._execution_device, dtype=self.vae.dtype)
-        enc = self.vae.encode(x)
+        with self._vae_precision():
+            x = x.to(device=self._execution_device, dtype=self.vae.dtype)
+            enc = self.vae.encode(x)
         # AutoencoderKL returns a distribution (its mode: deterministic); AutoencoderTiny the latents
         z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents
         return z.float() * self.vae.config.scaling_factor
@@ -60,7 +155,8 @@ class PreparationMixin:
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> float32 images in [-1, 1], (N, 3, H, W), on the CPU."""
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        with self._vae_precision():
+            x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         return x.float().cpu()
 
     def decode_latents(self, latents: torch.Tensor) -> List[PIL.Image.Image]:
@@ -72,13 +168,14 @@ class PreparationMixin:
         """DDIM-invert a uint8 (H, W, 3) image with the empty prompt; cached by content + settings
         (in memory; also in ``<cache_dir>/inversions`` with ``cache_to_disk``)."""
         device = self._execution_device
-        key = content_key("inversion", image, self._identity(), num_steps, str(self.unet.dtype),
+        key = content_key("inversion", image, self._family_key(), self._identity(), num_steps, str(self.unet.dtype),
                           scheduler_settings(self.scheduler))
 
         def compute() -> Inversion:
             z0 = self.encode_image(image)
-            empty = self.encode_prompt("")
-            return ddim_invert(lambda z, t: self._unet(z, t, empty), self.scheduler, z0, num_steps,
+            empty, pooled = self._encode("")
+            pooled = pooled if self.is_xl else None
+            return ddim_invert(lambda z, t: self._unet(z, t, empty, pooled=pooled), self.scheduler, z0, num_steps,
                                progress=self._phase_bar, desc=desc)
 
         inv, computed = self._inversions.fetch(
@@ -94,11 +191,12 @@ class PreparationMixin:
     def optimize_embedding(self, image: np.ndarray, prompt: str, *, steps: int = 500, lr: float = 3e-3,
                            mask: Optional[np.ndarray] = None, seed: int = 0) -> torch.Tensor:
         """AGO embedding for (reference image, prompt), drawn with ``seed``; cached in memory and in
-        ``<cache_dir>/embeddings``."""
+        ``<cache_dir>/embeddings``. On SDXL the sequence embedding (both encoders' parts, one
+        tensor) is optimised and the pooled embedding stays the prompt's."""
         if steps == 0:  # AGO off: the plain prompt embedding
             return self.encode_prompt(prompt)
         device = self._execution_device
-        key = content_key("ago", image, prompt, self._identity(), steps, lr, seed, str(self.unet.dtype),
+        key = content_key("ago", image, prompt, self._family_key(), self._identity(), steps, lr, seed, str(self.unet.dtype),
                           mask if mask is not None else None, scheduler_settings(self.scheduler))
 
         def count(rows):
@@ -106,14 +204,17 @@ class PreparationMixin:
             self.stats.unet_rows += rows
 
         def compute() -> torch.Tensor:
-            init = self.encode_prompt(prompt)
+            init, pooled = self._encode(prompt)
             z0 = self.encode_image(image)
+            # SDXL: the pooled embedding stays the prompt's (see README, "Model families")
+            added = self._added_cond(pooled, z0) if self.is_xl else None
             weight = None
             if mask is not None:
                 weight = dilate_mask(torch.from_numpy(mask), z0.shape[-2:], radius=1)
             gen = torch.Generator().manual_seed(int(seed))
             return optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
-                                      generator=gen, progress=self._phase_bar, on_forward=count)
+                                      generator=gen, progress=self._phase_bar, on_forward=count,
+                                      added_cond_kwargs=added)
 
         emb, computed = self._embeddings.fetch(
             key, self.cache_dir, compute, lock=self.cache_lock,

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
+from ..errors import InputError
 from .inputs import prepare_sources, prepare_targets, token_indices
 from .settings import GenerationSettings, check_call_options, check_prompt, check_size
 
@@ -53,8 +54,13 @@ def check_arguments(a: Dict[str, Any], output_type: str, callback_inputs: Sequen
 
 
 def prepare_request(a: Dict[str, Any], output_type: str, *, tokenizer, default_size: int, vae_scale_factor: int,
-                    allowed_callback_inputs: Sequence[str]) -> Request:
-    """Check every argument of a call (``a``: all of them by name) and read every input now."""
+                    allowed_callback_inputs: Sequence[str], tokenizer_2=None) -> Request:
+    """Check every argument of a call (``a``: all of them by name) and read every input now.
+
+    SDXL (``tokenizer_2`` given): the anomaly word is looked up in both tokenizers' ids. DAE
+    indexes the concatenated sequence embedding, whose position ``k`` holds both encoders' states
+    of token ``k``, so the two lists must be one: they are (both tokenizers are CLIP's BPE, BOS at
+    0), and a pair that disagrees is refused rather than amplifying different words."""
     callback, callback_inputs = a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
     if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
         callback_inputs = callback.tensor_inputs
@@ -63,6 +69,11 @@ def prepare_request(a: Dict[str, Any], output_type: str, *, tokenizer, default_s
     size = settings.size or default_size
     check_size(size, vae_scale_factor)
     tokens = token_indices(tokenizer, a["prompt"], a["anomaly_word"])
+    if tokenizer_2 is not None:
+        tokens_2 = token_indices(tokenizer_2, a["prompt"], a["anomaly_word"])
+        if tokens_2 != tokens:
+            raise InputError(f"anomaly_word {a['anomaly_word']!r} sits at token positions {tokens} for tokenizer "
+                             f"but {tokens_2} for tokenizer_2: SDXL's two tokenizers must split the prompt alike")
     ref, m_r, nor = prepare_sources(a["reference"], a["ref_mask"], a["normal"], size)
     masks = prepare_targets(a["target_masks"], size)
     generator = a["generator"]

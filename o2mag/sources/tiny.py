@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_IMAGE_SIZE = 128
 """Image side in pixels; the VAE downsamples by 8 like SD, so latents are 16x16 (tokens 256/64/16/4)."""
@@ -137,8 +137,10 @@ def _tokenizer_ids() -> Dict[str, int]:
     return {"vocab_size": len(vocab), "bos": vocab["<|startoftext|>"], "eos": vocab["<|endoftext|>"]}
 
 
-def tiny_text_encoder(seed: int = 0):
-    """A seeded tiny ``CLIPTextModel`` whose vocabulary matches :func:`tiny_tokenizer`."""
+def tiny_text_encoder(seed: int = 0, projection: bool = False):
+    """A seeded tiny ``CLIPTextModel`` whose vocabulary matches :func:`tiny_tokenizer`; with
+    ``projection``, a ``CLIPTextModelWithProjection`` (SDXL's second encoder: its ``text_embeds``
+    are the pooled embedding, ``projection_dim`` = :data:`TINY_TEXT_HIDDEN` wide)."""
     ids = _tokenizer_ids()
     config = CLIPTextConfig(
         vocab_size=ids["vocab_size"],
@@ -153,7 +155,7 @@ def tiny_text_encoder(seed: int = 0):
         projection_dim=TINY_TEXT_HIDDEN,
     )
     torch.manual_seed(seed)
-    return _finish(CLIPTextModel(config))
+    return _finish((CLIPTextModelWithProjection if projection else CLIPTextModel)(config))
 
 
 def tiny_scheduler():
@@ -173,6 +175,24 @@ def tiny_sd2_components(seed: int = 0, prediction_type: str = "v_prediction") ->
         text_encoder=tiny_text_encoder(seed),
         tokenizer=tiny_tokenizer(),
         scheduler=DDIMScheduler(**dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)),
+    )
+
+
+def tiny_sdxl_components(seed: int = 0) -> Dict[str, Any]:
+    """An SDXL-shaped model: the UNet of :func:`tiny_sdxl_unet_config` (70 transformer blocks,
+    "text_time" added conditioning), two tiny CLIP text encoders -- a ``CLIPTextModel`` and a
+    ``CLIPTextModelWithProjection``, as SDXL's CLIP-L and OpenCLIP-bigG, seeded differently -- with
+    the shipped tokenizer used for both (SDXL's two tokenizers share CLIP's BPE vocabulary), the
+    tiny VAE and SD's DDIM scheduler (SDXL's scheduler config has the same betas and offset)."""
+    torch.manual_seed(seed)
+    return dict(
+        unet=_finish(UNet2DConditionModel(**tiny_sdxl_unet_config())),
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_text_encoder(seed + 1, projection=True),
+        tokenizer_2=tiny_tokenizer(),
+        scheduler=tiny_scheduler(),
     )
 
 

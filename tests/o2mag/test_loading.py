@@ -160,7 +160,10 @@ UNSUPPORTED = {
     "unconditional": (dict(index=dict(_class_name="DDPMPipeline", text_encoder=None, tokenizer=None, vae=None),
                            unet=dict(_class_name="UNet2DModel")), "not a text-conditioned"),
     "no text encoder": (dict(index=dict(text_encoder=None)), "no text_encoder/tokenizer"),
-    "sdxl": (dict(index=_XL, unet=dict(addition_embed_type="text_time")), "SDXL is not supported yet"),
+    # an SDXL folder that lacks part of SDXL's base layout: a "text_time" UNet without a second
+    # encoder, or a second encoder beside a UNet without SDXL's added conditioning
+    "sdxl without text_encoder_2": (dict(unet=dict(addition_embed_type="text_time")), "not SDXL's base layout"),
+    "sdxl with an sd unet": (dict(index=_XL), "not SDXL's base layout"),
 }
 
 
@@ -199,3 +202,9 @@ def test_families_and_their_default_sizes(tmp_path, model_dir):
     assert detect_family(str(nosize)).default_size == FAMILY_SIZES["sd2-v"] == 768
     nosize1 = _edited_copy(model_dir, tmp_path / "nosize1", unet=dict(sample_size=None))
     assert detect_family(str(nosize1)).default_size == FAMILY_SIZES["sd1"] == 512
+    # SDXL base: two text encoders and a "text_time" UNet; 128 latents x the VAE's 8 = 1024 px
+    xl = _edited_copy(model_dir, tmp_path / "xl", index=_XL, unet=dict(addition_embed_type="text_time", sample_size=128))
+    assert detect_family(str(xl)) == type(sd1)("sdxl", "epsilon", 1024)
+    xl_nosize = _edited_copy(model_dir, tmp_path / "xl0", index=_XL, unet=dict(addition_embed_type="text_time",
+                                                                                  sample_size=None))
+    assert detect_family(str(xl_nosize)).default_size == FAMILY_SIZES["sdxl"] == 1024
