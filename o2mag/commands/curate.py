@@ -28,7 +28,7 @@ from ..sources.mvtec import mvtec_test_images
 from . import generate
 from . import options as o
 
-__all__ = ["add_parser", "run", "parse_indices", "table"]
+__all__ = ["add_parser", "run", "parse_indices", "table", "generate_argv"]
 
 
 def add_parser(sub) -> None:
@@ -96,7 +96,10 @@ def generate_argv(settings: dict, out: str, category: str, defect: str, num: int
 
     argv = ["generate", "--out", str(out), "--category", category, "--defect", defect, "--num", str(num)]
     model = need("model")
-    if model != "o2mag-tiny-seed0":  # the embedded default loads that one without --model
+    tiny = {"o2mag-tiny-seed0" + ("" if f == "sd1" else f"-{f}"): f for f in ("sd1", "sd2", "sdxl")}
+    if model in tiny:  # an embedded tiny model: loaded without --model, by its --family
+        argv += ["--family", tiny[model]]
+    else:
         argv += ["--model", model]
     source, normals = need("source"), need("normals")
     if source == "files":

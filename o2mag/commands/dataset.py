@@ -211,7 +211,7 @@ def run(args) -> int:
                              args.defect)
     else:
         specs = job_groups(args.job, args.num, args.num_normals, args.category, args.defect)
-    embedded = args.model is None
+    embedded = o.embedded_model(args)
     o.check_output_folders(args)
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)

@@ -159,7 +159,7 @@ def _fit(inputs, size: int):
 
 def run(args) -> int:
     """The ``o2mag generate`` command (called by :func:`o2mag.cli.main`)."""
-    embedded = args.model is None
+    embedded = o.embedded_model(args)
     mode = o.check_mask_options(args)
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)

@@ -28,7 +28,7 @@ __all__ = [
     "int_at_least", "float_at_least", "positive_float", "fraction", "Parser", "HelpFormatter",
     "EMBEDDED_STEPS", "EMBEDDED_AGO_STEPS", "PAPER_STEPS", "PAPER_AGO_STEPS", "EMBEDDED_NOTE",
     "add_output_args", "add_model_args", "add_generation_args", "process_state_for", "resolve_device",
-    "device_dtype", "default_steps", "load_pipeline", "working_size", "prompt_and_word",
+    "device_dtype", "default_steps", "embedded_model", "TINY_FAMILIES", "load_pipeline", "working_size", "prompt_and_word",
     "check_mask_options", "target_masks_for", "load_mask_array", "generation_settings", "manifest_settings",
     "integer", "number", "SETTING_OPTIONS",
     "run_options", "stats_line", "check_output_folders", "report_missing", "EXIT_OK", "EXIT_FAILED",
@@ -49,7 +49,7 @@ PAPER_AGO_STEPS = 500
 
 EMBEDDED_NOTE = (
     "o2mag: no --model given, so this run uses the EMBEDDED DEFAULT: a tiny randomly initialised "
-    "model{sample}.\n"
+    "{shape}model{sample}.\n"
     "       It demonstrates the machinery (inversion, AGO, tri-branch grafting, one-to-more batching, "
     "output tree), NOT image quality.\n"
     "       For real defects point it at Stable Diffusion v1.5 weights: "
@@ -155,11 +155,19 @@ def add_output_args(g, num_default, num_help: str) -> None:
                           "claims are taken over at once")
 
 
+TINY_FAMILIES = ("sd1", "sd2", "sdxl")
+"""The embedded tiny models ``--family`` picks (:meth:`O2MAGPipeline.tiny`'s families)."""
+
+
 def add_model_args(g) -> None:
     model = g.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID",
                        help="diffusers Stable Diffusion folder or hub id (default: the embedded tiny demo "
                             "model)")
+    model.add_argument("--family", choices=TINY_FAMILIES, default=None,
+                       help="without --model: which embedded tiny model runs, SD 1.5-shaped (sd1, the "
+                            "default), SD 2.x-shaped with v-prediction (sd2) or SDXL-shaped (sdxl); with "
+                            "--model it is an error (the family is detected from the folder)")
     model.add_argument("--device", default="auto",
                        help="auto, cpu, cuda or cuda:N (auto = cuda when available; under accelerate launch "
                             "or torchrun, auto and cuda mean this process's GPU)")
@@ -252,6 +260,15 @@ def default_steps(args, embedded: bool) -> tuple:
     return steps, ago_steps
 
 
+def embedded_model(args) -> bool:
+    """True when no ``--model`` is given (the embedded tiny model of ``--family`` runs). ``--family``
+    with ``--model`` is a ``UsageError``: a folder's family is detected from its configs."""
+    if args.model is not None and args.family is not None:
+        raise UsageError(f"--family {args.family} picks an embedded tiny model and cannot be used with "
+                         "--model (the family of --model is detected from the folder); give one of them")
+    return args.model is None
+
+
 def load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
     """The model on this process's device; the embedded note printed once (process 0)."""
     import torch  # deferred: o2mag --help must not load torch
@@ -261,11 +278,12 @@ def load_pipeline(args, device, dtype, state, embedded: bool, note: str = ""):
 
     if embedded:
         if state.is_main:
-            print(EMBEDDED_NOTE.format(sample=note), file=sys.stderr)
+            shape = {"sd2": "SD 2.x-shaped (v-prediction) ", "sdxl": "SDXL-shaped "}.get(args.family, "")
+            print(EMBEDDED_NOTE.format(shape=shape, sample=note), file=sys.stderr)
         if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
             # the tiny model's ops are far too small to gain from threads; extra threads only spin
             torch.set_num_threads(1)
-        pipe = O2MAGPipeline.tiny(0)
+        pipe = O2MAGPipeline.tiny(0, family=args.family or "sd1")
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:

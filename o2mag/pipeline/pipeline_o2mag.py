@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..checks import check_int
 from ..errors import InputError
-from ..sources.tiny import tiny_components, tiny_sdxl_components
+from ..sources.tiny import tiny_components, tiny_sd2_components, tiny_sdxl_components
 from .caches import CacheLock, ResultCache
 from .denoise import DenoisingMixin
 from .inputs import ImageLike
@@ -136,11 +136,13 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
     @classmethod
     def tiny(cls, seed: int = 0, family: str = "sd1") -> "O2MAGPipeline":
         """The tiny seeded random model of :mod:`o2mag.sources.tiny` (machinery demos and tests, not
-        quality): SD 1.5-shaped (``family="sd1"``) or SDXL-shaped (``"sdxl"``)."""
-        if family not in ("sd1", "sdxl"):
-            raise ValueError(f"family must be 'sd1' or 'sdxl', got {family!r}")
-        pipe = cls(**(tiny_sdxl_components(seed) if family == "sdxl" else tiny_components(seed)))
-        pipe.model_id = f"o2mag-tiny-seed{seed}" + ("-sdxl" if family == "sdxl" else "")
+        quality): SD 1.5-shaped (``family="sd1"``), SD 2.x-shaped with v-prediction (``"sd2"``) or
+        SDXL-shaped (``"sdxl"``)."""
+        makers = {"sd1": tiny_components, "sd2": tiny_sd2_components, "sdxl": tiny_sdxl_components}
+        if family not in makers:
+            raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
+        pipe = cls(**makers[family](seed))
+        pipe.model_id = f"o2mag-tiny-seed{seed}" + ("" if family == "sd1" else f"-{family}")
         return pipe
 
     # ------------------------------------------------------------------ progress bars
