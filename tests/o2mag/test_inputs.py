@@ -31,8 +31,8 @@ def model_calls(monkeypatch):
     calls = []
     tiny = O2MAGPipeline.tiny.__func__
 
-    def counted(cls, seed=0):
-        return _count_model_calls(tiny(cls, seed), calls)
+    def counted(cls, seed=0, **kwargs):  # the command may name the family too
+        return _count_model_calls(tiny(cls, seed, **kwargs), calls)
 
     monkeypatch.setattr(O2MAGPipeline, "tiny", classmethod(counted))
     return calls
