@@ -27,6 +27,7 @@ from ._version import __version__
 from .commands import curate, dataset, evaluate, generate, review
 from .commands.options import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, Parser
 from .errors import DataWarning, InputError
+from .runs.processes import end_processes
 
 __all__ = ["build_parser", "main"]
 
@@ -92,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        end_processes()  # under torchrun / accelerate launch: leave the process group cleanly
         torch.set_num_threads(threads)  # main() may run in-process (tests, notebooks)
 
 

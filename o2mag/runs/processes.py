@@ -3,11 +3,12 @@ accelerate's process state; a plain command is process 0 of 1 and starts nothing
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List
 
-__all__ = ["ProcessState", "process_state"]
+__all__ = ["ProcessState", "process_state", "end_processes"]
 
 _LAUNCH_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # A process that finished waits for the others at the end: as long as a last chunk takes, or a
@@ -75,3 +76,12 @@ def process_state(cpu: bool) -> ProcessState:
     state = PartialState(cpu=cpu, timeout=_COLLECTIVE_TIMEOUT)
     return ProcessState(index=state.process_index, count=state.num_processes,
                         local_index=state.local_process_index, device=state.device, _state=state)
+
+
+def end_processes() -> None:
+    """Leave the launch's process group, if this process joined one. Left to interpreter exit,
+    gloo's threads can be torn down mid-flight and the process aborts ("terminate called without
+    an active exception", exit -6) after its work is done, which a launcher reports as a failure."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing was joined
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
