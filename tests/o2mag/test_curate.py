@@ -2,7 +2,6 @@
 accepts and rejects (decisions in the manifest as ``review``, through ``OutputStore.annotate``,
 safe beside another writer of the same folder)."""
 import json
-import shutil
 import threading
 
 import numpy as np
@@ -14,22 +13,19 @@ from o2mag.curation.decisions import decide, review_counts, samples
 from o2mag.commands import curate
 from o2mag.runs.store import OutputStore, complete_samples, sample_id
 
-FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
+from .calls import FAST, fresh_copy, generate_embedded
+
 CAT, DEF = "synthetic_surface", "scratch"
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "out"
-    assert main(["generate", "--out", str(out), "--num", "5", *FAST]) == 0
-    return out
+    return generate_embedded(tmp_path_factory.mktemp("gen") / "out", 5)
 
 
 @pytest.fixture
 def out(generated, tmp_path):
-    dest = tmp_path / "out"
-    shutil.copytree(generated, dest, ignore=shutil.ignore_patterns(".o2mag-cache"))
-    return dest
+    return fresh_copy(generated, tmp_path / "out")
 
 
 def _last(out):

@@ -4,7 +4,6 @@ since the page loaded, 403 for a foreign Host (DNS rebinding) or Origin, two cli
 once, a manifest appended by a running writer, and the command printing its URL on one line."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,24 +21,21 @@ from o2mag.curation.server import create_app, serve  # noqa: E402
 from o2mag.runs.contact_sheet import contact_sheet  # noqa: E402
 from o2mag.runs.store import OutputStore, complete_samples, sample_id  # noqa: E402
 
+from .calls import FAST, fresh_copy, generate_embedded  # noqa: E402
+
 CAT, DEF = "synthetic_surface", "scratch"
-FAST = ["--steps", "2", "--ago-steps", "1", "--quiet"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "out"
-    assert main(["generate", "--out", str(out), "--num", "4", *FAST]) == 0
-    return out
+    return generate_embedded(tmp_path_factory.mktemp("gen") / "out", 4)
 
 
 @pytest.fixture
 def out(generated, tmp_path):
-    dest = tmp_path / "out"
-    shutil.copytree(generated, dest, ignore=shutil.ignore_patterns(".o2mag-cache"))
     (tmp_path / "secret.txt").write_text("outside OUT")
-    return dest
+    return fresh_copy(generated, tmp_path / "out")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from o2mag.pipeline import O2MAGPipelineOutput
 from o2mag.pipeline.loading import detect_family
 from o2mag.sources import tiny
 
-from .calls import SIZE  # the size of the shared sample fixture
+from .calls import SIZE, call  # SIZE: the shared sample fixture's
 from .numerics import float_order_bound
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -38,11 +38,10 @@ def sd2(request):
 
 
 def _call(pipe, sample, masks, **kw):
+    """:func:`.calls.call` with this file's steps, no AGO."""
     kw.setdefault("num_inference_steps", STEPS)
     kw.setdefault("ago_steps", 0)
-    kw.setdefault("batch_size", 2)
-    return pipe(sample.reference, sample.ref_mask, sample.normal, masks, prompt=sample.prompt,
-                anomaly_word=sample.anomaly_word, **kw)
+    return call(pipe, sample, masks, **kw)
 
 
 def test_the_tiny_sd2_model_has_sd2s_attention():

@@ -21,6 +21,8 @@ from o2mag.pipeline.inputs import token_indices
 from o2mag.pipeline.loading import detect_family
 from o2mag.sources import tiny
 
+from .calls import call
+
 XL_SIZE = 64
 STEPS = 2
 
@@ -40,12 +42,11 @@ def mask():
 
 
 def _call(pipe, sample, masks, **kw):
+    """:func:`.calls.call` with this file's steps and size, no AGO."""
     kw.setdefault("num_inference_steps", STEPS)
     kw.setdefault("ago_steps", 0)
-    kw.setdefault("batch_size", 2)
     kw.setdefault("size", XL_SIZE)
-    return pipe(sample.reference, sample.ref_mask, sample.normal, masks, prompt=sample.prompt,
-                anomaly_word=sample.anomaly_word, **kw)
+    return call(pipe, sample, masks, **kw)
 
 
 def test_the_tiny_sdxl_model_has_sdxls_parts():
