@@ -177,27 +177,43 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., L) flags: the last dim of ``x`` holds a NaN or an infinity. Exact: a row's max and min
+    are finite only when all of it is (both propagate NaN; +inf is a max, -inf a min), and, unlike
+    a sum, they cannot overflow. Two vectorised reductions, no full-size temporaries (``isfinite``
+    builds three; ``aminmax`` over the last dim is about 4x slower than both on a CPU)."""
+    return ~(torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1)))
+
+
 def _poison_rows(problem: Problem, out: torch.Tensor, lse: Optional[torch.Tensor], q, k_fg, v_fg,
                  k_bg, v_bg, mask: TriSourceMask):
     """The NaN rule: rows whose query, or a usable key or value of their source, is not finite
-    become NaN (out and lse). Device ops only (no host read): B·H·Lq flags plus one select."""
+    become NaN (out and lse). B·H·Lq flags from row-wise min/max, then one select. On a GPU device
+    ops only (no host read); on a CPU, where reading a flag back is free, the select is skipped
+    when no row is flagged (the common case)."""
     B, Lf, Lb = problem.B, problem.Lf, problem.Lb
     use_fg, fg, bg = mask.effective(B, Lf, Lb)
-    bad = ~torch.isfinite(q).all(dim=-1)                                       # (B, H, Lq)
+    bad = _nonfinite_rows(q)                                                   # (B, H, Lq)
 
     def source_bad(k, v, usable):  # (B or 1, H): a usable key or value of the source is not finite
         if k.shape[2] == 0:
             return torch.zeros(1, k.shape[1], dtype=torch.bool, device=k.device)
         k, v = _unbroadcast(k), _unbroadcast(v)  # never a per-target copy of a shared source
-        keys = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # (Bs, H, L)
+        keys = _nonfinite_rows(k) | _nonfinite_rows(v)                         # (Bs, H, L)
         return (keys & usable[:, None, :]).any(dim=-1)
 
     fg_bad = source_bad(k_fg, v_fg, fg[:1] if fg.stride(0) == 0 else fg)
     bg_bad = source_bad(k_bg, v_bg, bg[:1] if bg.stride(0) == 0 else bg)
     bad = bad | torch.where(use_fg[:, None, :], fg_bad[:, :, None], bg_bad[:, :, None])
-    out = out.masked_fill(bad[..., None], float("nan"))
+    if out.device.type == "cpu" and not bool(bad.any()):
+        return out, lse
+    if out.requires_grad or (lse is not None and lse.requires_grad):
+        # out of place: SDPA's backward may need the output it returned
+        out = out.masked_fill(bad[..., None], float("nan"))
+        return out, None if lse is None else lse.masked_fill(bad, float("nan"))
+    out.masked_fill_(bad[..., None], float("nan"))  # a fresh result of this call: no copy
     if lse is not None:
-        lse = lse.masked_fill(bad, float("nan"))
+        lse.masked_fill_(bad, float("nan"))
     return out, lse
 
 
