@@ -100,11 +100,15 @@ class DenoisingMixin:
             return torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
 
         emb = stack(emb_u, emb_c)
-        pooled_rows = None
-        if pooled is not None:  # one pooled row per UNet row, in the text states' order
-            halves = list(pooled) if cfg else [pooled[1]]
-            pooled_rows = torch.cat([p.to(dev).expand(layout.rows_per_half, -1) for p in halves])
+
+        def stack_pooled(pooled_u, pooled_c):  # one pooled row per UNet row, in the text states' order
+            halves = [pooled_u, pooled_c] if cfg else [pooled_c]
+            return torch.cat([p.to(dev).expand(layout.rows_per_half, -1) for p in halves])
+
+        pooled_u, pooled_c = pooled if pooled is not None else (None, None)
+        pooled_rows = stack_pooled(pooled_u, pooled_c) if pooled is not None else None
         x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
+        time_ids = self._size_ids(x) if pooled is not None else None  # SDXL: the same ids for every row
         h, w = x.shape[-2:]
         m_t = graft.stitch_masks((h, w), dev)
         num_steps = inv_n.num_steps
@@ -126,7 +130,7 @@ class DenoisingMixin:
                                           normal=inv_n.before_step(i).to(dev), targets=x)
                 else:
                     inp = layout.assemble(targets=x)
-                out = self._unet(inp, t, emb, generation=True, pooled=pooled_rows)
+                out = self._unet(inp, t, emb, generation=True, pooled=pooled_rows, time_ids=time_ids)
                 eps = out[layout.target_slice("cond")]
                 if self.do_classifier_free_guidance:
                     if not cfg:
@@ -140,13 +144,21 @@ class DenoisingMixin:
                 if blend:
                     x = m_t * x + (1 - m_t) * inv_n.after_step(i).to(dev)
                 if callback is not None:
-                    named = {"latents": x, "prompt_embeds": emb_c, "negative_prompt_embeds": emb_u}
+                    named = {"latents": x, "prompt_embeds": emb_c, "negative_prompt_embeds": emb_u,
+                             "add_text_embeds": pooled_c, "negative_pooled_prompt_embeds": pooled_u,
+                             "add_time_ids": time_ids}
                     returned = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
                     x = returned.pop("latents", x)
                     if "prompt_embeds" in returned or "negative_prompt_embeds" in returned:
                         emb_c = returned.pop("prompt_embeds", emb_c)
                         emb_u = returned.pop("negative_prompt_embeds", emb_u)
                         emb = stack(emb_u, emb_c)
+                    if pooled is not None:
+                        time_ids = returned.pop("add_time_ids", time_ids)
+                        if "add_text_embeds" in returned or "negative_pooled_prompt_embeds" in returned:
+                            pooled_c = returned.pop("add_text_embeds", pooled_c)
+                            pooled_u = returned.pop("negative_pooled_prompt_embeds", pooled_u)
+                            pooled_rows = stack_pooled(pooled_u, pooled_c)
         self.last_run = {"target_latents": x.detach(), "normal_latent": inv_n.latents[0].detach(),
                          "layout": layout}
         return x

@@ -38,7 +38,8 @@ from .loading import check_model_path, detect_family, load_error_message, loadin
 from .outputs import O2MAGPipelineOutput, PipelineStats, mask_image, postprocess
 from .preparation import PreparationMixin
 from .request import Request, check_arguments, prepare_request
-from .settings import CALL, CALLBACK_TENSOR_INPUTS, CHECK, MIN_STEPS, STREAM, GenerationSettings, bind
+from .settings import (CALL, CALLBACK_TENSOR_INPUTS, CHECK, MIN_STEPS, STREAM, XL_CALLBACK_TENSOR_INPUTS,
+                       GenerationSettings, bind)
 
 __all__ = ["O2MAGPipeline"]
 
@@ -67,7 +68,6 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2"]
-    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     # The annotations are diffusers' contract, not decoration: ``from_pipe`` hands a model
     # component over only when its class is among them (else it asks for it).
@@ -202,6 +202,14 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         denoising (half-denoised, no finished sample) nor of any later one."""
         return self._interrupt
 
+    @property
+    def _callback_tensor_inputs(self) -> List[str]:
+        """The tensors a step-end callback may ask for (diffusers' attribute, per family): SD's
+        ``latents``, ``prompt_embeds``, ``negative_prompt_embeds``; on SDXL also ``add_text_embeds``,
+        ``negative_pooled_prompt_embeds`` and ``add_time_ids``, so diffusers' SDXL callbacks
+        (``SDXLCFGCutoffCallback``) run unchanged."""
+        return list(XL_CALLBACK_TENSOR_INPUTS if self.is_xl else CALLBACK_TENSOR_INPUTS)
+
     # ------------------------------------------------------------------ checking
     @_with_signature(CHECK)
     def check_inputs(self, *args, **kwargs) -> None:
@@ -247,7 +255,11 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
                 called once per denoising step of every batch of targets, with the tensors named in
                 ``callback_on_step_end_tensor_inputs`` (any of ``pipe._callback_tensor_inputs``:
                 "latents" = the batch's target latents, "prompt_embeds" = the AGO embedding,
-                "negative_prompt_embeds" = the empty prompt's). Tensors it returns replace them.
+                "negative_prompt_embeds" = the empty prompt's; SDXL also "add_text_embeds" = the
+                prompt's pooled embedding, "negative_pooled_prompt_embeds" = the empty prompt's,
+                "add_time_ids" = the (1, 6) size/crop ids of every row). Embeddings have one row
+                each, so diffusers' cutoff callbacks (which keep ``[-1:]``) leave them as they are.
+                Tensors it returns replace them from the next step on.
             batch_size: targets per UNet batch, each batch sharing one reference and one normal
                 branch. seed: AGO's random timesteps and noise. size: working image side (default:
                 the model's native size, 512 for SD v1.5).

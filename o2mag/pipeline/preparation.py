@@ -49,31 +49,38 @@ class PreparationMixin:
     def _second_encoder(self):
         return getattr(self, "text_encoder_2", None)
 
-    def _added_cond(self, pooled: Optional[torch.Tensor], latents: torch.Tensor) -> Optional[dict]:
-        """SDXL's ``added_cond_kwargs`` for a UNet call on ``latents`` (rows, C, h, w): the pooled
-        embedding of each row (``pooled``: (rows, P)) and the same six ids for every row,
+    def _size_ids(self, latents: torch.Tensor) -> torch.Tensor:
+        """SDXL's six size/crop ids for a UNet call on ``latents`` (rows, C, h, w), (1, 6) float32:
         (original size, crop top-left (0, 0), target size), both sizes the working image size
-        (h, w) x the VAE factor, as diffusers' SDXL pipeline sets them when not told otherwise.
-        None for SD 1.x/2.x (``pooled`` None)."""
+        (h, w) x the VAE factor, as diffusers' SDXL pipeline sets them when not told otherwise."""
+        h, w = (int(n) * self.vae_scale_factor for n in latents.shape[-2:])
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=latents.device)
+
+    def _added_cond(self, pooled: Optional[torch.Tensor], latents: torch.Tensor,
+                    time_ids: Optional[torch.Tensor] = None) -> Optional[dict]:
+        """SDXL's ``added_cond_kwargs`` for a UNet call on ``latents`` (rows, C, h, w): the pooled
+        embedding of each row (``pooled``: (rows, P)) and the same six ids for every row
+        (``time_ids``, (1, 6); default :meth:`_size_ids`). None for SD 1.x/2.x (``pooled`` None)."""
         if pooled is None:
             return None
-        h, w = (int(n) * self.vae_scale_factor for n in latents.shape[-2:])
-        ids = [h, w, 0, 0, h, w]
+        ids = self._size_ids(latents) if time_ids is None else time_ids
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"add_time_ids must be one row of ids, shape (1, k), got {tuple(ids.shape)}")
         cfg = self.unet.config
-        passed = cfg.addition_time_embed_dim * len(ids) + pooled.shape[-1]
+        passed = cfg.addition_time_embed_dim * ids.shape[1] + pooled.shape[-1]
         expected = self.unet.add_embedding.linear_1.in_features
         if passed != expected:
             raise ValueError(f"the UNet's added embedding takes {expected} numbers but the pooled text "
-                             f"embedding ({pooled.shape[-1]}) and {len(ids)} size ids give {passed}: "
+                             f"embedding ({pooled.shape[-1]}) and {ids.shape[1]} size ids give {passed}: "
                              "unet.config.addition_time_embed_dim or text_encoder_2's projection_dim is wrong")
         dtype, dev = self.unet.dtype, latents.device
         if pooled.shape[0] != latents.shape[0]:
             raise RuntimeError(f"{pooled.shape[0]} pooled embeddings for {latents.shape[0]} latent rows")
-        time_ids = torch.tensor([ids], dtype=dtype, device=dev).expand(latents.shape[0], -1)
+        time_ids = ids.to(device=dev, dtype=dtype).expand(latents.shape[0], -1)
         return {"text_embeds": pooled.to(device=dev, dtype=dtype), "time_ids": time_ids}
 
     def _unet(self, latents: torch.Tensor, t, emb: torch.Tensor, generation: bool = False,
-              pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+              pooled: Optional[torch.Tensor] = None, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = latents.shape[0]
         self.stats.unet_calls += 1
         self.stats.unet_rows += rows
@@ -81,7 +88,7 @@ class PreparationMixin:
             self.stats.generation_unet_calls += 1
             self.stats.generation_unet_rows += rows
         out = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=emb.to(self.unet.dtype),
-                        added_cond_kwargs=self._added_cond(pooled, latents)).sample
+                        added_cond_kwargs=self._added_cond(pooled, latents, time_ids)).sample
         return out.float()
 
     @torch.no_grad()

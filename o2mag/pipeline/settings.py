@@ -27,12 +27,18 @@ import torch
 from ..checks import check_int, is_number
 from ..method.config import GraftConfig
 
-__all__ = ["GenerationSettings", "MIN_STEPS", "CALL_OPTIONS", "CALLBACK_TENSOR_INPUTS", "OUTPUT_TYPES", "SCHEMES", "CALL",
+__all__ = ["GenerationSettings", "MIN_STEPS", "CALL_OPTIONS", "CALLBACK_TENSOR_INPUTS", "XL_CALLBACK_TENSOR_INPUTS",
+           "OUTPUT_TYPES", "SCHEMES", "CALL",
            "STREAM", "CHECK", "bind", "check_prompt", "check_call_options", "check_size"]
 
 SCHEMES = ("one_to_more", "per_sample")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+XL_CALLBACK_TENSOR_INPUTS = CALLBACK_TENSOR_INPUTS + ("add_text_embeds", "negative_pooled_prompt_embeds",
+                                                      "add_time_ids")
+"""SDXL's step-end callback tensors: SD's, plus the pooled embeddings (the prompt's as diffusers'
+SDXL pipeline names it, ``add_text_embeds``; the empty prompt's as its ``encode_prompt`` names it)
+and the six size/crop ids every UNet row gets (``add_time_ids``, (1, 6))."""
 MIN_STEPS = 2
 """The fewest DDIM steps a request may take (``pipe(...)``, ``generate_iter``, ``o2mag --steps``).
 With one step, Stable Diffusion's schedule ("leading" spacing, offset 1) has the single timestep 1:

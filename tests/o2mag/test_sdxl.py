@@ -208,3 +208,70 @@ def test_generate_from_a_saved_sdxl_folder(tmp_path):
     lines = [json.loads(s) for s in (d / "manifest.jsonl").read_text().splitlines() if s.strip()]
     assert [r["index"] for r in lines] == [0, 1] and lines[0]["settings"]["size"] == XL_SIZE
     assert Image.open(d / "image" / "000.png").size == (XL_SIZE, XL_SIZE)
+
+
+def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample, mask):
+    """diffusers' SDXL callback tensors: the pooled embeddings and the size ids are passed as
+    named, and what a callback returns conditions the steps after it."""
+    extra = ["add_text_embeds", "negative_pooled_prompt_embeds", "add_time_ids"]
+    assert set(extra) <= set(xl._callback_tensor_inputs)
+    seen = []
+
+    def look(p, i, t, kwargs):
+        seen.append({k: v.clone() for k, v in kwargs.items()})
+        return kwargs
+
+    plain = _call(xl, sample, [mask], output_type="latent", callback_on_step_end=look,
+                  callback_on_step_end_tensor_inputs=["latents"] + extra).images
+    assert len(seen) == STEPS and all(set(s) == {"latents", *extra} for s in seen)
+    first = seen[0]
+    assert torch.equal(first["add_text_embeds"], xl.encode_pooled(sample.prompt))
+    assert torch.equal(first["negative_pooled_prompt_embeds"], xl.encode_pooled(""))
+    assert first["add_time_ids"].tolist() == [[XL_SIZE, XL_SIZE, 0, 0, XL_SIZE, XL_SIZE]]
+
+    def replace(name, value):
+        def callback(p, i, t, kwargs):
+            return {name: value} if i == 0 else {}
+        return callback
+
+    # returning what it was given changes nothing, bit for bit
+    same = _call(xl, sample, [mask], output_type="latent", callback_on_step_end_tensor_inputs=extra,
+                 callback_on_step_end=replace("add_time_ids", first["add_time_ids"])).images
+    assert torch.equal(same, plain)
+    # other size ids, or another prompt's pooled embedding, from step 1 on: the result changes
+    other_ids = torch.tensor([[2 * XL_SIZE, 2 * XL_SIZE, 8, 8, XL_SIZE, XL_SIZE]], dtype=torch.float32)
+    other = {"add_time_ids": other_ids, "add_text_embeds": xl.encode_pooled("a photo of a dent"),
+             "negative_pooled_prompt_embeds": xl.encode_pooled("a blurry photo")}
+    for name, value in other.items():
+        changed = _call(xl, sample, [mask], output_type="latent", callback_on_step_end=replace(name, value),
+                        callback_on_step_end_tensor_inputs=extra).images
+        assert (changed - plain).abs().max() > 1e-4, name
+    with pytest.raises(ValueError, match="add_time_ids"):
+        _call(xl, sample, [mask], callback_on_step_end=replace("add_time_ids", other_ids.expand(2, -1)),
+              callback_on_step_end_tensor_inputs=extra)
+
+
+def test_diffusers_sdxl_cfg_cutoff_callback_runs_unchanged(xl, sample, mask):
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    def guidance_off(p, i, t, kwargs):
+        if i == 0:
+            p._guidance_scale = 0.0
+        return kwargs
+
+    off = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5, callback_on_step_end=guidance_off)
+    # it asks for prompt_embeds, add_text_embeds and add_time_ids and keeps their last row, which
+    # is each tensor itself here (one row each): exactly the run that turns guidance off at step 0
+    cutoff = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5,
+                   callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
+    plain = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5)
+    assert np.array_equal(cutoff.images, off.images)
+    assert np.abs(cutoff.images - plain.images).max() > 1e-4  # the cutoff took effect
+
+
+def test_sd_models_refuse_sdxls_callback_tensors(sample, mask):
+    sd = O2MAGPipeline.tiny(0)
+    assert "add_text_embeds" not in sd._callback_tensor_inputs
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        call(sd, sample, [mask], callback_on_step_end=lambda *a: {},
+             callback_on_step_end_tensor_inputs=["add_text_embeds"])
