@@ -85,7 +85,9 @@ class O2MAGConformanceTests(*[m for m in (PipelineTesterMixin, PipelineFromPipeT
     test_xformers_attention = False  # xformers is not a dependency; the mixin needs CUDA for it anyway
 
     def get_dummy_components(self):
-        return tiny_components(0)
+        # every component the pipeline declares, the optional SDXL ones as None (SD 1.x), as
+        # diffusers' own SD tests pass safety_checker=None
+        return {**tiny_components(0), **{name: None for name in O2MAGPipeline._optional_components}}
 
     def get_dummy_inputs(self, device, seed=0):
         sample = embedded_sample(TINY_IMAGE_SIZE)
