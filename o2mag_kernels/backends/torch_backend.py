@@ -190,7 +190,7 @@ def _poison_rows(problem: Problem, out: torch.Tensor, lse: Optional[torch.Tensor
     """The NaN rule: rows whose query, or a usable key or value of their source, is not finite
     become NaN (out and lse). B·H·Lq flags from row-wise min/max, then one select. On a GPU device
     ops only (no host read); on a CPU, where reading a flag back is free, the select is skipped
-    when no row is flagged (the common case)."""
+    when no row is flagged (the common case), except while ``torch.compile`` traces the call."""
     B, Lf, Lb = problem.B, problem.Lf, problem.Lb
     use_fg, fg, bg = mask.effective(B, Lf, Lb)
     bad = _nonfinite_rows(q)                                                   # (B, H, Lq)
@@ -205,8 +205,8 @@ def _poison_rows(problem: Problem, out: torch.Tensor, lse: Optional[torch.Tensor
     fg_bad = source_bad(k_fg, v_fg, fg[:1] if fg.stride(0) == 0 else fg)
     bg_bad = source_bad(k_bg, v_bg, bg[:1] if bg.stride(0) == 0 else bg)
     bad = bad | torch.where(use_fg[:, None, :], fg_bad[:, :, None], bg_bad[:, :, None])
-    if out.device.type == "cpu" and not bool(bad.any()):
-        return out, lse
+    if out.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
+        return out, lse  # (a traced call must not read a value back: that would break its graph)
     if out.requires_grad or (lse is not None and lse.requires_grad):
         # out of place: SDPA's backward may need the output it returned
         out = out.masked_fill(bad[..., None], float("nan"))
