@@ -4,7 +4,8 @@ processors installed (:meth:`DenoisingMixin._denoise`). A mixin of :class:`o2mag
 see ``docs/architecture.md`` (sections 3 and 6) for the batch layout and the phases."""
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +16,45 @@ from ..method.inversion import Inversion, ddim_step
 from ..method.layout import BranchLayout
 from .request import Request
 
-__all__ = ["DenoisingMixin"]
+__all__ = ["Conditioning", "DenoisingMixin"]
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """What conditions the UNet rows of one batch, under diffusers' step-end callback names: the
+    empty prompt's and the (AGO) prompt's sequence embeddings, one row each, and on SDXL their
+    pooled embeddings and the (1, 6) size ids every row gets (None on SD 1.x/2.x)."""
+
+    negative_prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
+    add_text_embeds: Optional[torch.Tensor] = None
+    add_time_ids: Optional[torch.Tensor] = None
+
+    def named(self) -> Dict[str, Optional[torch.Tensor]]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def rows(self, cfg: bool, per_half: int, device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(text states, pooled embeddings or None) per UNet row: ``per_half`` rows of the
+        unconditional half (with guidance), then of the conditional half."""
+        def stack(uncond, cond):
+            halves = [uncond, cond] if cfg else [cond]
+            return torch.cat([e.to(device).expand(per_half, *e.shape[1:]) for e in halves])
+
+        pooled = None
+        if self.add_text_embeds is not None:
+            pooled = stack(self.negative_pooled_prompt_embeds, self.add_text_embeds)
+        return stack(self.negative_prompt_embeds, self.prompt_embeds), pooled
+
+    def replace(self, returned: Dict[str, torch.Tensor]) -> bool:
+        """Take the tensors a callback returned under these names (an SDXL name is ignored on
+        SD 1.x/2.x, which never offer it); True when one was taken."""
+        taken = False
+        for name, value in self.named().items():
+            if name in returned and value is not None:
+                setattr(self, name, returned.pop(name))
+                taken = True
+        return taken
 
 
 class DenoisingMixin:
@@ -94,21 +133,10 @@ class DenoisingMixin:
         graft.set_masks(torch.from_numpy(m_r), torch.from_numpy(np.stack(masks)))
         graft.set_token_indices(tokens)
         dev = self._execution_device
-
-        def stack(emb_u, emb_c):
-            halves = [emb_u, emb_c] if cfg else [emb_c]
-            return torch.cat([e.to(dev).expand(layout.rows_per_half, -1, -1) for e in halves])
-
-        emb = stack(emb_u, emb_c)
-
-        def stack_pooled(pooled_u, pooled_c):  # one pooled row per UNet row, in the text states' order
-            halves = [pooled_u, pooled_c] if cfg else [pooled_c]
-            return torch.cat([p.to(dev).expand(layout.rows_per_half, -1) for p in halves])
-
-        pooled_u, pooled_c = pooled if pooled is not None else (None, None)
-        pooled_rows = stack_pooled(pooled_u, pooled_c) if pooled is not None else None
         x = inv_n.noise.to(dev).expand(b, -1, -1, -1).clone()
-        time_ids = self._size_ids(x) if pooled is not None else None  # SDXL: the same ids for every row
+        cond = Conditioning(emb_u, emb_c, *(pooled if pooled is not None else (None, None)),
+                            add_time_ids=self._size_ids(x) if pooled is not None else None)
+        emb, pooled_rows = cond.rows(cfg, layout.rows_per_half, dev)
         h, w = x.shape[-2:]
         m_t = graft.stitch_masks((h, w), dev)
         num_steps = inv_n.num_steps
@@ -130,7 +158,7 @@ class DenoisingMixin:
                                           normal=inv_n.before_step(i).to(dev), targets=x)
                 else:
                     inp = layout.assemble(targets=x)
-                out = self._unet(inp, t, emb, generation=True, pooled=pooled_rows, time_ids=time_ids)
+                out = self._unet(inp, t, emb, generation=True, pooled=pooled_rows, time_ids=cond.add_time_ids)
                 eps = out[layout.target_slice("cond")]
                 if self.do_classifier_free_guidance:
                     if not cfg:
@@ -144,21 +172,11 @@ class DenoisingMixin:
                 if blend:
                     x = m_t * x + (1 - m_t) * inv_n.after_step(i).to(dev)
                 if callback is not None:
-                    named = {"latents": x, "prompt_embeds": emb_c, "negative_prompt_embeds": emb_u,
-                             "add_text_embeds": pooled_c, "negative_pooled_prompt_embeds": pooled_u,
-                             "add_time_ids": time_ids}
+                    named = {"latents": x, **cond.named()}
                     returned = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
                     x = returned.pop("latents", x)
-                    if "prompt_embeds" in returned or "negative_prompt_embeds" in returned:
-                        emb_c = returned.pop("prompt_embeds", emb_c)
-                        emb_u = returned.pop("negative_prompt_embeds", emb_u)
-                        emb = stack(emb_u, emb_c)
-                    if pooled is not None:
-                        time_ids = returned.pop("add_time_ids", time_ids)
-                        if "add_text_embeds" in returned or "negative_pooled_prompt_embeds" in returned:
-                            pooled_c = returned.pop("add_text_embeds", pooled_c)
-                            pooled_u = returned.pop("negative_pooled_prompt_embeds", pooled_u)
-                            pooled_rows = stack_pooled(pooled_u, pooled_c)
+                    if cond.replace(returned):
+                        emb, pooled_rows = cond.rows(cfg, layout.rows_per_half, dev)
         self.last_run = {"target_latents": x.detach(), "normal_latent": inv_n.latents[0].detach(),
                          "layout": layout}
         return x
