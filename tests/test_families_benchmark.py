@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.kernels.decide import Recorder
 from benchmarks.measure import slug
+from benchmarks.o2mag.e2e import added_cond_inputs
 from benchmarks.o2mag import families
 from benchmarks.report import families_table, readme_section
 from o2mag import GraftConfig
@@ -109,6 +110,17 @@ def test_the_full_shape_builders_give_the_published_models_without_allocating_th
     elif name != "sd1":
         assert without_vocab(pipe.text_encoder, 340_387_840, 1024)  # OpenCLIP-H
         assert pipe.unet.config.upcast_attention == (name == "sd2-768")
+    # the UNet's forward at the working size on what the encoders give it (shapes only, on meta):
+    # the text states' width (SDXL: both encoders') and SDXL's pooled embedding + six size ids
+    ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    width = sum(e(ids, output_hidden_states=True).hidden_states[-2].shape[-1]
+                for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None)
+    rows, side = 2 * (2 + 8), size // 8
+    lat = torch.empty(rows, 4, side, side, device="meta", dtype=torch.float16)
+    states = torch.empty(rows, 77, width, device="meta", dtype=torch.float16)
+    out = pipe.unet(lat, torch.tensor(500, device="meta"), encoder_hidden_states=states,
+                    added_cond_kwargs=added_cond_inputs(pipe, rows, "meta")).sample
+    assert out.shape == lat.shape
 
 
 def test_families_not_started_when_the_budget_is_spent_are_skipped(tmp_path, one_thread):
