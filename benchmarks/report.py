@@ -238,8 +238,8 @@ def plot(result: dict, path_prefix: Path) -> list:
         x = list(range(len(fams)))
         ax.bar([i - 0.2 for i in x], [v["generate"]["seconds_per_sample"] for v in fams.values()], 0.4,
                label="O2MAG, s / sample")
-        ax.bar([i + 0.2 for i in x], [v.get("txt2img", {}).get("seconds_per_image", 0) for v in fams.values()],
-               0.4, label="diffusers txt2img, s / image")
+        txt2img = [v.get("txt2img", {}).get("seconds_per_image", 0) for v in fams.values()]
+        ax.bar([i + 0.2 for i in x], txt2img, 0.4, label="diffusers txt2img, s / image")
         ax.set_xticks(x, list(fams))
         ax.set_ylabel("seconds")
         ax.set_title(f"per family ({result.get('model', '')})", fontsize=8)

@@ -73,7 +73,8 @@ def test_every_section_of_each_family_lands_as_a_row(tiny_run):
         assert call["rows"] == 2 * (2 + 1) and call["stock_ms"] > 0 and call["grafted_ms"] > 0
         t2i = rows[name, "txt2img"]
         assert t2i["seconds_per_image"] > 0 and t2i["peak_gib"] is None
-        assert t2i["pipeline"] == ("StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline")
+        xl = name == "sdxl"
+        assert t2i["pipeline"] == ("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline")
     assert rows["sd2", "model"]["prediction_type"] == "epsilon"
 
 

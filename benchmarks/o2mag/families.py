@@ -16,12 +16,13 @@ the baseline the end-to-end suite has measured, SD 2 base last, the least new):
 On a GPU each family is a random-weight model with the published checkpoint's full shapes (the
 config dicts below name the checkpoint each mirrors; weights do not change speed), in fp16, with
 the shipped tiny tokenizer (the vocabulary size does not change speed either). The models are
-built directly on the GPU: SDXL's UNet alone is 2.6B parameters, and random initialisation of its
-3.5B parameters in fp32 on a CPU is what takes long -- expected tens of seconds on 16 cores, a few
-seconds on the GPU, where the row ``init_s`` records it. On a CPU each family is its tiny seeded
-model (:meth:`o2mag.O2MAGPipeline.tiny`; ``sd2`` is the tiny SD 2.x model with epsilon
-prediction) at the tiny size: a check that the harness runs, not a performance claim; the file
-records the device and the model so the two are never mixed up.
+built directly on the GPU: SDXL's UNet alone is 2.6B parameters, and random initialisation of the
+pipeline's 3.5B parameters in fp32 on a CPU is what takes long -- expected tens of seconds on 16
+cores, a few seconds on the GPU (the row ``init_s`` records it; the tiny models take 0.05 to 0.1 s
+on a CPU). On a CPU each family is its tiny seeded model (:meth:`o2mag.O2MAGPipeline.tiny`;
+``sd2`` is the tiny SD 2.x model with epsilon prediction) at the tiny size: a check that the
+harness runs, not a performance claim; the file records the device and the model so the two are
+never mixed up.
 
 Per family, rows written to ``<results-dir>/<device>-families.json`` as each lands (a run cut
 short keeps what it measured), each printed as one JSON line:
@@ -375,8 +376,8 @@ def main(argv=None) -> int:
                 "rows": [], "errors": [], "skipped": [], "done": False}
     rec.save()
     print(header(rec.data), flush=True)
-    run_families(rec, families, device, num=num, steps=steps, ago_steps=rec.data["settings"]["ago_steps_timed"],
-                 repeats=5 if gpu else 3, size=args.size)
+    run_families(rec, families, device, num=num, steps=steps,
+                 ago_steps=rec.data["settings"]["ago_steps_timed"], repeats=5 if gpu else 3, size=args.size)
     rec.data["done"] = True
     rec.data["wall_s"] = round(time.time() - rec.t0, 1)
     rec.save()
