@@ -71,6 +71,53 @@ def e2e_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def family_rows(result: dict) -> dict:
+    """{family: {what: row}} of a families result (``benchmarks.o2mag.families``), in run order."""
+    out: dict = {}
+    for name in (result.get("settings") or {}).get("families", []):
+        out[name] = {}
+    for row in result.get("rows", []):
+        out.setdefault(row["family"], {})[row["what"]] = row
+    return out
+
+
+def families_table(result: dict) -> str:
+    """Markdown table of a families result: per family its size, transformer blocks and TriAG
+    layers, seconds and peak GPU memory per generated sample (N targets in one batch), AGO seconds
+    per step, one grafted UNet call against stock, and diffusers' txt2img from the same components."""
+    if result.get("mode") != "families":
+        return ""
+    s = result.get("settings", {})
+    head = ["family", "model", "size", "blocks", "TriAG (`for_unet`)", "s / sample", "peak GiB",
+            "AGO s / step", "UNet call grafted / stock", "txt2img s / image", "txt2img peak GiB",
+            "of txt2img"]
+    lines = [f"{result.get('model', '')}: N = {s.get('num')} targets in one batch, {s.get('steps')} "
+             f"DDIM steps, AGO off in the timed run (timed apart, per step), guidance 7.5; peak GiB: "
+             f"the most GPU memory allocated during the run, weights included.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    skipped = {k["family"]: k["why"] for k in result.get("skipped", [])}
+    failed = {e["section"].split(" ", 1)[0] for e in result.get("errors", [])}
+
+    def num(row, key, fmt):
+        v = (row or {}).get(key)
+        return "—" if v is None else format(v, fmt)
+
+    for name, rows in family_rows(result).items():
+        if name in skipped:
+            lines.append(f"| {name} | skipped: {skipped[name]} |" + " |" * (len(head) - 2))
+            continue
+        m, g, a, u, t = (rows.get(k) for k in ("model", "generate", "ago", "unet call", "txt2img"))
+        triag = m["layers"].split(";")[0].replace("TriAG ", "") if m else "—"
+        over = g["seconds_per_sample"] / t["seconds_per_image"] if g and t else None
+        cells = [name + (" (errors)" if name in failed else ""), (m or {}).get("model", "—"),
+                 num(m, "size", "d"), num(m, "blocks", "d"), triag,
+                 num(g, "seconds_per_sample", ".3f"), num(g, "peak_gib", ".1f"), num(a, "s_per_step", ".4f"),
+                 num(u, "grafted_over_stock", ".2f") + ("x" if u else ""), num(t, "seconds_per_image", ".3f"),
+                 num(t, "peak_gib", ".1f"), f"{over:.2f}x" if over else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def header(result: dict) -> str:
     env = result["environment"]
     commit = f" at commit {env['commit']}" if env.get("commit") else ""
@@ -184,6 +231,20 @@ def plot(result: dict, path_prefix: Path) -> list:
         ax.set_title(f"end-to-end generation ({e2e.get('model', 'tiny model')})")
         ax.legend(fontsize=8)
         written.append(_save(fig, path_prefix, "e2e"))
+    fams = {k: v for k, v in family_rows(result).items() if "generate" in v} \
+        if result.get("mode") == "families" else {}
+    if fams:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = list(range(len(fams)))
+        ax.bar([i - 0.2 for i in x], [v["generate"]["seconds_per_sample"] for v in fams.values()], 0.4,
+               label="O2MAG, s / sample")
+        txt2img = [v.get("txt2img", {}).get("seconds_per_image", 0) for v in fams.values()]
+        ax.bar([i + 0.2 for i in x], txt2img, 0.4, label="diffusers txt2img, s / image")
+        ax.set_xticks(x, list(fams))
+        ax.set_ylabel("seconds")
+        ax.set_title(f"per family ({result.get('model', '')})", fontsize=8)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, path_prefix, "families"))
     return written
 
 
@@ -194,7 +255,7 @@ def readme_section(results_dir: Path, repo_root: Path) -> str:
         result = json.loads(path.read_text())
         rel = path.relative_to(repo_root)
         parts.append(f"#### {result['environment']['device']}\n\n{header(result)} Raw: `{rel}`.\n")
-        for table in (kernel_table(result), e2e_table(result)):
+        for table in (kernel_table(result), e2e_table(result), families_table(result)):
             if table:
                 parts.append(table + "\n")
         for png in sorted(results_dir.glob(path.stem + "-*.png")):

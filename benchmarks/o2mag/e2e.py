@@ -21,30 +21,32 @@ from o2mag.sources.sample import embedded_sample
 
 
 def sd15_shaped_pipeline(device, dtype=torch.float16, seed: int = 0) -> O2MAGPipeline:
-    """Random-weight pipeline with SD v1.5's full UNet, VAE and CLIP-L text encoder shapes."""
+    """Random-weight pipeline with SD v1.5's full UNet, VAE and CLIP-L text encoder shapes, built
+    on ``device`` (on a GPU that is seconds; random initialisation on a CPU is the slow part)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from o2mag.sources.tiny import tiny_scheduler, tiny_tokenizer
 
+    tokenizer, scheduler = tiny_tokenizer(), tiny_scheduler()  # the scheduler's tensors stay on the CPU
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512)
-    tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id))
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id))
     pipe = O2MAGPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler=tiny_scheduler())
+                         scheduler=scheduler)
     pipe.model_id = "random-weight SD v1.5 shapes"
     return pipe.to(device=device, dtype=dtype)
 
@@ -68,15 +70,28 @@ def _setups(device: torch.device):
             yield "one_to_more+kv_cache (batch 4)", n, dict(batch_size=4, kv_cache=True)
 
 
+def txt2img_pipeline(pipe):
+    """diffusers' own text-to-image pipeline on ``pipe``'s components: ``StableDiffusionPipeline``
+    for SD 1.x/2.x, ``StableDiffusionXLPipeline`` for SDXL (no safety checker, no watermark)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if pipe.is_xl:
+        sd = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                       text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer,
+                                       tokenizer_2=pipe.tokenizer_2, unet=pipe.unet,
+                                       scheduler=pipe.scheduler, add_watermarker=False)
+    else:
+        sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                     unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    return sd
+
+
 def _txt2img(pipe, n: int, steps: int, batch: int, device) -> float:
     """Seconds per image of diffusers' own text-to-image pipeline built from the same components,
     same steps, guidance 7.5 and batch size: the cost of an ordinary SD image on this machine."""
-    from diffusers import StableDiffusionPipeline
-
-    sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                 unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
+    sd = txt2img_pipeline(pipe)
     size = pipe.default_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     t0 = time.perf_counter()
@@ -112,6 +127,20 @@ def grafted_call_inputs(pipe, device, n: int, backend: str = "auto"):
     return layout, lat, emb, torch.tensor(500, device=device), graft
 
 
+def added_cond_inputs(pipe, rows: int, device, size: int = None):
+    """SDXL's ``added_cond_kwargs`` for a UNet call on ``rows`` rows at ``size`` px (default the
+    pipeline's): a seeded random pooled text embedding per row and the six size/crop ids
+    (size, size, 0, 0, size, size) as diffusers' SDXL pipeline sets them; None for SD 1.x/2.x."""
+    if not pipe.is_xl:
+        return None
+    size = size or pipe.default_size
+    g = torch.Generator().manual_seed(rows)
+    pooled = torch.randn(rows, pipe.text_encoder_2.config.projection_dim, generator=g)
+    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(rows, -1)
+    dtype = pipe.unet.dtype
+    return {"text_embeds": pooled.to(device, dtype), "time_ids": ids.to(device, dtype)}
+
+
 def unet_call_rows(pipe, device, sizes, *, compiled: bool, repeats: int = 10, mode=None,
                    backend: str = "auto"):
     """One UNet call at a TriAG + DAE step (step 25 of 50, paper preset) against the stock UNet
@@ -125,15 +154,15 @@ def unet_call_rows(pipe, device, sizes, *, compiled: bool, repeats: int = 10, mo
     out = []
     for n in sizes:
         layout, lat, emb, t, graft = grafted_call_inputs(pipe, device, n, backend)
+        added = added_cond_inputs(pipe, layout.batch_size, device)  # SDXL's pooled text + size ids
         fn = torch.compile(unet, mode=mode) if compiled else unet
+        call = lambda: fn(lat, t, encoder_hidden_states=emb, added_cond_kwargs=added)  # noqa: E731
         with torch.no_grad():
-            stock = median_seconds(lambda: fn(lat, t, encoder_hidden_states=emb), device,
-                                   repeats=repeats, warmup=2)
+            stock = median_seconds(call, device, repeats=repeats, warmup=2)
             with graft.installed(unet):
                 graft.prepare((lat_hw, lat_hw), device, dtype=unet.dtype)
                 graft.set_step(25, 50)
-                grafted = median_seconds(lambda: fn(lat, t, encoder_hidden_states=emb), device,
-                                         repeats=repeats, warmup=2)
+                grafted = median_seconds(call, device, repeats=repeats, warmup=2)
         if compiled:
             torch._dynamo.reset()
         out.append({"num": n, "rows": layout.batch_size, "compiled": compiled, "mode": mode,

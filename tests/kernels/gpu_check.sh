@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the kernel owes a GPU, for a machine with a CUDA GPU (never run on CI).
-# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [decide|sweep|sweep-fp32|tests|bench|all|lease|o2mag]
+# Usage, from the repo root:  bash tests/kernels/gpu_check.sh [decide|sweep|sweep-fp32|tests|bench|families|all|lease|o2mag]
 #   decide      the one call that decides the kernel work (python -m benchmarks.kernels.decide, at
 #               most DECIDE_SECONDS, default 520): plain SDPA's kernel, every candidate at every SD
 #               layer (kernel, eager and CUDA-graph time, error), N 1/32, head-dim cost, a grafted
@@ -13,13 +13,16 @@
 #   tests       the cuda-marked tests (parity over dims/dtypes/lengths, every allowed config,
 #               CUDA graph and torch.compile smoke tests, the torch backend on CUDA)
 #   bench       python -m benchmarks --quick, kernel suite then end-to-end suite, each its own
-#               result file -> benchmarks/results/ (or $OUT)
+#               result file, then families -> benchmarks/results/ (or $OUT)
+#   families    memory and time per sample for each model family (python -m benchmarks.o2mag.families:
+#               SD v1.5 512 px, SD 2.1 768 px, SDXL 1024 px, SD 2 base 512 px; random-weight models of
+#               the published shapes, fp16, N = 8 in one batch, 20 steps; families not started
+#               within FAMILIES_SECONDS, default 400, are skipped) -> <card>-families.json, row by row
 #   all         sweep, sweep-fp32, tests, bench
-#   lease       sweep (default variant only), tests, bench under one time limit (GPU_CHECK_SECONDS,
-#               default 560): each
-#               step gets a share and the last one what is left; a step cut short keeps what it
-#               wrote (a sweep cut short leaves <card>.json.partial beside the committed file,
-#               benchmark rows are printed as they land)
+#   lease       sweep (default variant only), tests, bench without families under one time limit
+#               (GPU_CHECK_SECONDS, default 560): each step gets a share and the last one what is
+#               left; a step cut short keeps what it wrote (a sweep cut short leaves
+#               <card>.json.partial beside the committed file, benchmark rows are printed as they land)
 #   o2mag       what the generator owes a GPU (about 6 minutes): the cuda tests of tests/o2mag and
 #               tests/evaluation (offloading), `o2mag evaluate detect` on its embedded demo with
 #               --amp on, and seconds per sample of `o2mag dataset` vs `o2mag generate`
@@ -67,9 +70,15 @@ sweep() {
     --jobs "${SWEEP_JOBS:-12}" --timeout 150 --out "o2mag_kernels/sweeps/$2.json"
 }
 tests() { run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/o2mag; }
+families() {
+  run "$1" "$py" -m benchmarks.o2mag.families --seconds "${FAMILIES_SECONDS:-400}" --no-plot \
+    --results-dir "$results"
+}
+# bench KERNELS E2E [FAMILIES]: the families run only when given a share
 bench() {
   run "$1" "$py" -m benchmarks --quick --suite kernels --no-plot --results-dir "$results"
   run "$2" "$py" -m benchmarks --quick --suite e2e --no-plot --results-dir "$results"
+  if [ $# -ge 3 ]; then families "$3"; fi
 }
 o2mag_checks() {
   run "$1" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/o2mag tests/evaluation
@@ -85,11 +94,12 @@ case "$step" in
   sweep) sweep 0 "$card" all fp16 bf16 ;;
   sweep-fp32) sweep 0 "$card-fp32" default fp32 ;;
   tests) tests 0 ;;
-  bench) bench 0 0 ;;
-  all) sweep 0 "$card" all fp16 bf16; sweep 0 "$card-fp32" default fp32; tests 0; bench 0 0 ;;
+  bench) bench 0 0 0 ;;
+  families) families 0 ;;
+  all) sweep 0 "$card" all fp16 bf16; sweep 0 "$card-fp32" default fp32; tests 0; bench 0 0 0 ;;
   lease) sweep 290 "$card" default fp16 bf16; tests 120; bench 100 0 ;;
   o2mag) o2mag_checks 0 0 0 ;;
-  *) echo "unknown step: $step (decide, sweep, sweep-fp32, tests, bench, all, lease or o2mag)"; exit 2 ;;
+  *) echo "unknown step: $step (decide, sweep, sweep-fp32, tests, bench, families, all, lease or o2mag)"; exit 2 ;;
 esac
 "$py" -c "from o2mag_kernels import available_backends as a; print('auto on this GPU:', a()['auto'][1])"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
