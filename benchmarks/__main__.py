@@ -13,40 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .measure import device_name, slug
+from .measure import environment, slug
 from .report import e2e_table, header, kernel_table, plot, readme_section, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _environment(device):
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "triton": triton_version, "python": sys.version.split()[0],
-            "torch_threads": torch.get_num_threads(), "commit": _commit()}
-
-
-def _commit():
-    """The checkout's short commit id (with '+' when it has uncommitted changes), or None."""
-    import subprocess
-
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                        timeout=10)
-        head = run("rev-parse", "--short", "HEAD")
-        if head.returncode != 0:
-            return None
-        # result files this run (or an earlier one) wrote do not make the code dirty
-        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
-                    ":(exclude)benchmarks/results").stdout.strip()
-        return head.stdout.strip() + ("+" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv=None) -> int:
@@ -70,7 +40,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
 
-    result = {"environment": _environment(device), "mode": "quick" if args.quick else "full",
+    result = {"environment": environment(device), "mode": "quick" if args.quick else "full",
               "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     print(header(result))
     if args.suite in ("kernels", "all"):

@@ -12,7 +12,10 @@ from __future__ import annotations
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +36,39 @@ def device_name(device: torch.device) -> str:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def environment(device: torch.device) -> dict:
+    """What a results file records about where its numbers were taken: the device, torch, triton
+    and Python versions, torch's thread count and the checkout's commit (:func:`commit`)."""
+    try:
+        import triton  # deferred: optional (no triton on a CPU-only machine)
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": triton_version, "python": sys.version.split()[0],
+            "torch_threads": torch.get_num_threads(), "commit": commit()}
+
+
+def commit():
+    """The checkout's short commit id (with '+' when it has uncommitted changes), or None."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10)
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        # result files this run (or an earlier one) wrote do not make the code dirty
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)benchmarks/results").stdout.strip()
+        return head.stdout.strip() + ("+" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _sync(device):

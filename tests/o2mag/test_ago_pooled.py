@@ -2,7 +2,7 @@
 model at 64 px as in test_sdxl.py: off, everything is what it was (the pooled embedding stays the
 prompt's); on, one Adam moves both tensors, the optimised pooled embedding conditions the
 conditional rows only, the AGO cache keeps the two apart, SD 1.x refuses it before any model call,
-and the command line hands it to the pipeline and records it."""
+the command line hands it to the pipeline and records it, and the measuring script runs."""
 import io
 import json
 import warnings
@@ -263,3 +263,21 @@ def test_the_command_line_flag_reaches_the_pipeline_and_the_manifest(tmp_path, c
     assert "other settings" in err and "ago_pooled" in err
     assert len((d / "manifest.jsonl").read_text().splitlines()) == 1
 
+
+def test_the_measuring_script_runs_and_writes_its_json(tmp_path):
+    from benchmarks.o2mag import ago_pooled
+
+    assert ago_pooled.main(["--steps", "2", "--seeds", "0", "--heldout", "2", "--denoise-steps", "2",
+                            "--results-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-ago-pooled.json")
+    result = json.loads(path.read_text())
+    row = result["seeds"][0]
+    assert result["tiny_random_model"] is True and result["ago_steps"] == 2 and row["seed"] == 0
+    assert set(row["heldout_loss"]) == {"initial", "sequence", "sequence_pooled"}
+    assert all(np.isfinite(v) and v > 0 for v in row["heldout_loss"].values())
+    assert row["relative_change"]["sequence_pooled"]["pooled"] > 0
+    # the blend: outside M_T both variants are the normal branch's latent, exactly
+    assert row["latents_mean_abs_diff"]["outside"] == 0.0 and row["latents_mean_abs_diff"]["outside_max"] == 0.0
+    assert row["latents_mean_abs_diff"]["inside"] > 0
+    assert all(v > 0 for v in row["seconds_per_step"].values())
+    assert result["environment"]["device"]
