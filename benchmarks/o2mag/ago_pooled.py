@@ -15,7 +15,8 @@ and seed (so the same training draws), and the run records:
     variant; the mean absolute difference of the final target latents inside M_T and outside
     it (0 by construction: outside M_T both are the normal branch's latent);
 (d) AGO seconds per step of each variant (the pipeline's whole AGO call over its steps, after a
-    warm-up run; it includes one VAE encode and the prompt's encoding).
+    warm-up run; it includes one VAE encode and the prompt's encoding): wall time, and the
+    process's CPU time (steadier on a shared CPU; on a GPU the wall time is the one to read).
 
 Without ``--model`` the model is the tiny random SDXL-shaped one on the CPU (it says whether the
 machinery works and what it costs, not whether images get better); with ``--model`` an SDXL
@@ -78,15 +79,16 @@ def rel_change(x: torch.Tensor, x0: torch.Tensor) -> float:
 
 
 def timed_ago(pipe, image, prompt, mask, seed, steps, lr, pooled):
-    """``((sequence, pooled or None), seconds)`` of one AGO call of the pipeline (not cached yet:
-    each variant and seed has a key of its own)."""
+    """``((sequence, pooled or None), wall seconds, process CPU seconds)`` of one AGO call of the
+    pipeline (not cached yet: each variant and seed has a key of its own). On a shared CPU the
+    process time is the steadier number (other processes' load stretches the wall time)."""
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = pipe.optimize_conditioning(image, prompt, steps=steps, lr=lr, mask=mask, seed=seed, pooled=pooled)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def final_latents(pipe, sample, m_t, *, seed, steps, lr, mask_weight, pooled, denoise_steps, size):
@@ -114,8 +116,10 @@ def measure_seed(pipe, sample, seed: int, args, heldout_count: int) -> dict:
         return ago_loss(pipe.unet, pipe.scheduler, z0, emb, draws, weight=weight, added_cond_kwargs=added,
                         pooled=pooled)
 
-    (seq_only, none), t_fixed = timed_ago(pipe, image, sample.prompt, mask, seed, args.steps, args.lr, False)
-    (seq_joint, pooled), t_pooled = timed_ago(pipe, image, sample.prompt, mask, seed, args.steps, args.lr, True)
+    (seq_only, none), t_fixed, c_fixed = timed_ago(pipe, image, sample.prompt, mask, seed, args.steps, args.lr,
+                                                   False)
+    (seq_joint, pooled), t_pooled, c_pooled = timed_ago(pipe, image, sample.prompt, mask, seed, args.steps,
+                                                        args.lr, True)
     assert none is None and pooled is not None
     m_t = target_mask(ref_mask)
     common = dict(seed=seed, steps=args.steps, lr=args.lr, mask_weight=args.mask_weight,
@@ -141,6 +145,7 @@ def measure_seed(pipe, sample, seed: int, args, heldout_count: int) -> dict:
                                   "outside": float(diff[:, ~inside].mean()),
                                   "outside_max": float(diff[:, ~inside].max())},
         "seconds_per_step": {"sequence": t_fixed / args.steps, "sequence_pooled": t_pooled / args.steps},
+        "cpu_seconds_per_step": {"sequence": c_fixed / args.steps, "sequence_pooled": c_pooled / args.steps},
     }
 
 
@@ -162,6 +167,7 @@ def summary(rows) -> dict:
             "sequence_pooled.pooled": mean(lambda r: r["relative_change"]["sequence_pooled"]["pooled"])},
         "latents_mean_abs_diff": means("latents_mean_abs_diff", ("inside", "outside")),
         "seconds_per_step": means("seconds_per_step", ("sequence", "sequence_pooled")),
+        "cpu_seconds_per_step": means("cpu_seconds_per_step", ("sequence", "sequence_pooled")),
     }
 
 
