@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def device_name(device: torch.device) -> str:
     """Human name of the device the numbers were taken on (results files are named after it)."""
@@ -40,21 +38,24 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def environment(device: torch.device) -> dict:
-    """What a results file records about where it was measured: the device's name (results files
-    are named after its :func:`slug`), torch/triton/python versions, threads and the commit."""
+    """What a results file records about where its numbers were taken: the device, torch, triton
+    and Python versions, torch's thread count and the checkout's commit (:func:`commit`)."""
     try:
-        import triton  # deferred: optional (not installed on every machine)
+        import triton  # deferred: optional (no triton on a CPU-only machine)
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "triton": triton_version, "python": sys.version.split()[0],
-            "torch_threads": torch.get_num_threads(), "commit": _commit()}
+            "torch_threads": torch.get_num_threads(), "commit": commit()}
 
 
-def _commit():
+def commit():
     """The checkout's short commit id (with '+' when it has uncommitted changes), or None."""
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731

@@ -127,6 +127,8 @@ def generate_argv(settings: dict, out: str, category: str, defect: str, num: int
         argv += ["--masks", settings["masks"]]
     if settings.get("ago_mask_weight"):
         argv.append("--ago-mask-weight")
+    if settings.get("ago_pooled"):
+        argv.append("--ago-pooled")
     if settings.get("blend_background") is False:
         argv.append("--no-blend")
     return argv

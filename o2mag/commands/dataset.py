@@ -216,12 +216,13 @@ def run(args) -> int:
     state = o.process_state_for(args)
     device, dtype, dtype_name = o.device_dtype(args, state)
     steps, ago_steps = o.default_steps(args, embedded)
-    o.generation_settings(args, steps, ago_steps, None)  # the settings' rules, before the model loads
+    # the settings' rules, before the model loads
+    o.generation_settings(args, steps, ago_steps, None, o.known_xl(args))
     t0 = time.perf_counter()
     pipe = o.load_pipeline(args, device, dtype, state, embedded)
     pipe.progress = False  # the dataset shows its own bars (overall, category, what is running)
     size = o.working_size(args, pipe)
-    gen = o.generation_settings(args, steps, ago_steps, size)
+    gen = o.generation_settings(args, steps, ago_steps, size, o.known_xl(args, pipe))
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
     groups = [_group(args, spec, pipe, state, mode, dtype_name, gen) for spec in specs]
 

@@ -166,7 +166,8 @@ def run(args) -> int:
     inputs = _inputs(args)
     o.check_output_folders(args)
     steps, ago_steps = o.default_steps(args, embedded)
-    o.generation_settings(args, steps, ago_steps, None)  # the settings' rules, before the model loads
+    # the settings' rules, before the model loads
+    o.generation_settings(args, steps, ago_steps, None, o.known_xl(args))
 
     t0 = time.perf_counter()
     sample = " and a built-in brushed-metal sample" if inputs["source"] == "embedded" else ""
@@ -177,7 +178,7 @@ def run(args) -> int:
                                      args.anomaly_word or inputs["word"], inputs["category"], inputs["defect"])
     pipe.cache_dir = args.cache_dir or os.path.join(args.out, ".o2mag-cache")
 
-    gen = o.generation_settings(args, steps, ago_steps, size)
+    gen = o.generation_settings(args, steps, ago_steps, size, o.known_xl(args, pipe))
     settings = dict(
         model=pipe.model_id, source=inputs["source"], reference=inputs.get("ref_path", "embedded"),
         ref_mask=inputs.get("mask_path", "embedded"), normals=[n for n, _ in inputs["normals"]],

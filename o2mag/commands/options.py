@@ -29,7 +29,8 @@ __all__ = [
     "EMBEDDED_STEPS", "EMBEDDED_AGO_STEPS", "PAPER_STEPS", "PAPER_AGO_STEPS", "EMBEDDED_NOTE",
     "add_output_args", "add_model_args", "add_generation_args", "process_state_for", "resolve_device",
     "device_dtype", "default_steps", "embedded_model", "TINY_FAMILIES", "load_pipeline", "working_size", "prompt_and_word",
-    "check_mask_options", "target_masks_for", "load_mask_array", "generation_settings", "manifest_settings",
+    "check_mask_options", "target_masks_for", "load_mask_array", "known_xl", "generation_settings",
+    "manifest_settings",
     "integer", "number", "SETTING_OPTIONS",
     "run_options", "stats_line", "check_output_folders", "report_missing", "EXIT_OK", "EXIT_FAILED",
     "EXIT_INPUT", "EXIT_INCOMPLETE", "EXIT_INTERRUPTED",
@@ -192,6 +193,9 @@ def add_generation_args(g) -> None:
                      help="AGO learning rate")
     gen.add_argument("--ago-mask-weight", action="store_true",
                      help="weight the AGO loss by the dilated reference mask (focus on the defect)")
+    gen.add_argument("--ago-pooled", action="store_true",
+                     help="SDXL only: AGO optimises the pooled text embedding too, jointly with the sequence "
+                          "embedding (default: the prompt's pooled embedding stays; see README, Model families)")
     gen.add_argument("--kv-cache", action="store_true",
                      help="record the reference/normal branches' keys/values on the first batch and run only "
                           "target rows afterwards (same images, fewer UNet rows, more memory)")
@@ -369,24 +373,37 @@ def load_mask_array(mask, size: int, name: str = "--ref-mask"):
 
 
 SETTING_OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "batch_size": "--batch-size",
-                   "seed": "--seed", "ago_steps": "--ago-steps", "ago_lr": "--ago-lr", "size": "--size"}
+                   "seed": "--seed", "ago_steps": "--ago-steps", "ago_lr": "--ago-lr", "size": "--size",
+                   "ago_pooled": "--ago-pooled"}
 """The generation settings the options set: their bounds are the settings' own rules."""
 
 
-def generation_settings(args, steps: int, ago_steps: int, size: Optional[int]):
+def known_xl(args, pipe=None) -> Optional[bool]:
+    """Whether the model is SDXL, as far as known: the loaded ``pipe``'s family; before loading,
+    the embedded model's (``--family``); None for a ``--model`` not loaded yet."""
+    if pipe is not None:
+        return pipe.is_xl
+    return args.family == "sdxl" if args.model is None else None
+
+
+def generation_settings(args, steps: int, ago_steps: int, size: Optional[int], xl: Optional[bool] = None):
     """The :class:`~o2mag.pipeline.settings.GenerationSettings` these options ask for, checked by
     the settings' own rules (the ones ``pipe(...)`` applies), an error naming the option
     (``UsageError``). Called once with ``size=None`` before the model loads, to check the options
-    early. Inversions go to the disk cache too, so that the processes of a launch and later runs
-    share them."""
+    early. ``xl`` (:func:`known_xl`): whether the model is SDXL, which ``--ago-pooled`` needs
+    (None: not known yet, not checked). Inversions go to the disk cache too, so that the processes
+    of a launch and later runs share them."""
     from ..pipeline.settings import GenerationSettings  # deferred: loads torch
 
+    values = dict(num_inference_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size,
+                  seed=args.seed, size=size, kv_cache=args.kv_cache,
+                  kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None, blend_background=args.blend,
+                  ago_steps=ago_steps, ago_lr=args.ago_lr, ago_mask_weight=args.ago_mask_weight,
+                  ago_pooled=args.ago_pooled, cache_inversions_to_disk=True)
     try:
-        return GenerationSettings(num_inference_steps=steps, guidance_scale=args.guidance,
-                                  batch_size=args.batch_size, seed=args.seed, size=size, kv_cache=args.kv_cache,
-                                  kv_cache_device="cpu" if args.kv_cache_device == "cpu" else None,
-                                  blend_background=args.blend, ago_steps=ago_steps, ago_lr=args.ago_lr,
-                                  ago_mask_weight=args.ago_mask_weight, cache_inversions_to_disk=True)
+        settings = GenerationSettings(**values)
+        GenerationSettings.check_choices(vars(settings), xl=xl)
+        return settings
     except (TypeError, ValueError) as e:
         text = str(e)
         for name, option in SETTING_OPTIONS.items():
@@ -396,11 +413,14 @@ def generation_settings(args, steps: int, ago_steps: int, size: Optional[int]):
 
 
 def manifest_settings(settings) -> dict:
-    """The generation settings every manifest line records (under the command line's names)."""
+    """The generation settings every manifest line records (under the command line's names).
+    ``ago_pooled`` only when on: folders made before it existed (or without it) keep their
+    settings, and a resume with the other ``--ago-pooled`` is a run with other settings."""
     return dict(steps=settings.num_inference_steps, guidance=settings.guidance_scale, ago_steps=settings.ago_steps,
                 ago_lr=settings.ago_lr, ago_mask_weight=settings.ago_mask_weight, size=settings.size,
                 blend_background=settings.blend_background, seed=settings.seed,
-                graft="paper")  # the command line always grafts with GraftConfig.paper()
+                graft="paper",  # the command line always grafts with GraftConfig.paper()
+                **({"ago_pooled": True} if settings.ago_pooled else {}))
 
 
 def run_options(args, mode: str, settings):

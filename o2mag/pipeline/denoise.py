@@ -72,10 +72,16 @@ class DenoisingMixin:
         s = job.settings
         self._interrupt = False
         emb_u = self.encode_prompt("")
-        # SDXL's pooled embeddings (None otherwise): the empty prompt's and the prompt's, never optimised
+        # SDXL's pooled embeddings (None otherwise): the empty prompt's, and the prompt's unless
+        # ago_pooled optimised it (conditional rows only; the unconditional keep the empty prompt's)
         pooled = (self.encode_pooled(""), self.encode_pooled(job.prompt)) if self.is_xl else None
-        emb_c = self.optimize_embedding(job.ref, job.prompt, steps=s.ago_steps, lr=s.ago_lr,
-                                        mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
+        ago = dict(steps=s.ago_steps, lr=s.ago_lr, mask=job.m_r if s.ago_mask_weight else None, seed=s.seed)
+        if s.ago_pooled:
+            emb_c, pooled_c = self.optimize_conditioning(job.ref, job.prompt, pooled=True, **ago)
+            if pooled_c is not None:  # None when AGO is off (ago_steps 0): the prompt's stays
+                pooled = (pooled[0], pooled_c)
+        else:
+            emb_c = self.optimize_embedding(job.ref, job.prompt, **ago)
         n = len(job.masks)
         steps = s.num_inference_steps
         if s.scheme == "one_to_more":

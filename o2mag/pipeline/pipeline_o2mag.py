@@ -216,7 +216,8 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
         """Raise ``TypeError``/``ValueError`` naming the first bad argument; touches no model."""
         a = bind(CHECK, "O2MAGPipeline.check_inputs", (self,) + args, kwargs)
         check_arguments(a, a["output_type"], a["callback_on_step_end_tensor_inputs"],
-                        allowed_callback_inputs=self._callback_tensor_inputs, vae_scale_factor=self.vae_scale_factor)
+                        allowed_callback_inputs=self._callback_tensor_inputs, vae_scale_factor=self.vae_scale_factor,
+                        xl=self.is_xl)
 
     def _request(self, a: Dict[str, Any], output_type: str = "pil") -> Request:
         """Check every argument of a call and read every input now, before any model work."""
@@ -256,7 +257,8 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
                 ``callback_on_step_end_tensor_inputs`` (any of ``pipe._callback_tensor_inputs``:
                 "latents" = the batch's target latents, "prompt_embeds" = the AGO embedding,
                 "negative_prompt_embeds" = the empty prompt's; SDXL also "add_text_embeds" = the
-                prompt's pooled embedding, "negative_pooled_prompt_embeds" = the empty prompt's,
+                prompt's pooled embedding (AGO's with ``ago_pooled``), "negative_pooled_prompt_embeds"
+                = the empty prompt's,
                 "add_time_ids" = the (1, 6) size/crop ids of every row). Embeddings have one row
                 each, so diffusers' cutoff callbacks (which keep ``[-1:]``) leave them as they are.
                 Tensors it returns replace them from the next step on.
@@ -268,6 +270,9 @@ class O2MAGPipeline(PreparationMixin, DenoisingMixin, DiffusionPipeline):
                 it in host memory). blend_background: after every step, replace the target latent
                 outside ``M_T`` by the normal branch's.
             ago_steps, ago_lr, ago_mask_weight: AGO settings (0 steps: the plain prompt embedding).
+            ago_pooled: SDXL only (an error on SD 1.x/2.x): AGO optimises the pooled text embedding
+                jointly with the sequence embedding, and the optimised one conditions the
+                conditional rows (``add_text_embeds``); off, the prompt's pooled embedding stays.
             graft_config: an :class:`o2mag.GraftConfig` (default ``GraftConfig.for_unet(pipe.unet)``:
                 the paper's layers restated for this UNet, ``GraftConfig.paper()`` on SD 1.x/2.x).
             scheme: "one_to_more", or "per_sample" (the authors' cost, the benchmark baseline).

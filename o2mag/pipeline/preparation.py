@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..method.ago import dilate_mask, optimize_embedding
+from ..method.ago import dilate_mask, optimize_conditioning
 from ..method.inversion import Inversion, ddim_invert
 from .caches import content_key, model_fingerprint, scheduler_settings
 
@@ -199,39 +199,63 @@ class PreparationMixin:
                            mask: Optional[np.ndarray] = None, seed: int = 0) -> torch.Tensor:
         """AGO embedding for (reference image, prompt), drawn with ``seed``; cached in memory and in
         ``<cache_dir>/embeddings``. On SDXL the sequence embedding (both encoders' parts, one
-        tensor) is optimised and the pooled embedding stays the prompt's."""
+        tensor) is optimised and the pooled embedding stays the prompt's (:meth:`optimize_conditioning`
+        with ``pooled=True`` optimises it too)."""
+        return self.optimize_conditioning(image, prompt, steps=steps, lr=lr, mask=mask, seed=seed)[0]
+
+    def optimize_conditioning(self, image: np.ndarray, prompt: str, *, steps: int = 500, lr: float = 3e-3,
+                              mask: Optional[np.ndarray] = None, seed: int = 0,
+                              pooled: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(sequence embedding, pooled embedding or None)`` of AGO for (reference image, prompt),
+        drawn with ``seed``; cached in memory and in ``<cache_dir>/embeddings``. With ``pooled``
+        (SDXL only) the pooled embedding is optimised jointly (:func:`o2mag.method.ago.optimize_conditioning`)
+        and returned; else it is None (the prompt's stays, see README, "Model families"), and so
+        it is with ``steps=0`` (AGO off: the plain prompt embedding). The cache key holds
+        ``pooled`` only when it is on, so entries made without it keep their keys; an entry under
+        a pooled key that holds no pooled tensor is a damaged one (computed again, replaced)."""
+        if pooled and not self.is_xl:
+            raise ValueError("ago_pooled needs an SDXL model: SD 1.x/2.x have no pooled text embedding to optimise")
         if steps == 0:  # AGO off: the plain prompt embedding
-            return self.encode_prompt(prompt)
+            return self.encode_prompt(prompt), None
         device = self._execution_device
-        key = content_key("ago", image, prompt, self._family_key(), self._identity(), steps, lr, seed, str(self.unet.dtype),
-                          mask if mask is not None else None, scheduler_settings(self.scheduler))
+        parts = ["ago", image, prompt, self._family_key(), self._identity(), steps, lr, seed, str(self.unet.dtype),
+                 mask if mask is not None else None, scheduler_settings(self.scheduler)]
+        key = content_key(*parts, {"ago_pooled": True}) if pooled else content_key(*parts)
 
         def count(rows):
             self.stats.unet_calls += 1
             self.stats.unet_rows += rows
 
-        def compute() -> torch.Tensor:
-            init, pooled = self._encode(prompt)
+        def compute() -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            init, init_pooled = self._encode(prompt)
             z0 = self.encode_image(image)
-            # SDXL: the pooled embedding stays the prompt's (see README, "Model families")
-            added = self._added_cond(pooled, z0) if self.is_xl else None
+            # SDXL: the pooled embedding stays the prompt's unless ``pooled`` (README, "Model families")
+            added = self._added_cond(init_pooled, z0) if self.is_xl else None
             weight = None
             if mask is not None:
                 weight = dilate_mask(torch.from_numpy(mask), z0.shape[-2:], radius=1)
             gen = torch.Generator().manual_seed(int(seed))
-            return optimize_embedding(self.unet, self.scheduler, z0, init, steps=steps, lr=lr, weight=weight,
-                                      generator=gen, progress=self._phase_bar, on_forward=count,
-                                      added_cond_kwargs=added)
+            return optimize_conditioning(self.unet, self.scheduler, z0, init,
+                                         init_pooled=init_pooled if pooled else None, steps=steps, lr=lr,
+                                         weight=weight, generator=gen, progress=self._phase_bar, on_forward=count,
+                                         added_cond_kwargs=added)
 
-        emb, computed = self._embeddings.fetch(
-            key, self.cache_dir, compute, lock=self.cache_lock,
-            pack=lambda emb: {"embedding": emb.cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed},
-            unpack=lambda data: data["embedding"].to(device))
+        def pack(result) -> dict:
+            record = {"embedding": result[0].cpu(), "prompt": prompt, "steps": steps, "lr": lr, "seed": seed}
+            if pooled:
+                record["pooled"] = result[1].cpu()
+            return record
+
+        def unpack(data: dict):
+            return data["embedding"].to(device), (data["pooled"].to(device) if pooled else None)
+
+        (emb, emb_pooled), computed = self._embeddings.fetch(key, self.cache_dir, compute, lock=self.cache_lock,
+                                                             pack=pack, unpack=unpack)
         if computed:
             self.stats.ago_runs += 1
         else:
             self.stats.ago_cache_hits += 1
-        return emb.to(device)
+        return emb.to(device), (None if emb_pooled is None else emb_pooled.to(device))
 
     def clear_caches(self) -> None:
         """Forget in-memory inversions and embeddings (the disk bank stays)."""

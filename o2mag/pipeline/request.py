@@ -41,15 +41,17 @@ class Request:
 
 
 def check_arguments(a: Dict[str, Any], output_type: str, callback_inputs: Sequence[str], *,
-                    allowed_callback_inputs: Sequence[str], vae_scale_factor: int) -> GenerationSettings:
+                    allowed_callback_inputs: Sequence[str], vae_scale_factor: int,
+                    xl: Optional[bool] = None) -> GenerationSettings:
     """The checked settings of a call's arguments ``a`` (all of them, by name); the per-call
-    options are checked between the settings' two groups of checks, as they always have been."""
+    options are checked between the settings' two groups of checks, as they always have been.
+    ``xl``: whether the model is SDXL (``ago_pooled`` needs it); None: not known, not checked."""
     check_prompt(a["prompt"], a["anomaly_word"])
     values = {name: a[name] for name in GenerationSettings.names()}
     GenerationSettings.check_numbers(values)
     check_call_options(a["generator"], output_type, a["callback_on_step_end"], callback_inputs,
                        allowed_callback_inputs)
-    GenerationSettings.check_choices(values, vae_scale_factor)
+    GenerationSettings.check_choices(values, vae_scale_factor, xl)
     return GenerationSettings(**values)
 
 
@@ -57,15 +59,15 @@ def prepare_request(a: Dict[str, Any], output_type: str, *, tokenizer, default_s
                     allowed_callback_inputs: Sequence[str], tokenizer_2=None) -> Request:
     """Check every argument of a call (``a``: all of them by name) and read every input now.
 
-    SDXL (``tokenizer_2`` given): the anomaly word is looked up in both tokenizers' ids. DAE
-    indexes the concatenated sequence embedding, whose position ``k`` holds both encoders' states
+    SDXL (``tokenizer_2`` given; only then may ``ago_pooled`` be on): the anomaly word is looked
+    up in both tokenizers' ids. DAE indexes the concatenated sequence embedding, whose position ``k`` holds both encoders' states
     of token ``k``, so the two lists must be one: they are (both tokenizers are CLIP's BPE, BOS at
     0), and a pair that disagrees is refused rather than amplifying different words."""
     callback, callback_inputs = a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
     if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
         callback_inputs = callback.tensor_inputs
     settings = check_arguments(a, output_type, callback_inputs, allowed_callback_inputs=allowed_callback_inputs,
-                               vae_scale_factor=vae_scale_factor)
+                               vae_scale_factor=vae_scale_factor, xl=tokenizer_2 is not None)
     size = settings.size or default_size
     check_size(size, vae_scale_factor)
     tokens = token_indices(tokenizer, a["prompt"], a["anomaly_word"])

@@ -2,9 +2,9 @@
 
 :class:`GenerationSettings` is everything that decides what a request makes and how its targets
 are batched -- steps, guidance, eta, batch size, seed, size, the K/V cache, background blending,
-AGO, the grafting config, the scheme, disk caching -- with the defaults of ``pipe(...)``. It is
-checked when built, with the errors ``pipe(...)`` raises (``TypeError``/``ValueError`` naming the
-argument). The pipeline builds one per call and takes the AGO and inversion cache keys from it;
+AGO (on SDXL also whether it optimises the pooled embedding), the grafting config, the scheme,
+disk caching -- with the defaults of ``pipe(...)``. It is checked when built, with the errors
+``pipe(...)`` raises (``TypeError``/``ValueError`` naming the argument). The pipeline builds one per call and takes the AGO and inversion cache keys from it;
 the command line builds one from its options, and the runner (:mod:`o2mag.runs.runner`) plans
 its batches with it and hands it to ``generate_iter`` (:meth:`GenerationSettings.keywords`).
 
@@ -66,6 +66,7 @@ class GenerationSettings:
     ago_steps: int = 500
     ago_lr: float = 3e-3
     ago_mask_weight: bool = False
+    ago_pooled: bool = False
     graft_config: Optional[GraftConfig] = None
     scheme: str = "one_to_more"
     cache_inversions_to_disk: bool = False
@@ -79,7 +80,7 @@ class GenerationSettings:
             put(name, int(getattr(self, name)))
         for name in ("guidance_scale", "eta", "ago_lr"):
             put(name, float(getattr(self, name)))
-        for name in ("kv_cache", "blend_background", "ago_mask_weight", "cache_inversions_to_disk"):
+        for name in ("kv_cache", "blend_background", "ago_mask_weight", "ago_pooled", "cache_inversions_to_disk"):
             put(name, bool(getattr(self, name)))
         if self.size is not None:
             put("size", int(self.size))
@@ -102,9 +103,10 @@ class GenerationSettings:
             raise ValueError(f"ago_lr must be > 0, got {lr}")
 
     @staticmethod
-    def check_choices(v: Dict[str, Any], vae_scale_factor: Optional[int] = None) -> None:
+    def check_choices(v: Dict[str, Any], vae_scale_factor: Optional[int] = None, xl: Optional[bool] = None) -> None:
         """The scheme, the K/V cache, the size (with a ``vae_scale_factor``, also the model's rule,
-        :func:`check_size`) and the grafting config."""
+        :func:`check_size`), ``ago_pooled`` (with ``xl`` known, False: a model without SDXL's pooled
+        text embedding refuses it) and the grafting config."""
         if v["scheme"] not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {v['scheme']!r}")
         if v["scheme"] == "per_sample" and v["kv_cache"]:
@@ -120,6 +122,9 @@ class GenerationSettings:
             check_int("size", v["size"], minimum=1)
             if vae_scale_factor is not None:
                 check_size(int(v["size"]), vae_scale_factor)
+        if v["ago_pooled"] and xl is False:
+            raise ValueError("ago_pooled needs an SDXL model: SD 1.x/2.x have no pooled text embedding to "
+                             "optimise")
         gc = v["graft_config"]
         if gc is not None and not isinstance(gc, GraftConfig):
             raise TypeError(f"graft_config must be an o2mag.GraftConfig or None, got {type(gc).__name__}")

@@ -159,17 +159,18 @@ def test_ago_optimises_the_sequence_embedding_with_the_pooled_one_fixed(xl, samp
     from o2mag.pipeline import preparation
 
     seen = {}
-    real = preparation.optimize_embedding
+    real = preparation.optimize_conditioning
 
     def spy(unet, scheduler, z0, init, **kw):
         seen.update(kw, init=init)
         return real(unet, scheduler, z0, init, **kw)
 
-    monkeypatch.setattr(preparation, "optimize_embedding", spy)
+    monkeypatch.setattr(preparation, "optimize_conditioning", spy)
     emb = xl.optimize_embedding(_image(sample), sample.prompt, steps=1, lr=1e-2, seed=0)
     states, pooled = xl._encode(sample.prompt)
     assert emb.shape == states.shape and not torch.equal(emb, states)
     assert torch.equal(seen["init"], states) and torch.equal(seen["added_cond_kwargs"]["text_embeds"], pooled)
+    assert seen["init_pooled"] is None  # the pooled embedding is not optimised (ago_pooled, test_ago_pooled.py)
     # the family is part of the key: the same request on another family's pipeline is not this entry
     sd = O2MAGPipeline.tiny(0)
     assert xl._family_key() == "sdxl" and sd._family_key() != "sdxl"

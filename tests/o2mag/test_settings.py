@@ -23,8 +23,9 @@ INPUTS = [("self", P.POSITIONAL_OR_KEYWORD, P.empty), ("reference", P.POSITIONAL
           ("anomaly_word", P.POSITIONAL_OR_KEYWORD, None)]
 SETTINGS_AFTER_ETA = [("batch_size", 4), ("seed", 0), ("size", None), ("kv_cache", False), ("kv_cache_device", None),
                       ("blend_background", True), ("ago_steps", 500), ("ago_lr", 3e-3), ("ago_mask_weight", False),
-                      ("graft_config", None), ("scheme", "one_to_more"), ("cache_inversions_to_disk", False)]
-# the signatures as they were written out by hand before GenerationSettings (names, kinds, defaults)
+                      ("ago_pooled", False), ("graft_config", None), ("scheme", "one_to_more"), ("cache_inversions_to_disk", False)]
+# the signatures as they were written out by hand before GenerationSettings (names, kinds, defaults),
+# plus the settings added since (ago_pooled)
 BEFORE = {
     "__call__": INPUTS + [(n, P.POSITIONAL_OR_KEYWORD, d) for n, d in (
         ("num_inference_steps", 50), ("guidance_scale", 7.5), ("eta", 0.0), ("generator", None),
@@ -124,7 +125,7 @@ def test_the_command_line_hands_the_pipeline_exactly_the_settings():
     from o2mag.commands import options
 
     args = argparse.Namespace(guidance=2.5, batch_size=3, seed=7, kv_cache=True, kv_cache_device="cpu", blend=False,
-                              ago_lr=1e-3, ago_mask_weight=True)
+                              ago_lr=1e-3, ago_mask_weight=True, ago_pooled=False)
     s = options.generation_settings(args, steps=12, ago_steps=4, size=64)
     assert s == GenerationSettings(num_inference_steps=12, guidance_scale=2.5, batch_size=3, seed=7, size=64,
                                    kv_cache=True, kv_cache_device="cpu", blend_background=False, ago_steps=4,
@@ -137,6 +138,11 @@ def test_the_command_line_hands_the_pipeline_exactly_the_settings():
     assert options.manifest_settings(s) == dict(steps=12, guidance=2.5, ago_steps=4, ago_lr=1e-3,
                                                 ago_mask_weight=True, size=64, blend_background=False, seed=7,
                                                 graft="paper")
+    # ago_pooled reaches the settings; the manifest names it only when on (older folders stay equal)
+    pooled = options.generation_settings(argparse.Namespace(**{**vars(args), "ago_pooled": True}), steps=12,
+                                         ago_steps=4, size=64, xl=True)
+    assert pooled == s.replace(ago_pooled=True)
+    assert options.manifest_settings(pooled) == {**options.manifest_settings(s), "ago_pooled": True}
 
 
 @pytest.mark.parametrize("value, integer, number", [
