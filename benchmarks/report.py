@@ -249,10 +249,15 @@ def plot(result: dict, path_prefix: Path) -> list:
 
 
 def readme_section(results_dir: Path, repo_root: Path) -> str:
-    """The performance section built from the newest result file per device."""
+    """The performance section built from the newest result file per device: the runner's and the
+    families benchmark's files (they carry a ``mode``). Other JSON files beside them -- the kernel
+    decision (``*-decide.json``), the AGO pooled-embedding measurement -- have their own
+    summaries and are left out here."""
     parts = []
     for path in sorted(results_dir.glob("*.json")):
         result = json.loads(path.read_text())
+        if "mode" not in result or "environment" not in result:
+            continue
         rel = path.relative_to(repo_root)
         parts.append(f"#### {result['environment']['device']}\n\n{header(result)} Raw: `{rel}`.\n")
         for table in (kernel_table(result), e2e_table(result), families_table(result)):

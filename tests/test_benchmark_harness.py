@@ -85,9 +85,14 @@ def test_readme_section_and_update(tmp_path):
     result = {"environment": {"device": "Card X", "torch": "2", "triton": "3"}, "mode": "full",
               "timestamp": "t", "e2e": {"rows": [row], "model": "tiny"}}
     (results / "card-x.json").write_text(json.dumps(result))
+    # files of other measurements beside it (the kernel decision, AGO's pooled-embedding run) are
+    # not performance tables: left out, not a KeyError
+    (results / "card-x-decide.json").write_text(json.dumps({"device": "Card X", "rows": []}))
+    (results / "card-x-ago-pooled.json").write_text(json.dumps({"environment": result["environment"]}))
     assert "per_sample | 1 | 1.000" in e2e_table(result)
     section = readme_section(results, tmp_path)
     assert "Card X" in section and "benchmarks/results/card-x.json" in section
+    assert "decide" not in section and "ago-pooled" not in section
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nafter\n")
     assert update_readme(readme, section)
