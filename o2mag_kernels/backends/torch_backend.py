@@ -189,8 +189,15 @@ def _poison_rows(problem: Problem, out: torch.Tensor, lse: Optional[torch.Tensor
                  k_bg, v_bg, mask: TriSourceMask):
     """The NaN rule: rows whose query, or a usable key or value of their source, is not finite
     become NaN (out and lse). B·H·Lq flags from row-wise min/max, then one select. On a GPU device
-    ops only (no host read); on a CPU, where reading a flag back is free, the select is skipped
-    when no row is flagged (the common case), except while ``torch.compile`` traces the call."""
+    ops only (no host read); on a CPU, where reading a value back is free, one sum per tensor
+    first shows that nothing is non-finite (the common case: no flags, no select), except while
+    ``torch.compile`` traces the call."""
+    host_free = out.device.type == "cpu" and not torch.compiler.is_compiling()
+    tensors = (q, *map(_unbroadcast, (k_fg, v_fg, k_bg, v_bg)))
+    if host_free and all(bool(torch.isfinite(x.sum())) for x in tensors):
+        # a sum is finite only when every element is (NaN and infinities propagate; an overflow
+        # only sends the call to the exact check below): no row to mark, the common case
+        return out, lse
     B, Lf, Lb = problem.B, problem.Lf, problem.Lb
     use_fg, fg, bg = mask.effective(B, Lf, Lb)
     bad = _nonfinite_rows(q)                                                   # (B, H, Lq)
@@ -205,8 +212,8 @@ def _poison_rows(problem: Problem, out: torch.Tensor, lse: Optional[torch.Tensor
     fg_bad = source_bad(k_fg, v_fg, fg[:1] if fg.stride(0) == 0 else fg)
     bg_bad = source_bad(k_bg, v_bg, bg[:1] if bg.stride(0) == 0 else bg)
     bad = bad | torch.where(use_fg[:, None, :], fg_bad[:, :, None], bg_bad[:, :, None])
-    if out.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
-        return out, lse  # (a traced call must not read a value back: that would break its graph)
+    if host_free and not bool(bad.any()):  # (a traced call must not read a value back: a graph break)
+        return out, lse
     if out.requires_grad or (lse is not None and lse.requires_grad):
         # out of place: SDPA's backward may need the output it returned
         out = out.masked_fill(bad[..., None], float("nan"))
