@@ -19,28 +19,12 @@ from o2mag.graft.unet_layers import transformer_layers
 SECTIONS = ("model", "generate", "ago", "unet call", "txt2img")
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread while the tiny models run: on a machine whose cores are shared, OpenMP's
-    barriers between two threads can stall a tiny UNet call many times over (timings are not
-    asserted, the run should just be short)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, one_thread):
     """One run of the command on the tiny SD 2.x (epsilon) and SDXL models, smallest settings."""
     out = tmp_path_factory.mktemp("results")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as one_thread (a module-scoped fixture cannot use it)
-    try:
-        code = families.main(["--family", "sd2", "sdxl", "--num", "1", "--steps", "2", "--size", "64",
-                              "--device", "cpu", "--results-dir", str(out), "--no-plot"])
-    finally:
-        torch.set_num_threads(before)
+    code = families.main(["--family", "sd2", "sdxl", "--num", "1", "--steps", "2", "--size", "64",
+                          "--device", "cpu", "--results-dir", str(out), "--no-plot"])
     assert code == 0
     (path,) = out.glob("*-families.json")
     return out, path, json.loads(path.read_text())

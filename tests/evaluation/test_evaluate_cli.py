@@ -15,16 +15,7 @@ TINY = ["--size", "32", "--epochs", "2", "--samples-per-epoch", "16", "--batch-s
         "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny U-Nets gain nothing from threads, and on a shared 2-core CI machine extra threads
-    only spin (several times slower)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

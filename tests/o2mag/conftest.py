@@ -1,4 +1,5 @@
 """Shared tiny models and inputs for the o2mag tests (built once per session: read-only in tests)."""
+import numpy as np
 import pytest
 
 from o2mag.sources import tiny
@@ -42,3 +43,22 @@ def masks(sample):
     from o2mag.masks.targets import affine_masks
 
     return [t.mask for t in affine_masks(sample.ref_mask, 3, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def xl():
+    """The tiny SDXL-shaped pipeline (``O2MAGPipeline.tiny(0, family="sdxl")``), bars off."""
+    from o2mag import O2MAGPipeline
+
+    p = O2MAGPipeline.tiny(0, family="sdxl")
+    p.progress = False
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def xl_mask():
+    """A rectangular target mask at the SDXL tests' 64 px."""
+    m = np.zeros((64, 64), dtype=bool)
+    m[24:40, 16:40] = True
+    return m

@@ -22,29 +22,7 @@ from .test_sdxl import STEPS, XL_SIZE, _call, _image, _inside
 PROMPT = "a photo of a scratch on a brushed metal surface"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are far too small to gain from threads (o2mag generate runs them on one
-    for that reason); on a shared CPU extra threads only spin. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def xl():
-    p = O2MAGPipeline.tiny(0, family="sdxl")
-    p.progress = False
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = np.zeros((XL_SIZE, XL_SIZE), dtype=bool)
-    m[24:40, 16:40] = True
-    return m
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _ago_inputs(xl, sample):
@@ -129,7 +107,7 @@ def _rows_seen(pipe):
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_the_conditional_rows_get_the_optimised_pooled_embedding(xl, sample, mask, on):
+def test_the_conditional_rows_get_the_optimised_pooled_embedding(xl, sample, xl_mask, on):
     steps = 2
     results = []
     real = xl.optimize_conditioning
@@ -142,7 +120,7 @@ def test_the_conditional_rows_get_the_optimised_pooled_embedding(xl, sample, mas
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(xl, "optimize_conditioning", keep)
-            _call(xl, sample, [mask], output_type="latent", ago_steps=steps, ago_lr=1e-2, ago_pooled=on)
+            _call(xl, sample, [xl_mask], output_type="latent", ago_steps=steps, ago_lr=1e-2, ago_pooled=on)
     finally:
         handle.remove()
     layout = xl.last_run["layout"]
@@ -161,13 +139,13 @@ def test_the_conditional_rows_get_the_optimised_pooled_embedding(xl, sample, mas
         assert pooled_c is None
 
 
-def test_off_is_todays_run_and_on_changes_the_inside_only(xl, sample, mask):
+def test_off_is_todays_run_and_on_changes_the_inside_only(xl, sample, xl_mask):
     kw = dict(output_type="latent", ago_steps=2, ago_lr=1e-2)
-    plain = _call(xl, sample, [mask], **kw).images  # the keyword not given: as before it existed
-    off = _call(xl, sample, [mask], ago_pooled=False, **kw).images
+    plain = _call(xl, sample, [xl_mask], **kw).images  # the keyword not given: as before it existed
+    off = _call(xl, sample, [xl_mask], ago_pooled=False, **kw).images
     assert torch.equal(off, plain)
-    on = _call(xl, sample, [mask], ago_pooled=True, **kw).images
-    inside = _inside(mask, on.shape[-2:])
+    on = _call(xl, sample, [xl_mask], ago_pooled=True, **kw).images
+    inside = _inside(xl_mask, on.shape[-2:])
     assert torch.equal(on[0][:, ~inside], plain[0][:, ~inside])  # the blend: the normal branch outside
     assert not torch.equal(on[0][:, inside], plain[0][:, inside])
 
@@ -215,7 +193,7 @@ def test_the_cache_keeps_the_variants_apart_and_recomputes_an_entry_without_pool
     assert r.stats.ago_runs == 0 and r.stats.ago_cache_hits == 2
 
 
-def test_sd_refuses_ago_pooled_before_any_model_call(sample, mask):
+def test_sd_refuses_ago_pooled_before_any_model_call(sample, xl_mask):
     sd = O2MAGPipeline.tiny(0)
     sd.set_progress_bar_config(disable=True)
     calls = []

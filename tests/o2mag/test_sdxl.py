@@ -23,22 +23,8 @@ from o2mag.sources import tiny
 
 from .calls import call
 
-XL_SIZE = 64
+XL_SIZE = 64  # the conftest fixture xl_mask is at this size
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def xl():
-    p = O2MAGPipeline.tiny(0, family="sdxl")
-    p.progress = False
-    return p
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = np.zeros((XL_SIZE, XL_SIZE), dtype=bool)
-    m[24:40, 16:40] = True
-    return m
 
 
 def _call(pipe, sample, masks, **kw):
@@ -87,8 +73,8 @@ def test_conditioning_is_diffusers_sdxl_definition(xl):
         xl._added_cond(pooled, z)
 
 
-def test_every_output_type(xl, sample, mask):
-    masks = [mask, np.roll(mask, 8, axis=1)]
+def test_every_output_type(xl, sample, xl_mask):
+    masks = [xl_mask, np.roll(xl_mask, 8, axis=1)]
     n = len(masks)
     outs = {t: _call(xl, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
     assert all(isinstance(o, O2MAGPipelineOutput) for o in outs.values())
@@ -109,18 +95,18 @@ def _inside(m, shape):
     return torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m).float()[None, None], shape)[0, 0] > 0
 
 
-def test_blend_keeps_the_normal_outside_and_grafting_and_dae_change_the_inside(xl, sample, mask):
-    grafted = _call(xl, sample, [mask], output_type="latent").images
+def test_blend_keeps_the_normal_outside_and_grafting_and_dae_change_the_inside(xl, sample, xl_mask):
+    grafted = _call(xl, sample, [xl_mask], output_type="latent").images
     x, normal = xl.last_run["target_latents"], xl.last_run["normal_latent"]
-    inside = _inside(mask, x.shape[-2:])
+    inside = _inside(xl_mask, x.shape[-2:])
     assert torch.equal(x[0][:, ~inside], normal[0][:, ~inside])  # outside M_T: the normal branch, exactly
-    plain = _call(xl, sample, [mask], output_type="latent", graft_config=GraftConfig.disabled()).images
+    plain = _call(xl, sample, [xl_mask], output_type="latent", graft_config=GraftConfig.disabled()).images
     assert torch.equal(plain[0][:, ~inside], grafted[0][:, ~inside])
     assert (plain[0][:, inside] - grafted[0][:, inside]).abs().max() > 1e-3  # grafting acts inside
     # DAE on the anomaly word: the same run with its gain at 1 (DAE off) differs inside M_T only
     config = GraftConfig.for_unet(xl.unet)
     assert config.dae_layers == tuple(range(70))  # every cross-attention layer of SDXL's layout
-    no_dae = _call(xl, sample, [mask], output_type="latent",
+    no_dae = _call(xl, sample, [xl_mask], output_type="latent",
                    graft_config=dataclasses.replace(config, dae_gain=1.0)).images
     assert torch.equal(no_dae[0][:, ~inside], grafted[0][:, ~inside])
     assert not torch.equal(no_dae[0][:, inside], grafted[0][:, inside])
@@ -211,7 +197,7 @@ def test_generate_from_a_saved_sdxl_folder(tmp_path):
     assert Image.open(d / "image" / "000.png").size == (XL_SIZE, XL_SIZE)
 
 
-def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample, mask):
+def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample, xl_mask):
     """diffusers' SDXL callback tensors: the pooled embeddings and the size ids are passed as
     named, and what a callback returns conditions the steps after it."""
     extra = ["add_text_embeds", "negative_pooled_prompt_embeds", "add_time_ids"]
@@ -222,7 +208,7 @@ def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample,
         seen.append({k: v.clone() for k, v in kwargs.items()})
         return kwargs
 
-    plain = _call(xl, sample, [mask], output_type="latent", callback_on_step_end=look,
+    plain = _call(xl, sample, [xl_mask], output_type="latent", callback_on_step_end=look,
                   callback_on_step_end_tensor_inputs=["latents"] + extra).images
     assert len(seen) == STEPS and all(set(s) == {"latents", *extra} for s in seen)
     first = seen[0]
@@ -236,7 +222,7 @@ def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample,
         return callback
 
     # returning what it was given changes nothing, bit for bit
-    same = _call(xl, sample, [mask], output_type="latent", callback_on_step_end_tensor_inputs=extra,
+    same = _call(xl, sample, [xl_mask], output_type="latent", callback_on_step_end_tensor_inputs=extra,
                  callback_on_step_end=replace("add_time_ids", first["add_time_ids"])).images
     assert torch.equal(same, plain)
     # other size ids, or another prompt's pooled embedding, from step 1 on: the result changes
@@ -244,15 +230,15 @@ def test_step_end_callbacks_get_and_replace_sdxls_added_conditioning(xl, sample,
     other = {"add_time_ids": other_ids, "add_text_embeds": xl.encode_pooled("a photo of a dent"),
              "negative_pooled_prompt_embeds": xl.encode_pooled("a blurry photo")}
     for name, value in other.items():
-        changed = _call(xl, sample, [mask], output_type="latent", callback_on_step_end=replace(name, value),
+        changed = _call(xl, sample, [xl_mask], output_type="latent", callback_on_step_end=replace(name, value),
                         callback_on_step_end_tensor_inputs=extra).images
         assert (changed - plain).abs().max() > 1e-4, name
     with pytest.raises(ValueError, match="add_time_ids"):
-        _call(xl, sample, [mask], callback_on_step_end=replace("add_time_ids", other_ids.expand(2, -1)),
+        _call(xl, sample, [xl_mask], callback_on_step_end=replace("add_time_ids", other_ids.expand(2, -1)),
               callback_on_step_end_tensor_inputs=extra)
 
 
-def test_diffusers_sdxl_cfg_cutoff_callback_runs_unchanged(xl, sample, mask):
+def test_diffusers_sdxl_cfg_cutoff_callback_runs_unchanged(xl, sample, xl_mask):
     from diffusers.callbacks import SDXLCFGCutoffCallback
 
     def guidance_off(p, i, t, kwargs):
@@ -260,19 +246,19 @@ def test_diffusers_sdxl_cfg_cutoff_callback_runs_unchanged(xl, sample, mask):
             p._guidance_scale = 0.0
         return kwargs
 
-    off = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5, callback_on_step_end=guidance_off)
+    off = _call(xl, sample, [xl_mask], output_type="np", guidance_scale=7.5, callback_on_step_end=guidance_off)
     # it asks for prompt_embeds, add_text_embeds and add_time_ids and keeps their last row, which
     # is each tensor itself here (one row each): exactly the run that turns guidance off at step 0
-    cutoff = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5,
+    cutoff = _call(xl, sample, [xl_mask], output_type="np", guidance_scale=7.5,
                    callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
-    plain = _call(xl, sample, [mask], output_type="np", guidance_scale=7.5)
+    plain = _call(xl, sample, [xl_mask], output_type="np", guidance_scale=7.5)
     assert np.array_equal(cutoff.images, off.images)
     assert np.abs(cutoff.images - plain.images).max() > 1e-4  # the cutoff took effect
 
 
-def test_sd_models_refuse_sdxls_callback_tensors(sample, mask):
+def test_sd_models_refuse_sdxls_callback_tensors(sample, xl_mask):
     sd = O2MAGPipeline.tiny(0)
     assert "add_text_embeds" not in sd._callback_tensor_inputs
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        call(sd, sample, [mask], callback_on_step_end=lambda *a: {},
+        call(sd, sample, [xl_mask], callback_on_step_end=lambda *a: {},
              callback_on_step_end_tensor_inputs=["add_text_embeds"])
