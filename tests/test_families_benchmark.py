@@ -153,3 +153,16 @@ def test_the_report_renders_the_families_table(tiny_run):
     assert families_table({"mode": "quick", "e2e": {}}) == ""
     section = readme_section(out, out.parent)
     assert table in section and path.name in section
+
+
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_the_unet_call_grafts_the_layers_the_pipeline_grafts(name):
+    """The 'unet call' row times TriAG on the layers generation uses, GraftConfig.for_unet's
+    (on SDXL 54-69, not the SD 1.x indices 9-15 of GraftConfig.paper())."""
+    from benchmarks.o2mag.e2e import grafted_call_inputs
+
+    pipe = families.tiny_pipeline(name)
+    graft = grafted_call_inputs(pipe, torch.device("cpu"), 1, backend="torch")[4]
+    want = GraftConfig.for_unet(pipe.unet, backend="torch")
+    assert graft.config.graft_layers == want.graft_layers
+    assert graft.config.dae_layers == want.dae_layers and graft.config.qgraft_layers == want.qgraft_layers

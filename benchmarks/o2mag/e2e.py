@@ -107,7 +107,8 @@ def _txt2img(pipe, n: int, steps: int, batch: int, device) -> float:
 def grafted_call_inputs(pipe, device, n: int, backend: str = "auto"):
     """(layout, latents, text states, timestep, graft) of one UNet call with N = ``n`` targets at
     the pipeline's default size: seeded random latents and states, a central box as ``M_R`` and
-    shifted copies of it as the targets, the paper's config, DAE on token 5."""
+    shifted copies of it as the targets, the paper's config restated for the UNet (the layers
+    generation grafts: ``GraftConfig.for_unet``, exactly ``paper()`` on SD 1.x/2.x), DAE on token 5."""
     from o2mag import AttentionGraft, BranchLayout
 
     unet = pipe.unet
@@ -121,7 +122,7 @@ def grafted_call_inputs(pipe, device, n: int, backend: str = "auto"):
     c = pipe.default_size // 2
     m[c - c // 4:c + c // 4, c - c // 6:c + c // 6] = 1
     targets = torch.stack([torch.roll(m, shifts=(k * 7) % c, dims=1) for k in range(n)])
-    graft = AttentionGraft(GraftConfig.paper(backend=backend), layout)
+    graft = AttentionGraft(GraftConfig.for_unet(unet, backend=backend), layout)
     graft.set_masks(m, targets)
     graft.set_token_indices([5])
     return layout, lat, emb, torch.tensor(500, device=device), graft
@@ -143,9 +144,10 @@ def added_cond_inputs(pipe, rows: int, device, size: int = None):
 
 def unet_call_rows(pipe, device, sizes, *, compiled: bool, repeats: int = 10, mode=None,
                    backend: str = "auto"):
-    """One UNet call at a TriAG + DAE step (step 25 of 50, paper preset) against the stock UNet
-    on the same batch: rows = 2 x (2 + N). ``compiled``: through ``torch.compile(unet, mode=mode)``
-    (``mode="reduce-overhead"``: CUDA graphs); ``backend``: the op's backend while grafting.
+    """One UNet call at a TriAG + DAE step (step 25 of 50, the paper's settings for this UNet)
+    against the stock UNet on the same batch: rows = 2 x (2 + N). ``compiled``: through
+    ``torch.compile(unet, mode=mode)`` (``mode="reduce-overhead"``: CUDA graphs); ``backend``: the
+    op's backend while grafting.
     Returns rows of median ms per call."""
     from ..measure import median_seconds
 

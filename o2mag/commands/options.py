@@ -380,10 +380,17 @@ SETTING_OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidan
 
 def known_xl(args, pipe=None) -> Optional[bool]:
     """Whether the model is SDXL, as far as known: the loaded ``pipe``'s family; before loading,
-    the embedded model's (``--family``); None for a ``--model`` not loaded yet."""
+    the embedded model's (``--family``), or, when ``--ago-pooled`` asks, the ``--model`` folder's
+    from its configs (no weights load); else None for a ``--model`` not loaded yet."""
     if pipe is not None:
         return pipe.is_xl
-    return args.family == "sdxl" if args.model is None else None
+    if args.model is None:
+        return args.family == "sdxl"
+    if not args.ago_pooled:
+        return None
+    from ..pipeline.loading import check_model_path, detect_family  # deferred: loads diffusers
+
+    return detect_family(check_model_path(args.model)).name == "sdxl"
 
 
 def generation_settings(args, steps: int, ago_steps: int, size: Optional[int], xl: Optional[bool] = None):

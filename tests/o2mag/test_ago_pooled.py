@@ -242,6 +242,22 @@ def test_the_command_line_flag_reaches_the_pipeline_and_the_manifest(tmp_path, c
     assert len((d / "manifest.jsonl").read_text().splitlines()) == 1
 
 
+def test_an_sd_model_folder_refuses_ago_pooled_before_it_loads(tmp_path, capsys, monkeypatch):
+    # --model: the family is read from the folder's configs, so a model that cannot take
+    # --ago-pooled is refused before its weights load (as the embedded SD 1.x model is)
+    model = tmp_path / "sd1"
+    O2MAGPipeline.tiny(0).save_pretrained(model)
+    loads = []
+    monkeypatch.setattr(O2MAGPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(model), "--out", str(out), "--num", "1", "--steps", "2",
+            "--ago-steps", "1", "--quiet", "--size", str(XL_SIZE), "--ago-pooled"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--ago-pooled needs an SDXL model" in err and "Traceback" not in err
+    assert loads == [] and not out.exists()
+
+
 def test_the_measuring_script_runs_and_writes_its_json(tmp_path):
     from benchmarks.o2mag import ago_pooled
 
