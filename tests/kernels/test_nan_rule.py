@@ -167,3 +167,26 @@ def test_finite_values_whose_sum_overflows_mark_no_row(backend):
     want = _run("reference", [t.double() for t in tensors], masks)
     low = _run("reference", tensors, masks).double()  # the reference in float16: its rounding error
     assert (out.double() - want).abs().max() <= 2 * (low - want).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_whose_logit_is_minus_inf(backend):
+    """The one documented difference between backends: an infinite key whose every term of q.k
+    agrees gives the logit -inf, a softmax weight of exactly 0, as in SDPA. The reference and the
+    kernel compute logits and so return the finite row of the other keys (the run with that key
+    excluded); the torch backend flags rows from the inputs, not the logits, and makes them NaN."""
+    tensors, masks = _case()
+    tensors[0] = tensors[0].abs() + 0.1            # every query component positive
+    j = 120                                        # a usable background key for targets 0 and 2
+    tensors[3][0, :, j, :] = float("-inf")         # so every q.k term with it is -inf
+    out = _run(backend, tensors, masks)
+    rows = _rows(fg=False) & (torch.arange(B) != 1)[:, None, None]  # target 1 reads every key (fallback)
+    if backend.startswith("torch-"):
+        assert torch.isnan(out[rows]).all()
+        return
+    without = masks[2].clone()
+    without[:, j] = False
+    clean_tensors, _ = _case()
+    clean_tensors[0] = clean_tensors[0].abs() + 0.1
+    want = _run(backend, clean_tensors, (masks[0], masks[1], without))
+    torch.testing.assert_close(out[rows], want[rows], atol=1e-6, rtol=1e-6)
