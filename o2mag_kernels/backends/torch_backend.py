@@ -81,6 +81,14 @@ def _unbroadcast(x: torch.Tensor) -> torch.Tensor:
     return x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
 
 
+def _unbroadcast_pair(k: torch.Tensor, v: torch.Tensor):
+    """A source's K and V, each back to size 1 when the caller expanded it -- but only when both
+    are: a stride-0 K beside a real batch-B V stays as given (the strategies' size-1 paths take
+    one batch for both)."""
+    k1, v1 = _unbroadcast(k), _unbroadcast(v)
+    return (k1, v1) if k1.shape[0] == v1.shape[0] else (k, v)
+
+
 def _attend(q, k, v, scale: float, want_lse: bool, mask=None):
     """softmax(scale·q·kᵀ)·v over the keys given (``mask``: bool, broadcastable, True = usable);
     returns (out, lse or None). ``k``/``v`` have q's batch or batch 1 (never copied per row)."""
@@ -261,7 +269,7 @@ def _stitch(problem: Problem, q, k_fg, v_fg, k_bg, v_bg, mask, background=None):
     host = mask.host()
     n_qfg = host["n_qfg"] if Lf > 0 else [0]
     use_fg, fg, bg = mask.effective(B, Lf, Lb)
-    k_fg, v_fg, k_bg, v_bg = (_unbroadcast(x) for x in (k_fg, v_fg, k_bg, v_bg))
+    (k_fg, v_fg), (k_bg, v_bg) = _unbroadcast_pair(k_fg, v_fg), _unbroadcast_pair(k_bg, v_bg)
     out_fg = _foreground_all(problem, q, k_fg, v_fg, mask, fg) if max(n_qfg) > 0 else None
     out_bg = None
     if min(n_qfg) < Lq:

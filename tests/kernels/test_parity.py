@@ -466,3 +466,25 @@ def test_augmented_columns_are_built_once_per_dtype(make_case):
     assert m.exclusion_columns(torch.float32, -3.0) is a
     assert torch.equal(a == -3.0, ~m.bg_key_mask) and torch.equal(a == 0, m.bg_key_mask)
     assert m.exclusion_columns(torch.float16, -3.0).dtype == torch.float16
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_source_with_expanded_k_and_a_real_batch_of_v(strategy):
+    """K a stride-0 ``expand(B, ...)`` view, V of the source a real batch-B tensor (and the other
+    way round), per-target masks: every torch strategy agrees with the float64 reference (the
+    augmented one reshaped the size-1 K with the batch-B V and failed)."""
+    from o2mag_kernels.validation import validate
+
+    B, H, L, D = 3, 2, 40, 16
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, H, L, D, generator=g)
+    k_fg, v_fg = (torch.randn(1, H, L, D, generator=g) for _ in range(2))
+    one, full = torch.randn(1, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g)
+    qm, fm, bm = (torch.rand(B, L, generator=g) > p for p in (0.7, 0.5, 0.3))
+    for k_bg, v_bg in ((one.expand(B, -1, -1, -1), full), (full, one.expand(B, -1, -1, -1))):
+        args = (q, k_fg, v_fg, k_bg, v_bg)
+        want = tri_source_attention(*(x.double() for x in args), qm, fm, bm, backend="reference")
+        problem = validate(*args, qm, fm, bm, None, 1.0, "torch")
+        got = torch_attention(problem, *args, as_mask(problem, qm, fm, bm), strategy=strategy)
+        # float32 rounding of 40-key softmaxes of O(1) values: orders of magnitude below 1e-5
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
