@@ -13,7 +13,7 @@ from o2mag.curation.decisions import decide, review_counts, samples
 from o2mag.commands import curate
 from o2mag.runs.store import OutputStore, complete_samples, sample_id
 
-from .calls import FAST, fresh_copy, generate_embedded
+from .calls import FAST, fresh_copy, generate_embedded, generated_elsewhere, replace_sample
 
 CAT, DEF = "synthetic_surface", "scratch"
 
@@ -95,23 +95,11 @@ def test_keep_top_never_overturns_a_reviewers_decision(out):
     assert (out / CAT / DEF / "manifest.jsonl").read_bytes() == before
 
 
-def _replace(out, index):
-    """What ``generate --overwrite`` does to one sample."""
-    settings = _last(out)[index]["settings"]
-    store = OutputStore(out, CAT, DEF, settings=settings, overwrite=True)
-    mask = np.zeros((128, 128), bool)
-    mask[10:30, 10:30] = True
-    try:
-        store.write(index, np.full((128, 128, 3), 200, np.uint8), mask, {"seed": [0, index]})
-    finally:
-        store.close()
-
-
 def test_a_decision_never_lands_on_a_sample_replaced_since_it_was_read(out):
     old = {i: sample_id(r) for i, r in _last(out).items()}
     assert decide(out, CAT, DEF, {0: "accepted"}, {0: old[0]}).keys() == {0}
     assert sample_id(_last(out)[0]) == old[0]  # a decision keeps the sample's id
-    _replace(out, 1)
+    replace_sample(out, CAT, DEF, 1)
     new = sample_id(_last(out)[1])
     assert new != old[1]
     assert decide(out, CAT, DEF, {1: "rejected", 2: "rejected"}, {1: old[1], 2: old[2]}).keys() == {2}
@@ -131,7 +119,7 @@ def test_curate_skips_and_names_a_sample_replaced_after_it_read_them(out, capsys
 
     def then_replaced(items, threshold):  # generate --overwrite runs while curate decides
         plan = real(items, threshold)
-        _replace(out, lowest)
+        replace_sample(out, CAT, DEF, lowest)
         return plan
 
     monkeypatch.setattr(curate, "reject_below", then_replaced)
@@ -282,18 +270,7 @@ def _rewrite(manifest, drop):
 def two_dirs(tmp_path, monkeypatch):
     """A folder made by o2mag generate from relative --ref/--ref-mask/--normal in dir A, then the
     current directory moved to dir B, which holds other files of the same names (not images)."""
-    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
-    _rand_png(a / "ref.png", 1)
-    _mask_png(a / "mask.png")
-    _rand_png(a / "normal.png", 2)
-    b.mkdir()
-    for name in ("ref.png", "mask.png", "normal.png"):
-        (b / name).write_bytes(b"not the file generate read")
-    monkeypatch.chdir(a)
-    assert main(["generate", "--ref", "ref.png", "--ref-mask", "mask.png", "--normal", "normal.png",
-                 "--foreground", "all", "--num", "3", "--out", str(out), *FAST]) == 0
-    monkeypatch.chdir(b)
-    return a, b, out
+    return generated_elsewhere(tmp_path, monkeypatch, num=3)
 
 
 def test_regenerate_and_rescore_read_the_inputs_where_generate_ran(two_dirs, capsys):

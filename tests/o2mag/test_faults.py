@@ -26,7 +26,6 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

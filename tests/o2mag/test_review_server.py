@@ -21,7 +21,7 @@ from o2mag.curation.server import create_app, serve  # noqa: E402
 from o2mag.runs.contact_sheet import contact_sheet  # noqa: E402
 from o2mag.runs.store import OutputStore, complete_samples, sample_id  # noqa: E402
 
-from .calls import FAST, fresh_copy, generate_embedded  # noqa: E402
+from .calls import fresh_copy, generate_embedded, generated_elsewhere, replace_sample  # noqa: E402
 
 CAT, DEF = "synthetic_surface", "scratch"
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +53,6 @@ def _ids(out):
 
 def _decide(client, out, index, review, **kw):
     return client.post(f"/api/samples/{CAT}/{DEF}/{index}", json={"review": review, "id": _ids(out)[index]}, **kw)
-
-
-def _replace(out, index):
-    """What ``generate --overwrite`` does to one sample."""
-    settings = complete_samples(out / CAT / DEF)[index][3]["settings"]
-    store = OutputStore(out, CAT, DEF, settings=settings, overwrite=True)
-    mask = np.zeros((128, 128), bool)
-    mask[10:30, 10:30] = True
-    try:
-        store.write(index, np.full((128, 128, 3), 200, np.uint8), mask, {"seed": [0, index]})
-    finally:
-        store.close()
 
 
 def test_list_gives_every_sample_with_urls_that_serve_its_files(client, out):
@@ -112,7 +100,7 @@ def test_malformed_decisions_are_400_and_change_nothing(client, out, body, kwarg
 def test_a_decision_on_a_sample_replaced_since_the_page_loaded_is_409(client, out):
     listed = {s["index"]: s for s in client.get("/api/samples").get_json()["samples"]}
     assert listed[1]["id"] == _ids(out)[1]
-    _replace(out, 1)  # generate --overwrite, after the page loaded
+    replace_sample(out, CAT, DEF, 1)  # generate --overwrite, after the page loaded
     before = (out / CAT / DEF / "manifest.jsonl").read_bytes()
     r = client.post(f"/api/samples/{CAT}/{DEF}/1", json={"review": "rejected", "id": listed[1]["id"]})
     assert r.status_code == 409 and "reload" in r.get_json()["error"]
@@ -265,21 +253,7 @@ def test_a_decision_rewrites_the_contact_sheet(client, out):
 def test_the_reference_is_read_where_generate_ran(tmp_path, monkeypatch):
     """Relative --ref/--ref-mask/--normal: the reference image comes from generate's directory,
     not from same-named files where the server runs; each sample names its own reference URL."""
-    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
-    a.mkdir()
-    b.mkdir()
-    rng = np.random.RandomState(3)
-    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(a / "ref.png")
-    m = np.zeros((64, 64), np.uint8)
-    m[20:40, 20:40] = 255
-    Image.fromarray(m).save(a / "mask.png")
-    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(a / "normal.png")
-    for name in ("ref.png", "mask.png", "normal.png"):
-        (b / name).write_bytes(b"other file, same name")
-    monkeypatch.chdir(a)
-    assert main(["generate", "--ref", "ref.png", "--ref-mask", "mask.png", "--normal", "normal.png",
-                 "--foreground", "all", "--num", "2", "--out", str(out), *FAST]) == 0
-    monkeypatch.chdir(b)
+    _, _, out = generated_elsewhere(tmp_path, monkeypatch, num=2)
     client = create_app(out).test_client()
     listed = client.get("/api/samples").get_json()["samples"]
     assert [s["reference"] for s in listed] == [f"/api/samples/custom/defect/{i}/reference.png" for i in (0, 1)]

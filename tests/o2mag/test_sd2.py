@@ -14,11 +14,10 @@ from o2mag import GraftConfig, O2MAGPipeline
 from o2mag.cli import main
 from o2mag.masks.targets import affine_masks
 from o2mag.method.inversion import ddim_invert, ddim_step, to_epsilon
-from o2mag.pipeline import O2MAGPipelineOutput
 from o2mag.pipeline.loading import detect_family
 from o2mag.sources import tiny
 
-from .calls import SIZE, call  # SIZE: the shared sample fixture's
+from .calls import SIZE, call, check_every_output_type  # SIZE: the shared sample fixture's
 from .numerics import float_order_bound
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -140,15 +139,7 @@ def test_v_prediction_is_converted_as_diffusers_defines_it():
 
 
 def test_every_output_type(sd2, sample, masks):
-    n = len(masks)
-    outs = {t: _call(sd2, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
-    assert all(isinstance(o, O2MAGPipelineOutput) for o in outs.values())
-    assert all(isinstance(im, Image.Image) and im.size == (SIZE, SIZE) for im in outs["pil"].images)
-    assert [np.array_equal(np.asarray(m) > 127, w) for m, w in zip(outs["pil"].masks, masks)] == [True] * n
-    assert outs["np"].images.shape == (n, SIZE, SIZE, 3) and outs["np"].masks.shape == (n, SIZE, SIZE, 1)
-    assert outs["pt"].images.shape == (n, 3, SIZE, SIZE) and outs["pt"].masks.shape == (n, 1, SIZE, SIZE)
-    assert outs["latent"].images.shape == (n, 4, SIZE // 8, SIZE // 8)
-    assert np.isfinite(outs["np"].images).all()
+    outs = check_every_output_type(lambda **kw: _call(sd2, sample, masks, **kw), masks, SIZE)
     assert np.abs(np.stack([np.asarray(im) for im in outs["pil"].images]).astype(int)
                   - np.round(outs["np"].images * 255).astype(int)).max() <= 1
 

@@ -16,12 +16,11 @@ from PIL import Image
 from o2mag import GraftConfig, O2MAGPipeline
 from o2mag.cli import main
 from o2mag.errors import InputError
-from o2mag.pipeline import O2MAGPipelineOutput
 from o2mag.pipeline.inputs import token_indices
 from o2mag.pipeline.loading import detect_family
 from o2mag.sources import tiny
 
-from .calls import call
+from .calls import call, check_every_output_type
 
 XL_SIZE = 64  # the conftest fixture xl_mask is at this size
 STEPS = 2
@@ -75,15 +74,7 @@ def test_conditioning_is_diffusers_sdxl_definition(xl):
 
 def test_every_output_type(xl, sample, xl_mask):
     masks = [xl_mask, np.roll(xl_mask, 8, axis=1)]
-    n = len(masks)
-    outs = {t: _call(xl, sample, masks, output_type=t) for t in ("pil", "np", "pt", "latent")}
-    assert all(isinstance(o, O2MAGPipelineOutput) for o in outs.values())
-    assert all(isinstance(im, Image.Image) and im.size == (XL_SIZE, XL_SIZE) for im in outs["pil"].images)
-    assert [np.array_equal(np.asarray(m) > 127, w) for m, w in zip(outs["pil"].masks, masks)] == [True] * n
-    assert outs["np"].images.shape == (n, XL_SIZE, XL_SIZE, 3) and outs["np"].masks.shape == (n, XL_SIZE, XL_SIZE, 1)
-    assert outs["pt"].images.shape == (n, 3, XL_SIZE, XL_SIZE)
-    assert outs["latent"].images.shape == (n, 4, XL_SIZE // 8, XL_SIZE // 8)
-    assert np.isfinite(outs["np"].images).all()
+    check_every_output_type(lambda **kw: _call(xl, sample, masks, **kw), masks, XL_SIZE)
 
 
 def _image(sample):
